@@ -1,0 +1,102 @@
+"""Checkpoints that are safe to share: atomic writes, ``weights_only`` loads, self-describing.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(..., weights_only=True)``, which refuses to run code hidden in a pickle. It
+carries everything needed to rebuild the model (backbone, classes, strategy, preprocessing)
+and a format version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .models import TransferModel, create_model
+
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, flush to disk, then rename.
+
+    ``os.replace`` is atomic on POSIX and Windows: a crash or SIGKILL at any moment leaves
+    either the old file or the new one, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def describe_model(model: TransferModel, classes: list[str], image_size: int,
+                   crop_pct: float | None = None) -> dict:
+    """The fields that identify a model and its preprocessing (stored in every checkpoint)."""
+    spec = model.spec
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": spec.name,
+        "classes": list(classes),
+        "num_classes": model.num_classes,
+        "strategy": dict(model.strategy),
+        "image_size": int(image_size),
+        "preprocessing": {"mean": list(spec.mean), "std": list(spec.std),
+                          "interpolation": spec.interpolation,
+                          "crop_pct": float(crop_pct) if crop_pct else spec.input_size / spec.resize_size},
+    }
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (``weights_only=True``) and check its format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise ValueError(f"{path} is not a workbook checkpoint (no format_version)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+    return ckpt
+
+
+def check_compatible(model: TransferModel, ckpt: dict, source: str = "checkpoint") -> None:
+    """Raise an error naming the first field where ``model`` and ``ckpt`` differ."""
+    mine = {"backbone": model.spec.name, "num_classes": model.num_classes, "strategy": dict(model.strategy)}
+    for field, value in mine.items():
+        if field == "strategy" and value.get("name") != "truncate" and ckpt[field].get("name") != "truncate":
+            continue  # freezing does not change the architecture, only truncation does
+        if ckpt[field] != value:
+            raise ValueError(f"{source} does not fit this model: {field} is {ckpt[field]!r} in the "
+                             f"checkpoint but {value!r} in the model")
+
+
+def load_weights(model: TransferModel, ckpt: dict | str | os.PathLike) -> TransferModel:
+    """Load a checkpoint's weights into ``model`` after checking they belong together."""
+    source = str(ckpt) if not isinstance(ckpt, dict) else "checkpoint"
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    check_compatible(model, ckpt, source)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model
+
+
+def model_from_checkpoint(ckpt: dict | str | os.PathLike) -> tuple[TransferModel, dict]:
+    """Rebuild the model a checkpoint describes (no download needed) and load its weights."""
+    from .freezing import rebuild_strategy
+
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    model = create_model(ckpt["backbone"], ckpt["num_classes"], pretrained=False)
+    model = rebuild_strategy(model, ckpt["strategy"])
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.eval(), ckpt

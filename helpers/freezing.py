@@ -1,0 +1,270 @@
+"""The article's size x similarity guide as code: which layer groups to fine-tune.
+
+| data          | similar to ImageNet            | different from ImageNet                  |
+|---------------|--------------------------------|------------------------------------------|
+| small         | `head` (or `last_n`)           | `initial` / `truncate`                   |
+| large         | `last_n` or `full`             | `full` (retrain from the checkpoint)     |
+
+Every strategy works on the layer groups of a `TransferModel` (stem, stage1..N, head,
+classifier), never on hand-written layer indices, so it means the same thing for every backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .models import TransferModel, new_classifier
+
+STRATEGIES = ("head", "last_n", "initial", "truncate", "full")
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, TransferModel):
+        raise TypeError(f"expected a TransferModel from helpers.models.create_model, got {type(model).__name__}")
+
+
+def set_trainable(model: TransferModel, group_names: list[str]) -> TransferModel:
+    """Make exactly the named groups trainable and freeze all others."""
+    _check_model(model)
+    unknown = sorted(set(group_names) - set(model.group_names))
+    if unknown:
+        raise ValueError(f"unknown layer group(s) {unknown}; the model has {model.group_names}")
+    for name, group in model.groups.items():
+        group.requires_grad_(name in group_names)
+    return model
+
+
+def unfreeze_last(model: TransferModel, n: int) -> TransferModel:
+    """Make the last ``n`` groups (counting the classifier) trainable; the rest frozen."""
+    _check_model(model)
+    if not 1 <= n <= len(model.group_names):
+        raise ValueError(f"n must be in 1..{len(model.group_names)} for this model, got {n}")
+    return set_trainable(model, model.group_names[-n:])
+
+
+def truncate(model: TransferModel, after: str, num_classes: int | None = None, dropout: float = 0.2) -> TransferModel:
+    """Cut the network after group ``after`` and put a new pooling head and classifier there.
+
+    Late stages hold the most ImageNet-specific features; for data far from ImageNet, the
+    generic early features plus a new head can transfer better (Yosinski et al. 2014).
+    """
+    _check_model(model)
+    names = model.group_names
+    if after not in names[:-2]:
+        raise ValueError(f"cannot truncate after {after!r}; choose one of {names[:-2]}")
+    keep = names[: names.index(after) + 1]
+    groups = OrderedDict((n, model.groups[n]) for n in keep)
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        channels = model.forward_groups(torch.zeros(1, 3, 64, 64), 0, len(keep)).shape[1]
+        model.train(was_training)
+    groups["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    groups["classifier"] = new_classifier(channels, num_classes or model.num_classes, dropout)
+    cut = TransferModel(groups, model.spec, model.weight_source)
+    cut.keep_frozen_eval = model.keep_frozen_eval
+    return cut
+
+
+def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str | None = None) -> TransferModel:
+    """Freeze ``model`` by one of the guide's strategies and return it (a new one for truncate).
+
+    - ``head``: only the classifier trains (feature extraction) - small & similar data.
+    - ``last_n``: the last ``n`` groups before the classifier plus the classifier - large &
+      similar data, or small & similar with more budget.
+    - ``initial``: the article's "fine-tune initial layers" read literally: the first ``n``
+      groups (stem, stage1, ...) plus the classifier train, the middle stays frozen.
+    - ``truncate``: the other reading of small & different: keep the generic early layers,
+      cut after group ``after`` (default: the middle stage) with a new head; the kept part
+      is frozen except its last ``n - 1`` groups (``n=1``: only the new classifier trains).
+    - ``full``: everything trains from the pretrained checkpoint - large & different data.
+    """
+    _check_model(model)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    names = model.group_names
+    body = names[:-1]  # everything before the classifier
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    options: dict = {}
+    if strategy == "head":
+        set_trainable(model, ["classifier"])
+    elif strategy == "last_n":
+        if not 1 <= n <= len(body):
+            raise ValueError(f"last_n needs 1 <= n <= {len(body)} for this model, got {n}")
+        set_trainable(model, body[-n:] + ["classifier"])
+        options = {"n": n}
+    elif strategy == "initial":
+        if not 1 <= n <= len(body):
+            raise ValueError(f"initial needs 1 <= n <= {len(body)} for this model, got {n}")
+        set_trainable(model, body[:n] + ["classifier"])
+        options = {"n": n}
+    elif strategy == "truncate":
+        stages = [g for g in names if g.startswith("stage")]
+        after = after or stages[len(stages) // 2]
+        model = truncate(model, after)
+        kept = model.group_names[:-2]
+        if not 1 <= n <= len(kept) + 1:
+            raise ValueError(f"truncate needs 1 <= n <= {len(kept) + 1}, got {n}")
+        set_trainable(model, kept[len(kept) - (n - 1):] + ["head", "classifier"] if n > 1 else ["head", "classifier"])
+        options = {"after": after, "n": n}
+    else:
+        set_trainable(model, names)
+    model.strategy = {"name": strategy, **options}
+    return model
+
+
+def rebuild_strategy(model: TransferModel, strategy: dict) -> TransferModel:
+    """Re-apply a saved ``model.strategy`` (from a checkpoint) to a fresh model."""
+    options = {k: v for k, v in strategy.items() if k != "name"}
+    return apply_strategy(model, strategy["name"], **options)
+
+
+def frozen_prefix_length(model: TransferModel) -> int:
+    """How many leading groups have no trainable parameter (their output can be cached)."""
+    count = 0
+    for group in model.groups.values():
+        if any(p.requires_grad for p in group.parameters()):
+            break
+        count += 1
+    return min(count, len(model.group_names) - 1)
+
+
+def trainable_summary(model: TransferModel) -> pd.DataFrame:
+    """One row per layer group: parameters, trainable parameters, and whether it trains."""
+    _check_model(model)
+    rows = []
+    for name, group in model.groups.items():
+        total = sum(p.numel() for p in group.parameters())
+        trainable = sum(p.numel() for p in group.parameters() if p.requires_grad)
+        rows.append({"group": name, "parameters": total, "trainable": trainable,
+                     "state": "train" if trainable else "frozen"})
+    frame = pd.DataFrame(rows)
+    total = pd.DataFrame([{"group": "total", "parameters": frame["parameters"].sum(),
+                           "trainable": frame["trainable"].sum(), "state": ""}])
+    return pd.concat([frame, total], ignore_index=True)
+
+
+def param_groups(model: TransferModel, lr: float, layer_decay: float = 1.0,
+                 weight_decay: float = 0.01) -> list[dict]:
+    """Optimizer parameter groups with discriminative (layer-wise decayed) learning rates.
+
+    The classifier gets ``lr``, the group before it ``lr * layer_decay``, the one before that
+    ``lr * layer_decay**2`` and so on: early, generic layers move less than late ones
+    (Howard & Ruder 2018). Biases and norm weights get no weight decay. Frozen parameters
+    are included so that gradual unfreezing can switch them on without a new optimizer.
+    """
+    _check_model(model)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    groups = []
+    names = model.group_names
+    for depth, name in enumerate(reversed(names)):
+        params = list(model.groups[name].parameters())
+        scale = layer_decay ** depth
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for chunk, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if chunk:
+                groups.append({"params": chunk, "lr": lr * scale, "weight_decay": wd, "group": name,
+                               "lr_scale": scale})
+    return groups
+
+
+# ----------------------------------------------------------------------------------------
+# The guide: recommend a strategy, and measure "similar" from the data itself
+
+# Guide thresholds. "Small" follows the common rule of thumb (CS231n transfer-learning
+# notes): about a thousand images per class is where fine-tuning deep layers stops overfitting.
+SMALL_IMAGES_PER_CLASS = 1000
+# A dataset counts as similar to ImageNet when the pretrained ImageNet classifier is
+# confident on it. `measure_similarity` maps confidence to [0, 1]. Measured with the default
+# probe (EfficientNet-Lite0): ImageNet validation photos (foolbox's 20) 0.79, scikit-image
+# photos 0.68; CIFAR thumbnails 0.46, Gaussian noise 0.40, MNIST/Fashion-MNIST 0.36, ELPV
+# solar cells 0.30. 0.5 separates the photos from everything else. The scale depends on the
+# probe (Lite2 is less confident everywhere), so the threshold holds for Lite0 only.
+SIMILARITY_THRESHOLD = 0.5
+SIMILARITY_PROBE = "efficientnet_lite0"
+
+
+def recommend(n_train: int, n_classes: int, similarity: float | str) -> tuple[str, str]:
+    """The article's 2 x 2 guide: (strategy, one-paragraph rationale).
+
+    ``similarity`` is "similar", "different", or a score from `measure_similarity`
+    (similar when >= ``SIMILARITY_THRESHOLD``).
+    """
+    if n_train < 1 or n_classes < 2:
+        raise ValueError(f"need n_train >= 1 and n_classes >= 2, got {n_train}, {n_classes}")
+    if isinstance(similarity, str):
+        if similarity not in ("similar", "different"):
+            raise ValueError(f"similarity must be 'similar', 'different' or a score, got {similarity!r}")
+        similar = similarity == "similar"
+        sim_text = similarity
+    else:
+        similar = float(similarity) >= SIMILARITY_THRESHOLD
+        sim_text = (f"{'similar' if similar else 'different'} (measured similarity {float(similarity):.2f}, "
+                    f"threshold {SIMILARITY_THRESHOLD})")
+    per_class = n_train / n_classes
+    small = per_class < SMALL_IMAGES_PER_CLASS
+    size_text = (f"{'small' if small else 'large'} ({n_train} training images, {per_class:.0f} per class; "
+                 f"'small' is under {SMALL_IMAGES_PER_CLASS} per class)")
+    if small and similar:
+        strategy = "head"
+        why = ("the pretrained features already describe this kind of image, and with few examples "
+               "fine-tuning deep layers would overfit: train only a new classifier (feature extraction); "
+               "try last_n next if the budget allows.")
+    elif small:
+        strategy = "truncate"
+        why = ("late layers hold ImageNet-specific features that fit this data poorly, and there are too "
+               "few images to retrain them: keep the generic early layers (edges, textures), cut the "
+               "network there and train a new head; compare with 'initial' (train the early groups) and "
+               "with 'full' at a low learning rate, which often wins when the budget allows.")
+    elif similar:
+        strategy = "last_n"
+        why = ("with plenty of similar data, the late layers can be adapted safely: fine-tune the last "
+               "groups (or everything, with discriminative learning rates).")
+    else:
+        strategy = "full"
+        why = ("with plenty of data that looks unlike ImageNet, retrain the whole network starting from "
+               "the checkpoint: the pretrained weights are a better start than random ones.")
+    return strategy, f"Data is {size_text} and {sim_text}, so {strategy!r}: {why}"
+
+
+@torch.no_grad()
+def measure_similarity(images: torch.Tensor | torch.utils.data.DataLoader, model: TransferModel | None = None,
+                       device: str | torch.device = "cpu") -> dict:
+    """How ImageNet-like a set of images looks to a pretrained ImageNet classifier.
+
+    For each image: the top-1 softmax probability and the entropy of the 1000-way
+    distribution divided by log(1000). ``similarity`` = 1 - mean normalized entropy, in
+    [0, 1]: near 1 when the ImageNet classifier is sure what it sees, near 0 when it is lost.
+    ``images`` is a batch tensor or a DataLoader of (images, labels), preprocessed for
+    ``model`` (default: the EfficientNet-Lite0 probe the threshold was calibrated with, whose
+    preprocessing is `eval_transform(BACKBONES["efficientnet_lite0"])`).
+    """
+    if model is None:
+        from .models import create_model
+
+        model = create_model(SIMILARITY_PROBE, 1000)
+    _check_model(model)
+    if model.num_classes != 1000:
+        raise ValueError("measure_similarity needs the ImageNet classifier: create_model(name, 1000)")
+    model.eval().to(device)
+    batches = [images] if isinstance(images, torch.Tensor) else (b[0] for b in images)
+    top1, entropy = [], []
+    for batch in batches:
+        probs = model(batch.to(device)).float().softmax(1)
+        top1.append(probs.max(1).values.cpu())
+        entropy.append((-(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(1000)).cpu())
+    top1, entropy = torch.cat(top1).numpy(), torch.cat(entropy).numpy()
+    similarity = float(1.0 - entropy.mean())
+    return {"similarity": similarity, "mean_top1_probability": float(top1.mean()),
+            "mean_normalized_entropy": float(entropy.mean()), "images": int(len(top1)),
+            "similar": bool(similarity >= SIMILARITY_THRESHOLD), "threshold": SIMILARITY_THRESHOLD,
+            "per_image_similarity": np.round(1.0 - entropy, 4)}

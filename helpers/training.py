@@ -1,0 +1,463 @@
+"""The training loop: honest on a 2-core laptop, fast on a GPU, resumable anywhere.
+
+`fit` picks the device (cuda -> mps -> cpu), uses mixed precision and channels_last on CUDA,
+shows tqdm progress bars, schedules the learning rate with warm-up, stops early, writes the
+best and the last checkpoint atomically after every epoch, and resumes from the last one.
+
+Determinism: every epoch reseeds all random number generators from (seed, epoch), so an
+epoch's shuffling, augmentation and dropout do not depend on what ran before it. That is what
+lets a run killed at any point resume to exactly the same result on the CPU.
+
+The frozen-prefix cache: when the first k layer groups are frozen (strategies head, last_n,
+truncate), their output for a given image never changes, so we compute it once and train the
+remaining groups on the stored tensors. With a deterministic pipeline this is the same
+function, just without the repeated work; with random augmentation, caching means training
+on a fixed number of augmented views (``cache_views``) instead of a fresh one each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_save, describe_model, load_checkpoint
+from .freezing import frozen_prefix_length, param_groups, unfreeze_last
+from .models import TransferModel
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "onecycle", "constant")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or infinity; the last good checkpoint is left untouched."""
+
+
+# ----------------------------------------------------------------------------------------
+# Devices, seeds, loaders
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else the best available: cuda, then mps, then cpu."""
+    if device is not None and str(device) != "auto":
+        if str(device).split(":")[0] not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"unknown device {str(device)!r}; choose 'cuda', 'mps', 'cpu' or 'auto'")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' requested but Apple MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA GPUs that support it, fp16 on older ones, None (fp32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_num_workers() -> int:
+    """Loader processes: on Linux one per spare core (up to 4). On macOS and Windows worker
+    processes are spawned and re-import the notebook's code, which is slow and fragile in
+    Jupyter, so images are read in the main process there."""
+    if platform.system() != "Linux":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _worker_init(worker_id: int) -> None:
+    # Torch seeds each worker from the loader's generator; numpy and random follow it.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device,
+                seed: int = 0, num_workers: int | None = None) -> DataLoader:
+    """A DataLoader that behaves the same on Linux, macOS and Windows; pinned memory on CUDA only."""
+    workers = default_num_workers() if num_workers is None else num_workers
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.type == "cuda", generator=generator,
+                      worker_init_fn=_worker_init if workers else None, drop_last=False,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+
+
+def score(metric: str, targets: np.ndarray, predictions: np.ndarray) -> float:
+    if metric == "accuracy":
+        return float(accuracy_score(targets, predictions))
+    if metric == "balanced_accuracy":
+        return float(balanced_accuracy_score(targets, predictions))
+    if metric == "macro_f1":
+        return float(f1_score(targets, predictions, average="macro", zero_division=0))
+    raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Frozen-prefix cache
+
+
+@torch.inference_mode()
+def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: torch.device,
+                     batch_size: int = 64, num_workers: int | None = None, desc: str = "features",
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the first ``stop`` groups over ``dataset`` once; return (outputs, targets) on the CPU."""
+    model.eval().to(device)
+    loader = make_loader(dataset, batch_size, shuffle=False, device=device, num_workers=num_workers)
+    outputs, targets = [], []
+    dtype = amp_dtype(device)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model.forward_groups(x, 0, stop)
+        outputs.append(out.float().contiguous().cpu())
+        targets.append(y)
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def _dataset_transform(dataset: Dataset) -> Callable | None:
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "transform"):  # Subset
+        dataset = dataset.dataset
+    return getattr(dataset, "transform", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Schedules
+
+
+def _lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _make_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int):
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+            pct_start=max(warmup_steps / total_steps, 0.05))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule, total_steps, warmup_steps))
+
+
+# ----------------------------------------------------------------------------------------
+# fit
+
+
+def _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothing, patience, cache,
+              cache_views, layer_decay, warmup_epochs):
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < 10):
+        raise ValueError(f"lr must be a positive number below 10, got {lr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, value, valid in (("optimizer", optimizer, OPTIMIZERS), ("schedule", schedule, SCHEDULES),
+                               ("metric", metric, METRICS), ("cache", cache, ("auto", True, False))):
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {list(valid)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be None or a positive integer, got {patience!r}")
+    if not isinstance(cache_views, int) or cache_views < 1:
+        raise ValueError(f"cache_views must be a positive integer, got {cache_views!r}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+
+
+def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: int = 5, lr: float = 1e-3,
+        batch_size: int = 32, optimizer: str = "adamw", weight_decay: float = 0.01, schedule: str = "cosine",
+        warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
+        class_weights: str | torch.Tensor | None = None, metric: str = "accuracy",
+        patience: int | None = None, out_dir: str | os.PathLike | None = None, resume: bool = False,
+        seed: int = 0, device: str | torch.device | None = None, amp: bool = True,
+        channels_last: bool = True, cache: str | bool = "auto", cache_views: int = 1,
+        layer_decay: float = 1.0, unfreeze_schedule: dict[int, int] | None = None,
+        max_grad_norm: float | None = None, num_workers: int | None = None, restore_best: bool = True,
+        meta: dict | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train ``model`` (already frozen by `apply_strategy`) and return the history.
+
+    History columns: epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy,
+    val_<metric>, seconds. With ``out_dir``, writes ``best.pt``, ``last.pt``,
+    ``history.csv`` and ``fit.json`` there after every epoch; ``resume=True`` continues
+    from ``last.pt``. ``unfreeze_schedule={epoch: n}`` makes the last n groups trainable
+    from that (1-based) epoch on (gradual unfreezing). ``layer_decay < 1`` gives earlier
+    groups smaller learning rates. ``class_weights="balanced"`` reweights the loss by
+    inverse class frequency. ``meta`` is stored in the checkpoints (e.g. ``crop_pct``, task).
+    """
+    if not isinstance(model, TransferModel):
+        raise TypeError(f"fit needs a TransferModel from helpers.models.create_model, got {type(model).__name__}")
+    _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothing, patience, cache,
+              cache_views, layer_decay, warmup_epochs)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where last.pt is)")
+    unfreeze_schedule = {int(k): int(v) for k, v in (unfreeze_schedule or {}).items()}
+    meta = dict(meta or {})
+    device = pick_device(device)
+    dtype = amp_dtype(device) if amp else None
+    out = Path(out_dir) if out_dir is not None else None
+
+    # The schedule's groups must be trainable from their epoch on; only what stays frozen
+    # for the whole run may be cached.
+    prefix = frozen_prefix_length(model)
+    if unfreeze_schedule:
+        prefix = min(prefix, len(model.group_names) - max(unfreeze_schedule.values()))
+    train_random = not _dataset_to_check_deterministic(train_set)
+    use_cache = prefix > 0 and (cache is True or (cache == "auto" and not train_random))
+    if use_cache and train_random:
+        warnings.warn(f"caching {cache_views} augmented view(s) per training image: epochs cycle through "
+                      f"them instead of drawing fresh augmentations (faster, but less augmentation)",
+                      stacklevel=2)
+    views = cache_views if (use_cache and train_random) else 1
+
+    classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(model.num_classes)]
+    sample = train_set[0][0]
+    identity = describe_model(model, classes, sample.shape[-1], meta.get("crop_pct"))
+    config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "schedule": schedule,
+              "seed": seed, "metric": metric, "cache": bool(use_cache), "cache_views": views,
+              "layer_decay": layer_decay, "unfreeze_schedule": {str(k): v for k, v in unfreeze_schedule.items()}}
+
+    model.to(device)
+    if channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    # Features of the frozen prefix, computed once (per augmented view).
+    cache_seconds = 0.0
+    if use_cache:
+        started = time.perf_counter()
+        train_views = []
+        for v in range(views):
+            seed_everything(seed * 1000 + 777 + v)
+            train_views.append(extract_features(model, train_set, prefix, device, num_workers=num_workers,
+                                                desc=f"caching train view {v + 1}/{views}", progress=progress))
+        val_inputs = extract_features(model, val_set, prefix, device, num_workers=num_workers,
+                                      desc="caching val", progress=progress)
+        cache_seconds = time.perf_counter() - started
+    start_group = prefix if use_cache else 0
+
+    def train_loader(epoch: int) -> DataLoader:
+        if use_cache:
+            x, y = train_views[(epoch - 1) % views]
+            return make_loader(TensorDataset(x, y), batch_size, True, device, seed=seed * 1000 + epoch,
+                               num_workers=0)
+        return make_loader(train_set, batch_size, True, device, seed=seed * 1000 + epoch, num_workers=num_workers)
+
+    val_loader = (make_loader(TensorDataset(*val_inputs), batch_size * 2, False, device, num_workers=0)
+                  if use_cache else make_loader(val_set, batch_size * 2, False, device, num_workers=num_workers))
+
+    # Loss, optimizer, schedule.
+    weights = None
+    if isinstance(class_weights, str):
+        if class_weights != "balanced":
+            raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {class_weights!r}")
+        targets = np.asarray(getattr(train_set, "targets"))
+        present = np.unique(targets)
+        w = np.ones(model.num_classes, dtype=np.float32)
+        w[present] = compute_class_weight("balanced", classes=present, y=targets)
+        weights = torch.tensor(w)
+    elif class_weights is not None:
+        weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights.shape != (model.num_classes,):
+            raise ValueError(f"class_weights needs {model.num_classes} values, got shape {tuple(weights.shape)}")
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
+                                    label_smoothing=label_smoothing)
+    groups = param_groups(model, lr, layer_decay, weight_decay)
+    opt = (torch.optim.AdamW(groups, lr=lr) if optimizer == "adamw"
+           else torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True))
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    scheduler = _make_scheduler(opt, schedule, total_steps, int(round(warmup_epochs * steps_per_epoch)))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    history: list[dict] = []
+    best_score, bad_epochs, start_epoch = -math.inf, 0, 1
+    if resume and out is not None and (out / "last.pt").is_file():
+        state = load_checkpoint(out / "last.pt")
+        for field in ("backbone", "classes", "strategy"):
+            if state[field] != identity[field]:
+                raise ValueError(f"cannot resume from {out / 'last.pt'}: {field} is {state[field]!r} there "
+                                 f"but {identity[field]!r} now")
+        if state["config"] != config:
+            raise ValueError(f"cannot resume from {out / 'last.pt'}: training settings differ "
+                             f"({state['config']} there, {config} now)")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, best_score, bad_epochs = list(state["history"]), state["best_score"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        for epoch_done in range(1, start_epoch):  # re-apply unfreezing that already happened
+            if epoch_done in unfreeze_schedule:
+                unfreeze_last(model, unfreeze_schedule[epoch_done])
+
+    summary = {"device": str(device), "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
+               "channels_last": bool(channels_last and device.type == "cuda"), "cached": bool(use_cache),
+               "cached_groups": model.group_names[:start_group], "cache_views": views,
+               "cache_seconds": round(cache_seconds, 2), "train_images": len(train_set),
+               "val_images": len(val_set)}
+    stopped_early = False
+    best_state = None
+    epochs_bar = tqdm(range(start_epoch, epochs + 1), desc="epochs", disable=not progress,
+                      initial=start_epoch - 1, total=epochs)
+    try:
+        for epoch in epochs_bar:
+            if patience is not None and bad_epochs >= patience:
+                stopped_early = True
+                break
+            if epoch in unfreeze_schedule:
+                unfreeze_last(model, unfreeze_schedule[epoch])
+            started = time.perf_counter()
+            seed_everything(seed * 1000 + epoch)
+            model.train()
+            lr_now = opt.param_groups[-1]["lr"] / opt.param_groups[-1].get("lr_scale", 1.0)
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(train_loader(epoch), desc=f"epoch {epoch}", leave=False, disable=not progress)
+            for x, y in bar:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last and device.type == "cuda" and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    logits = model.forward_groups(x, start_group)
+                loss = criterion(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} in epoch {epoch}; lower the learning rate (now {lr}) "
+                        f"or check the inputs. The last good checkpoint is unchanged"
+                        + (f" in {out}" if out else ""))
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if max_grad_norm:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+
+            val_loss, val_targets, val_preds = evaluate_loss(model, val_loader, criterion, device, start_group,
+                                                             dtype, channels_last)
+            row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                   "val_loss": val_loss, "val_accuracy": score("accuracy", val_targets, val_preds)}
+            if metric != "accuracy":
+                row[f"val_{metric}"] = score(metric, val_targets, val_preds)
+            row["seconds"] = time.perf_counter() - started
+            history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})
+            current = row[f"val_{metric}"]
+            improved = current > best_score
+            if improved:
+                best_score, bad_epochs = current, 0
+                if out is None and restore_best:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            epochs_bar.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{f"val_{metric}": f"{current:.3f}"})
+            if out is not None:
+                payload = {**identity, "meta": meta, "epoch": epoch, "score": current, "metric": metric,
+                           "model": model.state_dict()}
+                if improved:
+                    atomic_save(payload, out / "best.pt")
+                atomic_save({**payload, "config": config, "optimizer": opt.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "history": history, "best_score": best_score, "bad_epochs": bad_epochs},
+                            out / "last.pt")
+                _write_history(out, history, {**summary, "best_score": best_score, "config": config,
+                                              "stopped_early": stopped_early})
+    except torch.cuda.OutOfMemoryError as err:
+        raise RuntimeError(f"the GPU ran out of memory at batch_size={batch_size} and image size "
+                           f"{sample.shape[-1]}: try a smaller batch_size (e.g. {max(1, batch_size // 2)}) "
+                           f"or image_size, or a strategy that trains fewer layers") from err
+
+    if patience is not None and bad_epochs >= patience and len(history) < epochs:
+        stopped_early = True
+    if restore_best and out is not None and (out / "best.pt").is_file():
+        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    elif restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    frame = pd.DataFrame(history)
+    summary.update(best_score=best_score, stopped_early=stopped_early,
+                   train_seconds=round(float(frame["seconds"].sum()) + cache_seconds, 2) if len(frame) else 0.0)
+    if out is not None:
+        _write_history(out, history, {**summary, "config": config})
+    frame.attrs.update(summary)
+    return frame
+
+
+def _dataset_to_check_deterministic(dataset: Dataset) -> bool:
+    from .data import is_deterministic
+
+    return is_deterministic(_dataset_transform(dataset))
+
+
+@torch.inference_mode()
+def evaluate_loss(model: TransferModel, loader: DataLoader, criterion: nn.Module, device: torch.device,
+                  start_group: int = 0, dtype: torch.dtype | None = None,
+                  channels_last: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, targets and predictions of ``model`` over ``loader`` (eval mode)."""
+    model.eval()
+    loss_sum, targets, preds = 0.0, [], []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and device.type == "cuda" and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model.forward_groups(x, start_group)
+        loss_sum += criterion(logits.float(), y).item() * len(y)
+        targets.append(y.cpu())
+        preds.append(logits.argmax(1).cpu())
+    targets, preds = torch.cat(targets).numpy(), torch.cat(preds).numpy()
+    return loss_sum / len(targets), targets, preds
+
+
+def _write_history(out: Path, history: list[dict], summary: dict) -> None:
+    from .data import atomic_write_csv
+
+    atomic_write_csv(pd.DataFrame(history), out / "history.csv")
+    tmp = out / "fit.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "fit.json")

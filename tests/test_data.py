@@ -1,0 +1,137 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, SquarePad, eval_transform, is_deterministic,
+                          load_splits, load_table, make_splits, make_tiny_elpv, prepare_elpv, read_image,
+                          save_splits, train_transform)
+from helpers.models import BACKBONES
+
+LITE0 = BACKBONES["efficientnet_lite0"]
+
+
+def test_read_image_converts_bgr_to_rgb(tmp_path):
+    bgr = np.zeros((4, 6, 3), np.uint8)
+    bgr[..., 2] = 255  # pure red in OpenCV's BGR order
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    rgb = read_image(tmp_path / "red.png")
+    assert rgb.shape == (4, 6, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [255, 0, 0]
+
+
+def test_read_image_gray_alpha_and_16_bit(tmp_path):
+    cv2.imwrite(str(tmp_path / "gray.png"), np.full((5, 5), 100, np.uint8))
+    cv2.imwrite(str(tmp_path / "deep.png"), np.full((5, 5), 65535, np.uint16))
+    rgba = np.zeros((5, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10  # blue, nearly transparent
+    cv2.imwrite(str(tmp_path / "alpha.png"), rgba)
+    assert read_image(tmp_path / "gray.png")[2, 2].tolist() == [100, 100, 100]
+    assert read_image(tmp_path / "deep.png")[2, 2].tolist() == [255, 255, 255]
+    assert read_image(tmp_path / "alpha.png")[2, 2].tolist() == [0, 0, 200]
+
+
+def test_square_pad_keeps_aspect_ratio():
+    padded = SquarePad()(torch.ones(3, 10, 4))
+    assert padded.shape == (3, 10, 10)
+    assert padded[:, :, :3].sum() == 0 and padded[:, :, 3:7].min() == 1 and padded[:, :, 7:].sum() == 0
+
+
+def test_presets_follow_the_backbone():
+    image = torch.randint(0, 256, (3, 300, 200), dtype=torch.uint8)
+    out = eval_transform(LITE0)(image)
+    assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0  # mean = std = 0.5
+    assert train_transform(LITE0, 128, augment="cells")(image).shape == (3, 128, 128)
+    assert train_transform(LITE0, 128, augment="natural")(image).shape == (3, 128, 128)
+    assert is_deterministic(eval_transform(LITE0)) and is_deterministic(train_transform(LITE0, augment="none"))
+    assert not is_deterministic(train_transform(LITE0, augment="cells"))
+    with pytest.raises(ValueError, match="cells"):
+        train_transform(LITE0, augment="mixup")
+
+
+def test_elpv_materializes_all_2624_labelled_images(tmp_path):
+    root = prepare_elpv(tmp_path / "elpv")
+    table = pd.read_csv(root / "labels.csv", dtype=str)
+    assert len(table) == 2624 and list(table.columns) == ["file", "probability", "label", "label4", "type"]
+    assert table["type"].value_counts().to_dict() == {"poly": 1550, "mono": 1074}
+    assert (table["label"] == "defective").sum() == 313 + 56 + 402 + 50
+    dataset = ImageDataset(root, root / "labels.csv", label_col="label4", group_col="type",
+                           classes=ELPV_TASKS["4class"][1], transform=eval_transform(LITE0, 64, crop_pct=1.0))
+    assert len(dataset) == 2624
+    counts = np.bincount(dataset.targets)
+    assert counts.tolist() == [588 + 920, 117 + 178, 56 + 50, 313 + 402]
+    image, label = dataset[2623]
+    assert image.shape == (3, 64, 64) and 0 <= label < 4
+    raw = dataset.load(0)
+    assert raw.shape == (3, 300, 300) and raw.dtype == torch.uint8
+    torch.testing.assert_close(raw[0], raw[1])  # grayscale cells become three equal channels
+    # Second call is a no-op.
+    (root / "labels.csv").touch()
+    before = (root / "labels.csv").stat().st_mtime_ns
+    prepare_elpv(root)
+    assert (root / "labels.csv").stat().st_mtime_ns == before
+
+
+def test_tiny_dataset_is_deterministic(tmp_path, tiny_root):
+    other = make_tiny_elpv(tmp_path / "again")
+    a, b = pd.read_csv(tiny_root / "labels.csv"), pd.read_csv(other / "labels.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 64 and a.groupby(["label4", "type"]).size().eq(8).all()
+    assert read_image(tiny_root / a["file"].iat[0]).shape == (64, 64, 3)
+
+
+def test_splits_are_disjoint_stratified_and_reproducible(tmp_path, tiny_root):
+    table = load_table(tiny_root, tiny_root / "labels.csv", "file", "label4", "type")
+    splits = make_splits(table, seed=3)
+    files = [set(s["file"]) for s in splits.values()]
+    assert not (files[0] & files[1]) and not (files[0] & files[2]) and not (files[1] & files[2])
+    assert sum(len(f) for f in files) == len(table)
+    assert len(splits["test"]) == 16  # 25 %
+    # Every label x type stratum appears in every split.
+    for part in splits.values():
+        assert part.groupby(["label", "group"]).ngroups == 8
+    save_splits(splits, tmp_path / "run")
+    loaded = load_splits(tmp_path / "run")
+    assert loaded["test"]["file"].tolist() == splits["test"]["file"].tolist()
+    assert make_splits(table, seed=3)["test"]["file"].tolist() == splits["test"]["file"].tolist()
+    assert make_splits(table, seed=4)["test"]["file"].tolist() != splits["test"]["file"].tolist()
+
+
+def test_label_encoder_is_shared_across_splits(tiny_root, tiny_splits):
+    train = ImageDataset(tiny_root, tiny_splits["train"], group_col="group")
+    test = ImageDataset(tiny_root, tiny_splits["test"].head(3), group_col="group", classes=train.classes)
+    assert test.classes == train.classes == ["defective", "functional"]
+    for i in range(3):
+        assert test.classes[test[i][1]] == tiny_splits["test"]["label"].iat[i]
+    assert set(test.frame["group"]) <= {"mono", "poly"}
+    with pytest.raises(ValueError, match="not among the known classes"):
+        ImageDataset(tiny_root, tiny_splits["test"], classes=["functional"])
+
+
+def test_class_folder_layout(tmp_path):
+    for cls, value in (("cat", 30), ("dog", 200)):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / cls / f"{i}.jpg"), np.full((20, 30, 3), value, np.uint8))
+    dataset = ImageDataset(tmp_path, transform=eval_transform(LITE0, 32))
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 6
+    image, label = dataset[5]
+    assert image.shape == (3, 32, 32) and label == 1
+
+
+def test_clear_errors_name_the_culprit(tmp_path, tiny_root):
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        ImageDataset(tmp_path / "no_such_folder")
+    with pytest.raises(KeyError, match="'severity'"):
+        ImageDataset(tiny_root, tiny_root / "labels.csv", label_col="severity")
+    table = pd.DataFrame({"file": ["images/ghost.png"], "label": ["x"]})
+    with pytest.raises(FileNotFoundError, match="ghost.png"):
+        ImageDataset(tiny_root, table)
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    dataset = ImageDataset(tmp_path, pd.DataFrame({"file": ["broken.png"], "label": ["x"]}))
+    with pytest.raises(ImageReadError, match="broken.png"):
+        dataset[0]

@@ -1,0 +1,128 @@
+import pandas as pd
+import pytest
+import torch
+
+from helpers.checkpoint import load_checkpoint, model_from_checkpoint
+from helpers.data import ImageDataset, train_transform
+from helpers.freezing import apply_strategy, frozen_prefix_length
+from helpers.models import BACKBONES, create_model
+from helpers.training import extract_features, fit, pick_device, seed_everything
+
+
+def fresh_model(strategy="last_n", **options):
+    """The same starting weights every call (the new classifier is randomly initialized)."""
+    seed_everything(0)
+    return apply_strategy(create_model("efficientnet_lite0", 2), strategy, **options)
+
+COMPARE = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+
+
+def test_two_epochs_lower_the_training_loss(tiny_sets):
+    train, val = tiny_sets
+    torch.manual_seed(0)
+    model = apply_strategy(create_model("efficientnet_lite0", 2), "last_n", n=2)
+    history = fit(model, train, val, epochs=2, lr=3e-3, batch_size=16, warmup_epochs=0, progress=False,
+                  num_workers=0)
+    assert list(history["epoch"]) == [1, 2]
+    assert history["train_loss"].iloc[1] < history["train_loss"].iloc[0]
+    assert history[["train_accuracy", "val_accuracy"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert history.attrs["device"] == "cpu" and history.attrs["cached"]
+
+
+def test_cached_prefix_computes_the_same_logits(tiny_sets):
+    train, _ = tiny_sets
+    model = apply_strategy(create_model("efficientnet_lite0", 2), "last_n", n=2).eval()
+    prefix = frozen_prefix_length(model)
+    features, targets = extract_features(model, train, prefix, torch.device("cpu"), batch_size=8, num_workers=0,
+                                         progress=False)
+    images = torch.stack([train[i][0] for i in range(len(train))])
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_groups(features, prefix), model(images), rtol=1e-4, atol=1e-4)
+    assert targets.tolist() == train.targets
+
+
+def test_cached_and_uncached_training_give_the_same_history(tiny_sets):
+    train, val = tiny_sets
+    runs = {}
+    for cache in (True, False):
+        model = fresh_model(n=2)
+        runs[cache] = (fit(model, train, val, epochs=2, batch_size=16, cache=cache, progress=False,
+                           num_workers=0), model)
+    assert runs[True][0].attrs["cached"] and not runs[False][0].attrs["cached"]
+    pd.testing.assert_frame_equal(runs[True][0][COMPARE], runs[False][0][COMPARE], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(runs[True][1].classifier[1].weight, runs[False][1].classifier[1].weight,
+                               atol=1e-4, rtol=1e-3)
+
+
+def test_random_augmentation_is_not_cached_unless_asked(tiny_root, tiny_splits, tiny_sets):
+    _, val = tiny_sets
+    augmented = ImageDataset(tiny_root, tiny_splits["train"], classes=val.classes,
+                             transform=train_transform(BACKBONES["efficientnet_lite0"], 64, augment="cells"))
+    model = apply_strategy(create_model("efficientnet_lite0", 2), "head")
+    assert not fit(model, augmented, val, epochs=1, progress=False, num_workers=0).attrs["cached"]
+    with pytest.warns(UserWarning, match="2 augmented view"):
+        history = fit(model, augmented, val, epochs=2, cache=True, cache_views=2, progress=False, num_workers=0)
+    assert history.attrs["cached"] and history.attrs["cache_views"] == 2
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_path):
+    train, val = tiny_sets
+    settings = dict(epochs=3, lr=2e-3, batch_size=16, seed=7, progress=False, num_workers=0, cache=False)
+
+    full_model = fresh_model(n=1)
+    full = fit(full_model, train, val, out_dir=tmp_path / "full", **settings)
+
+    # Interrupt after epoch 2 of the same 3-epoch schedule, then resume in a fresh model.
+    interrupted = fresh_model(n=1)
+    _train_epochs_then_stop(interrupted, train, val, tmp_path / "split", stop_after=2, **settings)
+    resumed_model = fresh_model(n=1)
+    resumed = fit(resumed_model, train, val, out_dir=tmp_path / "split", resume=True, **settings)
+
+    pd.testing.assert_frame_equal(full[COMPARE], resumed[COMPARE])
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_epochs_then_stop(model, train, val, out_dir, stop_after, **settings):
+    """Run fit and abort it (like a kill) right after epoch ``stop_after`` is checkpointed."""
+    import helpers.training as training
+
+    original = training._write_history
+
+    def write_then_maybe_stop(out, history, summary):
+        original(out, history, summary)
+        if len(history) == stop_after:
+            raise _Stop
+
+    training._write_history = write_then_maybe_stop
+    try:
+        with pytest.raises(_Stop):
+            fit(model, train, val, out_dir=out_dir, **settings)
+    finally:
+        training._write_history = original
+    assert load_checkpoint(out_dir / "last.pt")["epoch"] == stop_after
+
+
+def test_checkpoints_rebuild_the_model(tiny_sets, tmp_path):
+    train, val = tiny_sets
+    model = apply_strategy(create_model("efficientnet_lite0", 2), "truncate", after="stage3", n=1)
+    fit(model, train, val, epochs=1, out_dir=tmp_path, progress=False, num_workers=0, meta={"crop_pct": 1.0})
+    rebuilt, ckpt = model_from_checkpoint(tmp_path / "best.pt")
+    assert ckpt["classes"] == ["functional", "defective"] and ckpt["image_size"] == 64
+    assert ckpt["strategy"] == {"name": "truncate", "after": "stage3", "n": 1}
+    assert ckpt["preprocessing"]["crop_pct"] == 1.0
+    x = torch.stack([val[i][0] for i in range(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    assert (tmp_path / "history.csv").is_file() and (tmp_path / "fit.json").is_file()
+
+
+def test_device_choice():
+    assert pick_device().type in ("cpu", "cuda", "mps")
+    assert pick_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="cuda"):
+        pick_device("tpu")
