@@ -9,10 +9,12 @@ and a format version.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
+from .files import atomic_open
 from .models import TransferModel, create_model
 
 FORMAT_VERSION = 1
@@ -24,19 +26,9 @@ def atomic_save(obj: object, path: str | os.PathLike) -> Path:
     ``os.replace`` is atomic on POSIX and Windows: a crash or SIGKILL at any moment leaves
     either the old file or the new one, never half a file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_open(path, "wb") as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def describe_model(model: TransferModel, classes: list[str], image_size: int,
@@ -61,7 +53,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({err})") from err
+        # The pickle holds Python objects beyond tensors and plain containers: loading them
+        # would run code from the file, so we refuse.
+        raise ValueError(f"refusing to load {path}: it contains Python objects that weights_only=True does "
+                         f"not allow (loading them could run code from the file). Only open files you "
+                         f"trust with torch.load(path, weights_only=False)") from err
+    except (RuntimeError, EOFError, KeyError) as err:  # torch's errors for a cut-off or non-zip file
+        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: "
+                         f"{str(err)[:200]})") from err
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise ValueError(f"{path} is not a workbook checkpoint (no format_version)")
     if ckpt["format_version"] != FORMAT_VERSION:

@@ -8,6 +8,7 @@ split, and a bad file must fail with its name instead of a cryptic stack trace.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -54,14 +55,30 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     is_png, is_jpeg = head.startswith(b"\x89PNG"), head.startswith(b"\xff\xd8")
     # Decoders fill a cut-off file with grey and only print a warning; check the end markers.
     if is_png and b"IEND" not in tail:
-        raise ImageReadError(f"{path}: truncated PNG (no IEND chunk at the end)")
+        _check_complete(data, path, "PNG")
     if is_jpeg and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise ImageReadError(f"{path}: truncated JPEG (no end-of-image marker)")
+        _check_complete(data, path, "JPEG")
 
     image = cv2.imdecode(data, cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
     return to_rgb_uint8(image, path)
+
+
+def _check_complete(data: np.ndarray, path: Path, kind: str) -> None:
+    """Raise `ImageReadError` if an image without its end marker is really cut off.
+
+    A missing end marker usually means a truncated download, but phones and editors also
+    append data after a complete image (motion photos put a video there). Pillow, unlike
+    OpenCV, raises when image data run out, so a full decode tells the two apart.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for cut-off or broken files
+        raise ImageReadError(f"{path}: truncated {kind} (no end marker, and decoding fails: {err})") from err
 
 
 def to_rgb_uint8(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.ndarray:
@@ -228,12 +245,14 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
-               file_col: str = "file", label_col: str = "label", group_col: str | None = None) -> pd.DataFrame:
+               file_col: str = "file", label_col: str = "label", group_col: str | None = None,
+               check_empty: bool = True) -> pd.DataFrame:
     """Validated table with columns ``file``, ``label`` (str) and ``group`` (str or None).
 
     ``table`` is a CSV path, a DataFrame, or None for the class-per-subfolder layout.
     Fails, naming the culprit, on: missing folder, missing column, empty labels, duplicate
-    file names, files listed but missing, and zero-byte files.
+    file names, files listed but missing, and zero-byte files (unless ``check_empty=False``,
+    which `ImageDataset` uses with ``skip_bad=True`` to skip them with a warning instead).
     """
     root = Path(root)
     if not root.is_dir():
@@ -270,7 +289,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     missing = [f for f, p in zip(out["file"], paths) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}")
-    empty = [f for f, p in zip(out["file"], paths) if p.stat().st_size == 0]
+    empty = [f for f, p in zip(out["file"], paths) if check_empty and p.stat().st_size == 0]
     if empty:
         raise ImageReadError(f"{source}: {len(empty)} empty file(s) (0 bytes) under {root}: {empty[:10]}")
     return out
@@ -285,7 +304,8 @@ class ImageDataset(Dataset):
     mono/poly) is carried along in ``.frame`` for per-group evaluation.
 
     With ``skip_bad=True`` every image is decoded once up front and unreadable ones are
-    dropped with a warning that counts and lists them; by default they raise.
+    dropped with a warning that counts and lists them (all of them in ``.skipped``, with the
+    reason); by default they raise.
     """
 
     def __init__(self, root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
@@ -293,7 +313,7 @@ class ImageDataset(Dataset):
                  classes: Sequence[str] | None = None, transform: Callable | None = None,
                  skip_bad: bool = False):
         self.root = Path(root)
-        frame = load_table(self.root, table, file_col, label_col, group_col)
+        frame = load_table(self.root, table, file_col, label_col, group_col, check_empty=not skip_bad)
         if classes is None:
             classes = sorted(frame["label"].unique())
         self.classes = [str(c) for c in classes]
@@ -306,6 +326,7 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"label {first['label']!r} of {first['file']!r} is not among the known classes {self.classes} "
                 f"({len(unknown)} row(s) affected; a validation/test label must also occur in training)")
+        self.skipped: dict[str, str] = {}  # file -> why it was skipped (skip_bad=True only)
         if skip_bad:
             frame = self._drop_unreadable(frame)
         frame["target"] = frame["label"].map(self.class_to_idx).astype(int)
@@ -313,15 +334,17 @@ class ImageDataset(Dataset):
         self.transform = transform
 
     def _drop_unreadable(self, frame: pd.DataFrame) -> pd.DataFrame:
-        bad = []
+        bad = {}
         for file in frame["file"]:
             try:
                 read_image(self.root / file)
             except ImageReadError as err:
-                bad.append(f"{file} ({err})")
+                bad[file] = str(err)
+        self.skipped = bad
         if bad:
-            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(frame)}: {bad[:20]}", stacklevel=3)
-            frame = frame[~frame["file"].isin([b.split(" (")[0] for b in bad])]
+            warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(frame)}: {list(bad.values())[:20]}",
+                          stacklevel=3)
+            frame = frame[~frame["file"].isin(list(bad))]
         if len(frame) == 0:
             raise ValueError(f"{self.root}: no readable images left")
         return frame
@@ -383,12 +406,9 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
 
 def atomic_write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a CSV next to ``path`` and rename it into place, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    from .files import write_text
+
+    return write_text(path, frame.to_csv(index=False))
 
 
 def save_splits(splits: dict[str, pd.DataFrame], folder: str | os.PathLike) -> list[Path]:

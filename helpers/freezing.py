@@ -90,8 +90,10 @@ def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str |
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     names = model.group_names
     body = names[:-1]  # everything before the classifier
-    if not isinstance(n, int) or n < 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
+    if after is not None and strategy != "truncate":
+        raise ValueError(f"after={after!r} only applies to strategy 'truncate', not {strategy!r}")
     options: dict = {}
     if strategy == "head":
         set_trainable(model, ["classifier"])

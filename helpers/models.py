@@ -355,7 +355,7 @@ def _timm_model(arch: str, pretrained: bool) -> tuple[nn.Module, str, BackboneSp
     import timm
 
     if arch not in timm.list_models(pretrained=False) and arch.split(".")[0] not in timm.list_models():
-        raise ValueError(f"unknown timm model {arch!r}")
+        raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
     if pretrained and not _host_reachable("huggingface.co"):
         # Weights already in the Hugging Face cache still load; anything else fails fast.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -383,6 +383,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, dropout: 
     ``num_classes == 1000`` keeps the ImageNet classifier; any other number gets a fresh
     ``Dropout(dropout) -> Linear`` head. ``name`` is a key of ``BACKBONES`` or ``timm/<arch>``.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"backbone name must be a string, got {name!r}; choose one of {available_backbones()} "
+                        f"or 'timm/<model name>'")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if not 0.0 <= dropout < 1.0:

@@ -17,7 +17,6 @@ on a fixed number of augmented views (``cache_views``) instead of a fresh one ea
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -37,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save, describe_model, load_checkpoint
+from .files import write_json
 from .freezing import frozen_prefix_length, param_groups, unfreeze_last
 from .models import TransferModel
 
@@ -184,11 +184,11 @@ def _make_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: in
 
 def _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothing, patience, cache,
               cache_views, layer_decay, warmup_epochs):
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and 0 < lr < 10):
         raise ValueError(f"lr must be a positive number below 10, got {lr!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     for name, value, valid in (("optimizer", optimizer, OPTIMIZERS), ("schedule", schedule, SCHEDULES),
                                ("metric", metric, METRICS), ("cache", cache, ("auto", True, False))):
@@ -204,6 +204,46 @@ def _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothi
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     if warmup_epochs < 0:
         raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+
+
+def _validate_more(model: TransferModel, epochs: int, weight_decay: float, max_grad_norm: float | None,
+                   unfreeze_schedule: dict, meta: dict | None, class_weights) -> None:
+    """Checks that would otherwise fail late: after caching, mid-run, or when a checkpoint is loaded."""
+    if isinstance(class_weights, str) and class_weights != "balanced":
+        raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {class_weights!r}")
+    if class_weights is not None and not isinstance(class_weights, str):
+        shape = tuple(torch.as_tensor(class_weights).shape)
+        if shape != (model.num_classes,):
+            raise ValueError(f"class_weights needs {model.num_classes} values (one per class), got shape {shape}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+    groups = len(model.group_names)
+    for epoch, n in unfreeze_schedule.items():
+        if not 1 <= int(epoch) <= epochs or not 1 <= int(n) <= groups:
+            raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{epochs}, "
+                             f"values numbers of groups 1..{groups} (of {model.group_names})")
+    _check_plain(meta, "meta")
+
+
+def _check_plain(value, where: str) -> None:
+    """Checkpoints load with weights_only=True, which only accepts plain Python values: a numpy
+    number or a Path in ``meta`` would be saved fine and then make every checkpoint unloadable."""
+    if value is None or type(value) in (str, int, float, bool):
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise TypeError(f"{where} keys must be strings, got {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__} ({value!r}); checkpoints store only str, int, float, "
+                    f"bool, None, lists and dicts (convert it, e.g. float(x) or str(path))")
 
 
 def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: int = 5, lr: float = 1e-3,
@@ -234,6 +274,8 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
         raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where last.pt is)")
+    _validate_more(model, epochs, weight_decay, max_grad_norm, unfreeze_schedule or {}, meta, class_weights)
+    _check_classes(model, train_set, val_set)
     unfreeze_schedule = {int(k): int(v) for k, v in (unfreeze_schedule or {}).items()}
     meta = dict(meta or {})
     device = pick_device(device)
@@ -269,12 +311,15 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
     if use_cache:
         started = time.perf_counter()
         train_views = []
-        for v in range(views):
-            seed_everything(seed * 1000 + 777 + v)
-            train_views.append(extract_features(model, train_set, prefix, device, num_workers=num_workers,
-                                                desc=f"caching train view {v + 1}/{views}", progress=progress))
-        val_inputs = extract_features(model, val_set, prefix, device, num_workers=num_workers,
-                                      desc="caching val", progress=progress)
+        try:
+            for v in range(views):
+                seed_everything(seed * 1000 + 777 + v)
+                train_views.append(extract_features(model, train_set, prefix, device, 2 * batch_size,
+                                                    num_workers, f"caching train view {v + 1}/{views}", progress))
+            val_inputs = extract_features(model, val_set, prefix, device, 2 * batch_size, num_workers,
+                                          "caching val", progress)
+        except torch.cuda.OutOfMemoryError as err:
+            raise _out_of_memory(batch_size, sample.shape[-1]) from err
         cache_seconds = time.perf_counter() - started
     start_group = prefix if use_cache else 0
 
@@ -316,13 +361,15 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
     best_score, bad_epochs, start_epoch = -math.inf, 0, 1
     if resume and out is not None and (out / "last.pt").is_file():
         state = load_checkpoint(out / "last.pt")
-        for field in ("backbone", "classes", "strategy"):
+        for field in ("backbone", "classes", "strategy", "image_size"):
             if state[field] != identity[field]:
                 raise ValueError(f"cannot resume from {out / 'last.pt'}: {field} is {state[field]!r} there "
                                  f"but {identity[field]!r} now")
-        if state["config"] != config:
-            raise ValueError(f"cannot resume from {out / 'last.pt'}: training settings differ "
-                             f"({state['config']} there, {config} now)")
+        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
+        if changed:
+            raise ValueError(f"cannot resume from {out / 'last.pt'}: training settings differ: "
+                             + ", ".join(f"{k} is {a!r} there but {b!r} now" for k, (a, b) in changed.items())
+                             + " (use the same settings, or a new out_dir to start over)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -382,6 +429,10 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
 
             val_loss, val_targets, val_preds = evaluate_loss(model, val_loader, criterion, device, start_group,
                                                              dtype, channels_last)
+            if not math.isfinite(val_loss):  # e.g. weights blown up by the last step: do not save them
+                raise NonFiniteLossError(
+                    f"validation loss became {val_loss} in epoch {epoch}; lower the learning rate (now {lr}) "
+                    f"or set max_grad_norm. The last good checkpoint is unchanged" + (f" in {out}" if out else ""))
             row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                    "val_loss": val_loss, "val_accuracy": score("accuracy", val_targets, val_preds)}
             if metric != "accuracy":
@@ -409,9 +460,7 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
                 _write_history(out, history, {**summary, "best_score": best_score, "config": config,
                                               "stopped_early": stopped_early})
     except torch.cuda.OutOfMemoryError as err:
-        raise RuntimeError(f"the GPU ran out of memory at batch_size={batch_size} and image size "
-                           f"{sample.shape[-1]}: try a smaller batch_size (e.g. {max(1, batch_size // 2)}) "
-                           f"or image_size, or a strategy that trains fewer layers") from err
+        raise _out_of_memory(batch_size, sample.shape[-1]) from err
 
     if patience is not None and bad_epochs >= patience and len(history) < epochs:
         stopped_early = True
@@ -426,6 +475,24 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
         _write_history(out, history, {**summary, "config": config})
     frame.attrs.update(summary)
     return frame
+
+
+def _out_of_memory(batch_size: int, image_size: int) -> RuntimeError:
+    return RuntimeError(f"the GPU ran out of memory at batch_size={batch_size} and image size {image_size}: "
+                        f"try a smaller batch_size (e.g. {max(1, batch_size // 2)}) or image_size, or a "
+                        f"strategy that trains fewer layers")
+
+
+def _check_classes(model: TransferModel, train_set: Dataset, val_set: Dataset) -> None:
+    """Both sets must encode labels the same way, and the model needs one output per class."""
+    train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
+    if train_classes is not None and val_classes is not None and list(train_classes) != list(val_classes):
+        raise ValueError(f"the training set's classes {list(train_classes)} differ from the validation set's "
+                         f"{list(val_classes)}: build the validation set with classes=train_set.classes")
+    if train_classes is not None and len(train_classes) != model.num_classes:
+        raise ValueError(f"the model has {model.num_classes} outputs but the training set has "
+                         f"{len(train_classes)} classes {list(train_classes)}: create the model with "
+                         f"num_classes={len(train_classes)}")
 
 
 def _dataset_to_check_deterministic(dataset: Dataset) -> bool:
@@ -458,6 +525,4 @@ def _write_history(out: Path, history: list[dict], summary: dict) -> None:
     from .data import atomic_write_csv
 
     atomic_write_csv(pd.DataFrame(history), out / "history.csv")
-    tmp = out / "fit.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / "fit.json")
+    write_json(out / "fit.json", summary)

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import cv2
 import numpy as np

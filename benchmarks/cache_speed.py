@@ -1,0 +1,98 @@
+"""Frozen-prefix cache vs the usual loop: `head` on the full ELPV training split, both ways, one run.
+
+The usual loop re-reads every image and re-runs the frozen backbone in every epoch; the cached
+loop runs the backbone once and trains the classifier on the stored 1280-d features. Both use
+the same model, data, seed and deterministic preprocessing, so they train the same function.
+
+    python benchmarks/cache_speed.py                 # ELPV binary, 224 px
+    python benchmarks/cache_speed.py --usual-epochs 1 --cached-epochs 30
+
+Prints seconds per epoch (medians) for each loop and their ratio, the one-off feature pass, and
+the cached run's test accuracy and total time (feature pass included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+from helpers.data import ELPV_TASKS, ImageDataset, eval_transform, load_table, make_splits, prepare_elpv
+from helpers.freezing import apply_strategy
+from helpers.models import create_model
+from helpers.training import fit, make_loader, seed_everything
+
+
+def elpv_sets(image_size: int, seed: int, data_root: Path):
+    root = prepare_elpv(data_root)
+    label_col, classes = ELPV_TASKS["binary"]
+    strata = load_table(root, root / "labels.csv", "file", "label4", "type")
+    splits = make_splits(strata, seed=seed)
+    binary = dict(zip(*[load_table(root, root / "labels.csv", "file", label_col, "type")[c] for c in ("file", "label")]))
+    spec = create_model("efficientnet_lite0", 2, pretrained=False).spec
+    transform = eval_transform(spec, image_size, crop_pct=1.0)
+    sets = {}
+    for name, part in splits.items():
+        part = part.assign(label=part["file"].map(binary))
+        sets[name] = ImageDataset(root, part, group_col="group", classes=classes, transform=transform)
+    return sets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--usual-epochs", type=int, default=2)
+    parser.add_argument("--cached-epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, default=Path("data/elpv"))
+    args = parser.parse_args()
+
+    sets = elpv_sets(args.image_size, args.seed, args.data)
+    settings = dict(lr=args.lr, batch_size=64, seed=args.seed, warmup_epochs=0, progress=False)
+
+    def head_model():
+        seed_everything(args.seed)
+        return apply_strategy(create_model("efficientnet_lite0", 2), "head")
+
+    usual = fit(head_model(), sets["train"], sets["val"], epochs=args.usual_epochs, cache=False, **settings)
+
+    started = time.perf_counter()
+    model = head_model()
+    cached = fit(model, sets["train"], sets["val"], epochs=args.cached_epochs, cache=True, **settings)
+    cached_total = time.perf_counter() - started
+
+    model.eval()
+    preds, targets = [], []
+    with torch.inference_mode():
+        for x, y in make_loader(sets["test"], 64, False, torch.device("cpu")):
+            preds.append(model(x.contiguous(memory_format=torch.channels_last)).argmax(1))
+            targets.append(y)
+    preds, targets = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+
+    usual_epoch = statistics.median(usual["seconds"])
+    cached_epoch = statistics.median(cached["seconds"])
+    result = {
+        "images_train": len(sets["train"]), "images_val": len(sets["val"]), "image_size": args.image_size,
+        "torch_threads": torch.get_num_threads(),
+        "usual_seconds_per_epoch": round(usual_epoch, 3), "usual_epochs": args.usual_epochs,
+        "cached_seconds_per_epoch": round(cached_epoch, 4), "cached_epochs": args.cached_epochs,
+        "per_epoch_ratio": round(usual_epoch / cached_epoch, 1),
+        "feature_pass_seconds": cached.attrs["cache_seconds"],
+        "cached_total_seconds_incl_feature_pass": round(cached_total, 1),
+        "cached_test_accuracy": round(float(accuracy_score(targets, preds)), 4),
+        "cached_test_balanced_accuracy": round(float(balanced_accuracy_score(targets, preds)), 4),
+        "cached_best_val_accuracy": round(float(cached.attrs["best_score"]), 4),
+    }
+    for key, value in result.items():
+        print(f"{key:>42}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Run the whole course, notebooks 01 -> 05, through papermill.
+
+    python -m helpers.course                              # the course on ELPV, into runs/course/
+    python -m helpers.course --smoke --name smoke         # 64 images, minutes (what CI checks)
+    python -m helpers.course -p task 4class -p epochs 8   # any notebook parameter, validated
+    python -m helpers.course --name sweep --grid lr=0.001,0.0003 image_size=128,160
+
+Each notebook is executed with the same parameters; the executed copies are kept in the run
+folder (``runs/<name>/01_analyze_approach.ipynb`` ...) next to what they wrote (splits,
+decisions, checkpoints, metrics.json, figures). A grid runs one course per combination
+(``runs/<name>-<key>=<value>...``) and collects their metrics into ``runs/<name>/grid.csv``
+and ``grid.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .workbook import NOTEBOOKS, run_folder, workbook_root
+
+SUMMARY_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "ece",
+                "ece_after_temperature", "tta_accuracy", "backbone", "strategy", "image_size", "epochs",
+                "train_seconds")
+
+
+def parse_value(text: str) -> object:
+    """A command-line value as Python: None, bool, int, float, else the string itself."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def notebooks_dir() -> Path:
+    return workbook_root() / "notebooks"
+
+
+def notebook_parameters(names: tuple[str, ...] = NOTEBOOKS) -> dict[str, object]:
+    """The parameters the notebooks declare (papermill.inspect_notebook), with their defaults."""
+    import papermill
+
+    found: dict[str, object] = {}
+    for name in names:
+        path = notebooks_dir() / f"{name}.ipynb"
+        if not path.is_file():
+            raise FileNotFoundError(f"notebook not found: {path}")
+        for key, info in papermill.inspect_notebook(str(path)).items():
+            found.setdefault(key, info["default"])
+    return found
+
+
+def validate(overrides: dict[str, object], valid: dict[str, object]) -> None:
+    """Raise naming the unknown keys and listing the valid ones."""
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; the notebooks' parameters are {sorted(valid)}")
+    if "run_name" in overrides:
+        raise ValueError("set the run folder with --name, not -p run_name")
+
+
+def expand_grid(specs: list[str]) -> list[dict[str, object]]:
+    """``["lr=0.1,0.01", "epochs=3"]`` -> one dict per combination, in order."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"grid entries look like KEY=V1,V2; got {spec!r}")
+        axes.append([(key.strip(), parse_value(v)) for v in values.split(",") if v.strip()])
+    keys = [axis[0][0] for axis in axes]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a grid key appears twice: {keys}")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def grid_run_name(base: str, combo: dict[str, object]) -> str:
+    """A folder name derived from the values, e.g. ``sweep-lr=0.001-image_size=128``."""
+    suffix = "-".join(f"{k}={v}" for k, v in combo.items())
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{Path(base).name}-{suffix}")
+    return str(Path(base).parent / name) if Path(base).is_absolute() else name
+
+
+def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bool = False,
+               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True) -> Path:
+    """Execute ``notebooks`` in order with ``parameters``; return the run folder."""
+    import papermill
+
+    parameters = dict(parameters or {})
+    validate(parameters, notebook_parameters(notebooks))
+    if smoke:
+        os.environ["TL_SMOKE"] = "1"  # the kernels inherit it
+    run = run_folder(name)
+    for notebook in notebooks:
+        started = time.perf_counter()
+        print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
+        papermill.execute_notebook(str(notebooks_dir() / f"{notebook}.ipynb"), str(run / f"{notebook}.ipynb"),
+                                   parameters={"run_name": name, **parameters}, kernel_name="python3",
+                                   cwd=str(notebooks_dir()), log_output=True, progress_bar=progress)
+        print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
+    return run
+
+
+def read_metrics(run: Path) -> dict:
+    """The headline values of a run's metrics.json (the strategy as its name)."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: notebook 05_evaluate did not finish for this run")
+    metrics = json.loads(path.read_text())
+    row = {k: metrics.get(k) for k in SUMMARY_KEYS}
+    if isinstance(row["strategy"], dict):
+        row["strategy"] = row["strategy"].get("name")
+    return row
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub markdown table (numbers to 4 decimals)."""
+    def cell(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, object], smoke: bool,
+             notebooks: tuple[str, ...] = NOTEBOOKS) -> pd.DataFrame:
+    """One course per combination; the metrics of all of them in grid.csv and grid.md."""
+    from .data import atomic_write_csv
+
+    valid = notebook_parameters(notebooks)
+    for combo in grid:
+        validate({**parameters, **combo}, valid)
+    rows = []
+    for combo in grid:
+        sub = grid_run_name(name, combo)
+        run = run_course(sub, {**parameters, **combo}, smoke, notebooks)
+        rows.append({"run": Path(sub).name, **combo, **read_metrics(run)})
+    frame = pd.DataFrame(rows)
+    out = run_folder(name)
+    atomic_write_csv(frame, out / "grid.csv")
+    tmp = out / "grid.md.tmp"
+    tmp.write_text(markdown_table(frame))
+    os.replace(tmp, out / "grid.md")
+    return frame
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m helpers.course", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default=None, help="run folder under runs/ (default: course, or smoke)")
+    parser.add_argument("--smoke", action="store_true", help="TL_SMOKE=1: tiny data, minimal budget")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a notebook parameter, e.g. -p epochs 3 (repeatable)")
+    parser.add_argument("--grid", nargs="+", default=None, metavar="KEY=V1,V2",
+                        help="sweep: one run per combination of the values")
+    parser.add_argument("--notebooks", nargs="+", default=None, metavar="NN",
+                        help="run only these notebooks, by number (e.g. 04 05); earlier outputs must exist")
+    return parser
+
+
+def select_notebooks(numbers: list[str] | None) -> tuple[str, ...]:
+    if not numbers:
+        return NOTEBOOKS
+    by_number = {n[:2]: n for n in NOTEBOOKS}
+    unknown = [n for n in numbers if n.zfill(2) not in by_number]
+    if unknown:
+        raise ValueError(f"unknown notebook number(s) {unknown}; choose from {sorted(by_number)}")
+    return tuple(by_number[n.zfill(2)] for n in sorted(numbers, key=lambda s: s.zfill(2)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
+    smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
+    name = args.name or ("smoke" if smoke else "course")
+    parameters = {key: parse_value(value) for key, value in args.parameter}
+    notebooks = select_notebooks(args.notebooks)
+    started = time.perf_counter()
+    try:
+        if args.grid:
+            frame = run_grid(name, expand_grid(args.grid), parameters, smoke, notebooks)
+            print(f"\n[course] grid results ({run_folder(name) / 'grid.csv'}):\n{markdown_table(frame)}")
+        else:
+            validate(parameters, notebook_parameters(notebooks))
+            run = run_course(name, parameters, smoke, notebooks)
+            if "05_evaluate" in notebooks:
+                summary = pd.Series(read_metrics(run), name=name)
+                print(f"\n[course] results of {run}:\n{summary.to_string()}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[course] total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,629 @@
+"""Evaluation that a reviewer would accept: test metrics, calibration, errors and Grad-CAM.
+
+`predict` runs a model over an `ImageDataset` and keeps everything per image (probabilities,
+logits, group), so every later number is computed from one table with scikit-learn:
+`compute_metrics` (accuracy, balanced accuracy, macro-F1, ROC AUC, per class and per group),
+`expected_calibration_error` / `fit_temperature` / `apply_temperature` (is a 0.9 confidence
+right 90 % of the time, and the one-parameter fix when it is not), `most_confident_mistakes`,
+and Grad-CAM overlays that show where the network looked.
+
+Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `write_json`) with:
+
+- ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``: on the held-out test split;
+- ``test_roc_auc``: binary: AUC of the last (positive) class; multi-class: one-vs-rest macro;
+  None when the test split lacks a class;
+- ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
+- ``per_class``: {class: {precision, recall, f1, support}};
+- ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
+  after temperature scaling; ``temperature``: T fitted on the validation split;
+- ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run);
+- ``backbone``, ``strategy``, ``image_size``, ``epochs``, ``train_seconds``, ``task``,
+  ``classes``, ``n_test``: what was trained, how long, on which task.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, accuracy_score,
+                             balanced_accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score)
+from torch import nn
+
+from . import files
+from .training import amp_dtype, make_loader, pick_device
+
+METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "per_group",
+                "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "backbone",
+                "strategy", "image_size", "epochs", "train_seconds", "task", "classes", "n_test")
+
+
+# ----------------------------------------------------------------------------------------
+# Predictions
+
+
+def _prob_cols(classes: Sequence[str]) -> list[str]:
+    return [f"prob_{c}" for c in classes]
+
+
+def _logit_cols(classes: Sequence[str]) -> list[str]:
+    return [f"logit_{c}" for c in classes]
+
+
+def _check_dataset(dataset) -> None:
+    if not hasattr(dataset, "frame") or not hasattr(dataset, "classes"):
+        raise TypeError(f"expected a helpers.data.ImageDataset (with .frame and .classes), "
+                        f"got {type(dataset).__name__}")
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, dataset, batch_size: int, device: torch.device, tta: bool,
+            num_workers: int | None) -> np.ndarray:
+    """Logits per image in dataset order; with ``tta`` the log of the flip-averaged softmax."""
+    dtype = amp_dtype(device)
+    out = []
+    for x, _ in make_loader(dataset, batch_size, False, device, num_workers=num_workers):
+        x = x.to(device, non_blocking=True)
+        views = [x, x.flip(-1), x.flip(-2)] if tta else [x]
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = [model(v).float() for v in views]
+        if tta:
+            # Average probabilities, not logits; store their log so softmax(logit_) == prob_ still holds.
+            mean_prob = torch.stack([z.softmax(1) for z in logits]).mean(0)
+            out.append(mean_prob.clamp_min(1e-12).log().cpu())
+        else:
+            out.append(logits[0].cpu())
+    return torch.cat(out).double().numpy()
+
+
+def _table(logits: np.ndarray, frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    probs = torch.from_numpy(logits).softmax(1).numpy()
+    predicted = probs.argmax(1)
+    table = pd.DataFrame({
+        "file": frame["file"].to_numpy(),
+        "group": frame["group"].to_numpy() if "group" in frame else None,
+        "true": frame["label"].to_numpy(),
+        "pred": [classes[i] for i in predicted],
+        "target": frame["target"].to_numpy().astype(int),
+        "predicted": predicted.astype(int),
+    })
+    for j, col in enumerate(_prob_cols(classes)):
+        table[col] = probs[:, j]
+    table["confidence"] = probs.max(1)
+    for j, col in enumerate(_logit_cols(classes)):
+        table[col] = logits[:, j]
+    return table
+
+
+def predict(model: nn.Module, dataset, batch_size: int = 64, device: str | torch.device | None = None,
+            tta: bool = False, num_workers: int | None = None) -> pd.DataFrame:
+    """One row per image of ``dataset`` (an `ImageDataset`), in dataset order.
+
+    Columns: file, group, true, pred (class names), target, predicted (indices),
+    ``prob_<class>``, confidence (the top probability), ``logit_<class>``. ``tta=True`` averages
+    the softmax over the image, its horizontal and its vertical flip (sensible for solar cells
+    and other images with no 'up'); ``logit_`` then holds the log of the averaged probabilities.
+    The row index is the image's position in ``dataset``.
+    """
+    _check_dataset(dataset)
+    classes = list(dataset.classes)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"the model has {num_classes} outputs but the dataset has {len(classes)} "
+                         f"classes {classes}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    device = pick_device(device)
+    model.eval().to(device)
+    logits = _logits(model, dataset, batch_size, device, tta, num_workers)
+    return _table(logits, dataset.frame, classes)
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+
+
+def _check_pred(pred: pd.DataFrame, classes: Sequence[str], need_logits: bool = False) -> None:
+    cols = ["target", "predicted", *_prob_cols(classes)] + (_logit_cols(classes) if need_logits else [])
+    missing = [c for c in cols if c not in pred.columns]
+    if missing:
+        raise KeyError(f"prediction table lacks column(s) {missing} for classes {list(classes)}; "
+                       f"its columns are {list(pred.columns)} (make it with helpers.evaluation.predict)")
+    if len(pred) == 0:
+        raise ValueError("the prediction table is empty")
+
+
+def _roc_auc(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> tuple[float | None, str | None]:
+    """ROC AUC, or None and the reason when a class is missing (AUC needs every class)."""
+    absent = [c for i, c in enumerate(classes) if not (targets == i).any()]
+    if absent:
+        return None, f"ROC AUC undefined: no image of class(es) {absent}"
+    if len(classes) == 2:
+        return float(roc_auc_score(targets == 1, probs[:, 1])), None
+    return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro",
+                               labels=list(range(len(classes))))), None
+
+
+def _scores(targets: np.ndarray, predicted: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected in small groups, the score is still defined.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        result = {
+            "accuracy": float(accuracy_score(targets, predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(targets, predicted)),
+            # Same definition as the training metric: macro over the classes that occur.
+            "macro_f1": float(f1_score(targets, predicted, average="macro", zero_division=0)),
+        }
+    result["roc_auc"], note = _roc_auc(targets, probs, classes)
+    if note:
+        result["roc_auc_note"] = note
+    result["n"] = int(len(targets))
+    return result
+
+
+def compute_metrics(pred: pd.DataFrame, classes: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, ROC AUC, per class and per group, from scikit-learn.
+
+    ROC AUC is for the positive (last) class in a binary task and one-vs-rest macro
+    otherwise; it is None, with a ``roc_auc_note`` saying why, where a split or group lacks a
+    class. All values are plain Python numbers, ready for JSON.
+    """
+    classes = list(classes)
+    _check_pred(pred, classes)
+    targets = pred["target"].to_numpy().astype(int)
+    predicted = pred["predicted"].to_numpy().astype(int)
+    probs = pred[_prob_cols(classes)].to_numpy(dtype=float)
+    bad = sorted(set(np.unique(targets)) - set(range(len(classes))))
+    if bad:
+        raise ValueError(f"target indices {bad} are outside the {len(classes)} classes {classes}")
+
+    metrics = _scores(targets, predicted, probs, classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, predicted, labels=list(range(len(classes))), zero_division=0)
+    metrics["per_class"] = {c: {"precision": float(precision[i]), "recall": float(recall[i]),
+                                "f1": float(f1[i]), "support": int(support[i])} for i, c in enumerate(classes)}
+    metrics["per_group"] = {}
+    if "group" in pred.columns and pred["group"].notna().any():
+        groups = pred["group"].astype(str).to_numpy()
+        for group in sorted(set(groups[pred["group"].notna().to_numpy()])):
+            mask = groups == group
+            metrics["per_group"][group] = _scores(targets[mask], predicted[mask], probs[mask], classes)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Calibration
+
+
+def _check_probs(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    probs, targets = np.asarray(probs, dtype=float), np.asarray(targets).astype(int)
+    if probs.ndim != 2 or len(probs) != len(targets):
+        raise ValueError(f"probs must be (N, classes) with N = len(targets) = {len(targets)}, "
+                         f"got shape {probs.shape}")
+    if len(targets) == 0:
+        raise ValueError("no predictions given")
+    if targets.min() < 0 or targets.max() >= probs.shape[1]:
+        raise ValueError(f"targets must be class indices in 0..{probs.shape[1] - 1}, "
+                         f"got values {sorted(set(targets.tolist()))[:10]}")
+    return probs, targets
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: bin images by their top probability into ``n_bins`` equal-width bins and
+    average |accuracy - mean confidence| over the bins, weighted by bin size (Guo et al. 2017)."""
+    probs, targets = _check_probs(probs, targets)
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == targets
+    # Bins (lo, hi]; a confidence of exactly 0 joins the first bin.
+    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    return float(nn.functional.cross_entropy(logits / temperature, targets))
+
+
+def fit_temperature(logits: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> float:
+    """The temperature T > 0 that minimizes the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
+
+    Fit it on the validation split, never on the test split it is then judged on. One
+    parameter cannot change which class wins, only how sure the model claims to be.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+    _check_probs(logits.numpy(), targets.numpy())
+    if not torch.isfinite(logits).all():
+        raise ValueError("logits contain NaN or infinity")
+    # The NLL is smooth and unimodal in log T; a bounded 1-D search needs no tuning.
+    lo, hi = math.log(0.05), math.log(20.0)
+    result = minimize_scalar(lambda log_t: _nll(logits, targets, math.exp(log_t)), bounds=(lo, hi),
+                             method="bounded", options={"xatol": 1e-6})
+    if not result.success:
+        raise RuntimeError(f"temperature fit did not converge: {result.message}")
+    if min(result.x - lo, hi - result.x) < 1e-3:
+        warnings.warn(f"fitted temperature {math.exp(result.x):.3g} is at the search limit [0.05, 20]: "
+                      f"the logits are far from calibrated or the split is tiny", stacklevel=2)
+    return float(math.exp(result.x))
+
+
+def apply_temperature(pred: pd.DataFrame, temperature: float, classes: Sequence[str]) -> pd.DataFrame:
+    """A copy of ``pred`` with prob_, confidence, predicted and pred recomputed from ``logit_ / T``."""
+    classes = list(classes)
+    _check_pred(pred, classes, need_logits=True)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = torch.as_tensor(pred[_logit_cols(classes)].to_numpy(dtype=float))
+    probs = (logits / temperature).softmax(1).numpy()
+    out = pred.copy()
+    out[_prob_cols(classes)] = probs
+    out["confidence"] = probs.max(1)
+    out["predicted"] = probs.argmax(1).astype(int)
+    out["pred"] = [classes[i] for i in out["predicted"]]
+    return out
+
+
+def probs_and_targets(pred: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (N, classes) probability matrix and the target indices of a prediction table."""
+    _check_pred(pred, classes)
+    return pred[_prob_cols(classes)].to_numpy(dtype=float), pred["target"].to_numpy().astype(int)
+
+
+def logits_and_targets(pred: pd.DataFrame, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The (N, classes) logit matrix and the target indices (input of `fit_temperature`)."""
+    _check_pred(pred, classes, need_logits=True)
+    return pred[_logit_cols(classes)].to_numpy(dtype=float), pred["target"].to_numpy().astype(int)
+
+
+# ----------------------------------------------------------------------------------------
+# Plots (each returns its Figure; close it with plt.close(fig) when done)
+
+
+def plot_confusion_matrix(pred: pd.DataFrame, classes: Sequence[str], normalize: bool = False) -> Figure:
+    """Confusion matrix (rows: true class); ``normalize=True`` shows each row as shares (recall)."""
+    classes = list(classes)
+    _check_pred(pred, classes)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    ConfusionMatrixDisplay.from_predictions(
+        pred["target"], pred["predicted"], labels=list(range(len(classes))), display_labels=classes,
+        normalize="true" if normalize else None, values_format=".2f" if normalize else "d",
+        cmap="Blues", colorbar=False, ax=ax)
+    acc = accuracy_score(pred["target"], pred["predicted"])
+    ax.set_title(f"{'recall per row' if normalize else 'counts'}; accuracy {acc:.3f}, n={len(pred)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc_pr(pred: pd.DataFrame, classes: Sequence[str]) -> Figure:
+    """ROC and precision-recall curves: of the positive (last) class for two classes, one
+    curve per class (one-vs-rest) otherwise. Classes absent from ``pred`` are listed, not drawn."""
+    classes = list(classes)
+    probs, targets = probs_and_targets(pred, classes)
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    positives = [len(classes) - 1] if len(classes) == 2 else list(range(len(classes)))
+    absent = [classes[i] for i in positives if not (targets == i).any() or (targets == i).all()]
+    for i in positives:
+        if classes[i] in absent:
+            continue
+        RocCurveDisplay.from_predictions(targets == i, probs[:, i], name=classes[i], ax=roc_ax)
+        PrecisionRecallDisplay.from_predictions(targets == i, probs[:, i], name=classes[i], ax=pr_ax)
+    roc_ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    pr_ax.set(xlabel="recall", ylabel="precision")
+    roc_ax.legend(loc="lower right", fontsize=8)
+    roc_ax.set_title("ROC" + (" (one-vs-rest)" if len(classes) > 2 else f" of '{classes[-1]}'"))
+    pr_ax.set_title("precision-recall" + (f"; not drawn (one class only): {absent}" if absent else ""))
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(history: pd.DataFrame) -> Figure:
+    """Loss and accuracy (plus the selection metric, if any) per epoch, train vs validation.
+
+    The best validation epoch is marked: that is the checkpoint `fit` keeps.
+    """
+    needed = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    missing = [c for c in needed if c not in history.columns]
+    if missing:
+        raise KeyError(f"history lacks column(s) {missing}; its columns are {list(history.columns)}")
+    if len(history) == 0:
+        raise ValueError("the history is empty (no epoch finished)")
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(history["epoch"], history["train_loss"], "o-", label="train")
+    loss_ax.plot(history["epoch"], history["val_loss"], "o-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
+    acc_ax.plot(history["epoch"], history["train_accuracy"], "o-", label="train accuracy")
+    acc_ax.plot(history["epoch"], history["val_accuracy"], "o-", label="validation accuracy")
+    extra = [c for c in history.columns if c.startswith("val_") and c not in ("val_loss", "val_accuracy")]
+    for col in extra:
+        acc_ax.plot(history["epoch"], history[col], "s--", label=col.replace("_", " "))
+    chosen = extra[0] if extra else "val_accuracy"
+    best = history.loc[history[chosen].idxmax()]
+    for ax in (loss_ax, acc_ax):
+        ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
+        ax.legend(fontsize=8)
+    acc_ax.set(xlabel="epoch", ylabel="score", title=f"scores (best {chosen} at epoch {int(best['epoch'])})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(probs: np.ndarray, targets: np.ndarray, n_bins: int = 15) -> Figure:
+    """Reliability diagram of the top-label confidence, with its ECE and a histogram of confidences."""
+    from sklearn.calibration import calibration_curve
+
+    probs, targets = _check_probs(probs, targets)
+    confidence = probs.max(1)
+    correct = (probs.argmax(1) == targets).astype(int)
+    fig, (ax, hist_ax) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    if len(np.unique(correct)) == 2:
+        accuracy, mean_conf = calibration_curve(correct, confidence, n_bins=n_bins, strategy="uniform")
+    else:  # all right or all wrong: calibration_curve needs both outcomes, the bins are trivial
+        accuracy, mean_conf = np.array([correct.mean()]), np.array([confidence.mean()])
+    ax.plot(mean_conf, accuracy, "o-", label="model")
+    ece = expected_calibration_error(probs, targets, n_bins)
+    ax.set(ylabel="accuracy in bin", title=f"reliability (ECE {ece:.3f}, n={len(targets)})",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    hist_ax.hist(confidence, bins=n_bins, range=(0, 1), color="grey")
+    hist_ax.set(xlabel="confidence (top probability)", ylabel="images")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Error analysis
+
+
+def most_confident_mistakes(pred: pd.DataFrame, k: int = 12) -> pd.DataFrame:
+    """The ``k`` wrong predictions the model was surest about (label noise shows up here first).
+
+    Keeps ``pred``'s index, which `predict` sets to the image's position in the dataset.
+    """
+    _check_pred(pred, [])
+    if "confidence" not in pred.columns:
+        raise KeyError(f"prediction table lacks column 'confidence'; its columns are {list(pred.columns)}")
+    wrong = pred[pred["predicted"] != pred["target"]]
+    return wrong.sort_values("confidence", ascending=False, kind="stable").head(k)
+
+
+def _grid(n: int, ncols: int = 4, size: float = 2.8) -> tuple[Figure, np.ndarray]:
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _dataset_positions(dataset, files: Sequence[str]) -> list[int]:
+    where = {f: i for i, f in enumerate(dataset.frame["file"])}
+    missing = [f for f in files if f not in where]
+    if missing:
+        raise KeyError(f"{len(missing)} file(s) of the prediction table are not in the dataset: {missing[:5]}")
+    return [where[f] for f in files]
+
+
+def plot_mistakes(pred: pd.DataFrame, dataset, k: int = 12) -> Figure:
+    """The ``k`` most confident mistakes as an image grid: true class, predicted class, probability."""
+    _check_dataset(dataset)
+    mistakes = most_confident_mistakes(pred, k)
+    if len(mistakes) == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no mistakes among {len(pred)} images", ha="center", va="center")
+        return fig
+    fig, axes = _grid(len(mistakes))
+    for ax, pos, (_, row) in zip(axes, _dataset_positions(dataset, mistakes["file"]), mistakes.iterrows()):
+        ax.imshow(dataset.load(pos).permute(1, 2, 0).numpy())
+        ax.set_title(f"{Path(row['file']).name}\ntrue {row['true']} / pred {row['pred']}\n"
+                     f"p = {row['confidence']:.2f}", fontsize=8)
+    fig.suptitle(f"{len(mistakes)} most confident mistakes of {int((pred['predicted'] != pred['target']).sum())}")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Grad-CAM
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Conv2d:
+    """The last ``nn.Conv2d`` before global pooling: the finest feature map that still has
+    a spatial layout. Works on every `TransferModel` (also truncated ones), whose groups run
+    stem -> stages -> head -> classifier; the classifier is never searched."""
+    groups = getattr(model, "groups", None)
+    if groups is None:
+        raise TypeError(f"expected a TransferModel from helpers.models.create_model, got {type(model).__name__}")
+    convs = [m for name, group in groups.items() if name != "classifier"
+             for m in group.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"no nn.Conv2d before the classifier in groups {list(groups)}; Grad-CAM needs one")
+    return convs[-1]
+
+
+def _normalize_of(dataset, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std the dataset's transform normalized with (to show the image the model saw)."""
+    from torchvision.transforms import v2
+
+    transform = getattr(dataset, "transform", None)
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    norms = [t for t in steps if isinstance(t, v2.Normalize)]
+    mean, std = (norms[-1].mean, norms[-1].std) if norms else (model.spec.mean, model.spec.std)
+    return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+
+def gradcam_maps(model: nn.Module, dataset, indices: Sequence[int], target_class: int | str | None = None,
+                 target_layer: nn.Module | None = None,
+                 device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Grad-CAM heat maps for ``dataset[indices]``.
+
+    Returns (images, cams, probs): images as the model saw them, un-normalized, (N, H, W, 3)
+    floats in [0, 1]; heat maps (N, H, W) in [0, 1] at the same size; softmax probabilities
+    (N, classes). ``target_class`` (name or index) explains that class; None explains each
+    image's predicted class.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    _check_dataset(dataset)
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("no indices given")
+    if isinstance(target_class, str):
+        if target_class not in dataset.classes:
+            raise ValueError(f"unknown target_class {target_class!r}; classes are {dataset.classes}")
+        target_class = dataset.classes.index(target_class)
+    if target_class is not None and not 0 <= int(target_class) < len(dataset.classes):
+        raise ValueError(f"target_class {target_class} out of range; classes are {dataset.classes}")
+    device = pick_device(device)
+    model.eval().to(device)
+    x = torch.stack([dataset[i][0] for i in indices]).to(device)
+    with torch.no_grad():
+        probs = model(x).float().softmax(1).cpu().numpy()
+    chosen = probs.argmax(1) if target_class is None else [target_class] * len(indices)
+    # A frozen backbone gives activations without gradients; asking for the input gradient
+    # makes autograd track them, without changing any weight's requires_grad.
+    x = x.clone().requires_grad_(True)
+    layer = target_layer or gradcam_target_layer(model)
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        cams = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in chosen])
+    mean, std = _normalize_of(dataset, model)
+    images = (x.detach().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return images, cams, probs
+
+
+def gradcam_overlays(model: nn.Module, dataset, indices: Sequence[int], target_class: int | str | None = None,
+                     target_layer: nn.Module | None = None, device: str | torch.device | None = None) -> Figure:
+    """A grid of Grad-CAM heat maps over the images (as the model saw them, un-normalized),
+    titled with the true class and the predicted class and its probability."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    images, cams, probs = gradcam_maps(model, dataset, indices, target_class, target_layer, device)
+    classes = list(dataset.classes)
+    fig, axes = _grid(len(indices))
+    for ax, i, image, heat, p in zip(axes, indices, images, cams, probs):
+        ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
+        true = dataset.frame["label"].iat[i]
+        ax.set_title(f"true {true}\npred {classes[int(p.argmax())]} ({p.max():.2f})", fontsize=8)
+    if isinstance(target_class, int):
+        target_class = classes[target_class]
+    fig.suptitle("Grad-CAM for the " + ("predicted class" if target_class is None else f"class {target_class}"))
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# Results files and the literature
+
+
+def _plain(obj):
+    """numpy / torch / Path values to plain JSON types (json.dumps' ``default``)."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary file, then ``os.replace``).
+
+    NaN and infinity are refused (they are not JSON): use None for 'undefined'.
+    """
+    return files.write_json(path, obj, default=_plain)
+
+
+def published_results() -> pd.DataFrame:
+    """Published ELPV results to set a run beside. Values are fractions (0.8842 = 88.42 %).
+
+    Protocols differ and no official split exists, so a difference of a point or two says
+    little: read the ``protocol`` column before comparing.
+    """
+    deitsch = ("Deitsch et al. 2019, Solar Energy 185, doi 10.1016/j.solener.2019.02.067",
+               "75/25 split stratified over the classes (1,968 train / 656 test), both cell types; "
+               "'average accuracy' not defined (binary at p>=0.5 or over the 4 classes)")
+    song = ("Song et al. 2024, J. Quality Technology",
+            "separate models per cell type, stratified 80/20 split, repeated")
+    rows = [
+        (*deitsch, "VGG-19 (ImageNet, fine-tuned)", "unclear (binary or 4-class)", "all", "accuracy", 0.8842, False),
+        (*deitsch, "SVM on hand-crafted features", "unclear (binary or 4-class)", "all", "accuracy", 0.8244, False),
+        (*song, "VGG-19", "4class", "mono", "accuracy", 0.81, True),
+        (*song, "VGG-19", "4class", "poly", "accuracy", 0.80, True),
+        (*song, "VGG-19", "4class", "mono", "macro_f1", 0.63, False),
+        (*song, "VGG-19", "4class", "poly", "macro_f1", 0.59, False),
+        (*song, "VGG-19", "binary (4 classes merged)", "mono and poly", "accuracy", 0.90, True),
+    ]
+    return pd.DataFrame(rows, columns=["source", "protocol", "model", "task", "cell_type", "metric", "value",
+                                       "approximate"])
+
+
+def _fit_epochs(fit_summary: dict) -> int:
+    for key in ("epochs_run", "epochs"):
+        if fit_summary.get(key) is not None:
+            return int(fit_summary[key])
+    if isinstance(fit_summary.get("config"), dict) and "epochs" in fit_summary["config"]:
+        return int(fit_summary["config"]["epochs"])
+    raise KeyError(f"fit_summary needs 'epochs_run', 'epochs' or config['epochs'] (fit.json has the last); "
+                   f"its keys are {sorted(fit_summary)}")
+
+
+def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_summary: dict, ece: float,
+                  ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None) -> dict:
+    """The ``metrics.json`` of notebook 05 (keys listed in this module's docstring).
+
+    ``ckpt`` is the loaded best checkpoint, ``fit_summary`` the run's ``fit.json`` (or
+    ``{**history.attrs, "epochs": len(history)}``).
+    """
+    classes = list(classes)
+    if "train_seconds" not in fit_summary:
+        raise KeyError(f"fit_summary lacks 'train_seconds'; its keys are {sorted(fit_summary)}")
+    for field in ("backbone", "strategy", "image_size"):
+        if field not in ckpt:
+            raise KeyError(f"checkpoint lacks {field!r}; is it a helpers checkpoint? keys: {sorted(ckpt)}")
+    if ckpt.get("classes") is not None and list(ckpt["classes"]) != classes:
+        raise ValueError(f"classes {classes} differ from the checkpoint's {ckpt['classes']}")
+    m = compute_metrics(pred, classes)
+    meta = ckpt.get("meta") or {}
+    summary = {
+        "test_accuracy": m["accuracy"],
+        "test_balanced_accuracy": m["balanced_accuracy"],
+        "test_macro_f1": m["macro_f1"],
+        "test_roc_auc": m["roc_auc"],
+        "per_group": m["per_group"],
+        "per_class": m["per_class"],
+        "ece": float(ece),
+        "ece_after_temperature": float(ece_after),
+        "temperature": float(temperature),
+        "tta_accuracy": compute_metrics(tta_pred, classes)["accuracy"] if tta_pred is not None else None,
+        "backbone": ckpt["backbone"],
+        "strategy": dict(ckpt["strategy"]),
+        "image_size": int(ckpt["image_size"]),
+        "epochs": _fit_epochs(fit_summary),
+        "train_seconds": float(fit_summary["train_seconds"]),
+        "task": meta.get("task", fit_summary.get("task")),
+        "classes": classes,
+        "n_test": int(len(pred)),
+    }
+    assert tuple(summary) == METRICS_KEYS  # the documented schema and the dict stay in step
+    return summary

@@ -1,0 +1,173 @@
+"""Export a fine-tuned model as one file that carries its preprocessing and class names.
+
+Format: a ``torch.export`` program (``.pt2``), not TorchScript. On torch 2.14 ``torch.jit.trace``
+prints deprecation warnings and points to ``torch.export``; ``torch.export`` captured every
+backbone of the registry (EfficientNet-Lite with TensorFlow 'same' padding, ResNet, MobileNetV3,
+EfficientNet-B0, ConvNeXt, and truncated models) with outputs identical to eager PyTorch.
+
+The exported module takes a float32 batch (N, 3, S, S) in [0, 1], already square-padded,
+resized and centre-cropped by `preprocess_for_export`; it normalizes with the stored mean and
+std, runs the network and returns softmax probabilities. The batch size is free, the image
+size S is fixed. ``workbook.json`` inside the file holds classes, image_size, crop_pct, mean,
+std, interpolation, backbone and strategy.
+
+Loading a ``.pt2`` file unpickles parts of it (``torch.export.load`` has no ``weights_only``
+mode), so load only files you made or trust, as with any model file that is not a plain
+``weights_only`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from .data import eval_transform
+from .files import atomic_open
+from .models import BackboneSpec
+
+META_FILE = "workbook.json"
+EXPORT_FORMAT = "helpers.export/1"
+_META_KEYS = ("classes", "image_size", "crop_pct", "mean", "std", "interpolation", "backbone", "strategy")
+
+
+class ProbabilityModel(nn.Module):
+    """Normalize a [0, 1] batch, run the model, return softmax probabilities."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std).softmax(1)
+
+
+def export_meta(model: nn.Module, ckpt_or_meta: dict) -> dict:
+    """The ``workbook.json`` of an export, from a checkpoint dict or a plain meta dict.
+
+    A checkpoint (keys ``preprocessing``, ``image_size``, ``classes`` ...) is read as
+    `helpers.checkpoint` writes it; a plain dict needs ``classes`` and ``image_size`` and
+    may give ``crop_pct``, ``mean``, ``std``, ``interpolation`` (default: the backbone's).
+    """
+    src = dict(ckpt_or_meta)
+    if isinstance(src.get("preprocessing"), dict):
+        src = {**src["preprocessing"], **{k: v for k, v in src.items() if k != "preprocessing"}}
+    missing = [k for k in ("classes", "image_size") if k not in src]
+    if missing:
+        raise KeyError(f"export needs {missing} in the checkpoint/meta dict; it has {sorted(src)}")
+    spec = getattr(model, "spec", None)
+    if spec is None and not all(k in src for k in ("mean", "std", "interpolation")):
+        raise KeyError("a model without .spec needs mean, std and interpolation in the meta dict")
+    classes = [str(c) for c in src["classes"]]
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"the model has {num_classes} outputs but {len(classes)} classes were given: {classes}")
+    crop_pct = src.get("crop_pct") or (spec.input_size / spec.resize_size if spec else 1.0)
+    return {
+        "format": EXPORT_FORMAT,
+        "classes": classes,
+        "image_size": int(src["image_size"]),
+        "crop_pct": float(crop_pct),
+        "mean": [float(v) for v in src.get("mean", spec.mean if spec else None)],
+        "std": [float(v) for v in src.get("std", spec.std if spec else None)],
+        "interpolation": str(src.get("interpolation", spec.interpolation if spec else None)),
+        "backbone": src.get("backbone", spec.name if spec else type(model).__name__),
+        "strategy": dict(src.get("strategy", getattr(model, "strategy", {}))),
+        "task": (src.get("meta") or {}).get("task", src.get("task")),
+        "torch_version": torch.__version__,
+    }
+
+
+def export_model(model: nn.Module, ckpt_or_meta: dict, path: str | os.PathLike) -> Path:
+    """Export ``model`` with its preprocessing and class names to one ``.pt2`` file (atomic write).
+
+    The model is copied to the CPU in eval mode (the caller's model is left untouched), and
+    the exported program is checked against eager PyTorch before it is written.
+    """
+    path = Path(path)
+    meta = export_meta(model, ckpt_or_meta)
+    cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    wrapper = ProbabilityModel(cpu_model, meta["mean"], meta["std"]).eval()
+    size = meta["image_size"]
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (example,), dynamic_shapes=({0: batch},))
+        expected = wrapper(example)
+        got = program.module()(example)
+    if not torch.allclose(got, expected, atol=1e-5):
+        raise RuntimeError(f"the exported program differs from the model by {(got - expected).abs().max():.2e}; "
+                           f"not writing {path}")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)})
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+    return path
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file written by `export_model` (checked by content, not by name)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith(f"extra/{META_FILE}") for name in archive.namelist())
+
+
+def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load an `export_model` file: (module returning probabilities, meta dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if not is_exported(path):
+        raise ValueError(f"{path} is not a model exported by helpers.export.export_model "
+                         f"(no {META_FILE} inside); a training checkpoint loads with "
+                         f"helpers.checkpoint.model_from_checkpoint")
+    extra = {META_FILE: ""}  # torch.export.load fills only the keys that are asked for
+    program = torch.export.load(path, extra_files=extra)
+    meta = json.loads(extra[META_FILE])
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
+    return program.module(), meta
+
+
+def _spec_of(meta: dict) -> BackboneSpec:
+    size = int(meta["image_size"])
+    return BackboneSpec(name=str(meta.get("backbone", "exported")), source="export", input_size=size,
+                        resize_size=int(round(size / float(meta["crop_pct"]))), mean=tuple(meta["mean"]),
+                        std=tuple(meta["std"]), interpolation=meta["interpolation"], imagenet_top1=None,
+                        summary="exported model")
+
+
+def export_transform(meta: dict) -> v2.Compose:
+    """`helpers.data.eval_transform` for ``meta`` without its final Normalize (the exported
+    module normalizes), so exported and PyTorch predictions see identical pixels."""
+    missing = [k for k in _META_KEYS[:6] if k not in meta]
+    if missing:
+        raise KeyError(f"preprocessing meta lacks {missing}; it has {sorted(meta)}")
+    steps = eval_transform(_spec_of(meta), int(meta["image_size"]), float(meta["crop_pct"])).transforms
+    if not isinstance(steps[-1], v2.Normalize):  # eval_transform's contract; fail loudly if it changes
+        raise RuntimeError(f"eval_transform no longer ends with Normalize: {steps}")
+    return v2.Compose(steps[:-1])
+
+
+def preprocess_for_export(image_rgb_uint8: np.ndarray | torch.Tensor, meta: dict) -> torch.Tensor:
+    """SquarePad, resize and centre-crop one RGB uint8 image (H, W, 3 array or 3, H, W tensor)
+    to the float32 (3, S, S) tensor in [0, 1] that an exported model takes."""
+    image = image_rgb_uint8
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 RGB image, got dtype {image.dtype} and shape {tuple(image.shape)}")
+    return export_transform(meta)(image)

@@ -1,0 +1,48 @@
+"""Atomic file writes: every file the workbook writes appears whole or not at all.
+
+Write to a temporary file in the same folder, flush it to disk, then rename it over the target.
+``os.replace`` is atomic on POSIX and Windows, so a crash, a full disk or a SIGKILL at any moment
+leaves either the old file or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file for writing that replaces ``path`` when the block ends without error."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: object, default: Callable | None = str) -> Path:
+    """Indented JSON, written atomically. NaN and infinity are refused: they are not JSON."""
+    try:
+        text = json.dumps(obj, indent=2, default=default, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"cannot write {path}: {err} (use None for undefined values)") from err
+    return write_text(path, text + "\n")

@@ -1,0 +1,164 @@
+"""Label a folder of images with a trained model and write a CSV.
+
+    python -m helpers.predict runs/course/model.pt2 my_cells/ --out predictions.csv
+    python -m helpers.predict runs/course/best.pt my_cells/ --out p.csv --recursive --skip-bad
+
+MODEL is a file from `helpers.export.export_model` (``.pt2``) or a training checkpoint
+(``best.pt``, loaded with ``weights_only=True``). Both apply the preprocessing stored with the
+model. The CSV has one row per image: file (relative to FOLDER), predicted, confidence,
+``prob_<class>``. An existing ``--out`` is never overwritten without ``--overwrite``, and
+unreadable images are errors unless ``--skip-bad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTENSIONS, ImageReadError, atomic_write_csv, read_image
+from .export import ProbabilityModel, is_exported, load_exported, preprocess_for_export
+from .training import make_loader, pick_device
+
+
+class PredictError(Exception):
+    """A problem with the command's inputs, reported as one line without a traceback."""
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files (by extension) in ``folder``, sorted; hidden files are skipped."""
+    if not folder.is_dir():
+        raise PredictError(f"image folder not found: {folder}")
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    images = sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not images:
+        nested = not recursive and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
+        hint = " (there are images in subfolders: add --recursive)" if nested else ""
+        raise PredictError(f"no images with extensions {list(IMAGE_EXTENSIONS)} in {folder}{hint}")
+    return images
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """(module returning probabilities for [0, 1] input, preprocessing meta) from an export or a checkpoint."""
+    if not path.is_file():
+        raise PredictError(f"model file not found: {path}")
+    if is_exported(path):
+        return load_exported(path)
+    from .checkpoint import model_from_checkpoint
+
+    try:
+        model, ckpt = model_from_checkpoint(path)
+    except (ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
+        raise PredictError(f"{path} is neither an exported model (helpers.export) nor a training "
+                           f"checkpoint: {err}") from err
+    meta = {**ckpt["preprocessing"], "classes": list(ckpt["classes"]), "image_size": int(ckpt["image_size"]),
+            "backbone": ckpt["backbone"]}
+    return ProbabilityModel(model, meta["mean"], meta["std"]).eval(), meta
+
+
+class FolderImages(Dataset):
+    """Preprocessed images of a file list; an unreadable file yields its error instead of raising,
+    so one pass reports every bad file."""
+
+    def __init__(self, files: Sequence[Path], meta: dict):
+        self.files, self.meta = list(files), meta
+        self.size = int(meta["image_size"])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return preprocess_for_export(read_image(self.files[index]), self.meta), ""
+        except (ImageReadError, OSError) as err:
+            return torch.zeros(3, self.size, self.size), str(err) or type(err).__name__
+
+
+@torch.inference_mode()
+def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], root: Path, batch_size: int = 32,
+                   device: str | None = None, num_workers: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Probabilities for every readable file: (table, errors as 'file: reason')."""
+    device = pick_device(device)
+    model = model.to(device)
+    classes = list(meta["classes"])
+    rows, errors = [], []
+    loader = make_loader(FolderImages(files, meta), batch_size, False, device, num_workers=num_workers)
+    start = 0
+    for x, problems in tqdm(loader, desc="predicting", unit="batch", disable=None):
+        probs = model(x.to(device)).float().cpu()
+        for offset, (p, problem) in enumerate(zip(probs, problems)):
+            name = files[start + offset].relative_to(root).as_posix()
+            if problem:
+                errors.append(f"{name}: {problem}")
+                continue
+            best = int(p.argmax())
+            rows.append({"file": name, "predicted": classes[best], "confidence": float(p[best]),
+                         **{f"prob_{c}": float(v) for c, v in zip(classes, p.tolist())}})
+        start += len(x)
+    return pd.DataFrame(rows, columns=["file", "predicted", "confidence", *[f"prob_{c}" for c in classes]]), errors
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m helpers.predict",
+                                     description="Label every image in a folder with a trained model.")
+    parser.add_argument("model", type=Path, help="exported model (.pt2 from export_model) or checkpoint (best.pt)")
+    parser.add_argument("folder", type=Path, help="folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="CSV to write (file, predicted, confidence, prob_*)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--num-workers", type=int, default=None, help="image reading processes")
+    parser.add_argument("--recursive", action="store_true", help="also label images in subfolders")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="warn about unreadable images and label the rest (default: stop with an error)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 unreadable images, 2 bad inputs)."""
+    args = parse_args(argv)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise PredictError(f"{args.out} exists; pass --overwrite to replace it")
+        if args.out.exists() and args.out.is_dir():
+            raise PredictError(f"--out {args.out} is a folder; give a CSV file name")
+        files = list_images(args.folder, args.recursive)
+        model, meta = load_model(args.model)
+        device = pick_device(args.device)
+    except (PredictError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    table, errors = predict_folder(model, meta, files, args.folder, args.batch_size, device, args.num_workers)
+    if errors and not args.skip_bad:
+        print(f"error: {len(errors)} unreadable image(s) of {len(files)}; nothing written "
+              f"(pass --skip-bad to label the rest):", file=sys.stderr)
+        for line in errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    if errors:
+        print(f"warning: skipped {len(errors)} unreadable image(s) of {len(files)}:", file=sys.stderr)
+        for line in errors:
+            print(f"  {line}", file=sys.stderr)
+    if len(table) == 0:
+        print(f"error: none of the {len(files)} image(s) could be read; nothing written", file=sys.stderr)
+        return 1
+    atomic_write_csv(table, args.out)
+    counts = table["predicted"].value_counts().to_dict()
+    print(f"wrote {args.out}: {len(table)} image(s), predicted {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

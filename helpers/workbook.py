@@ -1,0 +1,360 @@
+"""Notebook-side glue: parameters, smoke settings, the run folder and the environment report.
+
+Every notebook has the same papermill ``parameters`` cell (the names in ``PARAMETERS``) with
+plain assignments, many of them ``None``. The next cell calls `resolve_params`, which checks
+the values and fills each ``None`` with a default that depends on the machine (GPU or CPU) and
+on ``TL_SMOKE=1`` (the CI budget: the 64-image ELPV subset, 64 px, one epoch). A value the user
+set, in the notebook or with ``papermill -p``, always wins.
+
+State flows through the run folder ``runs/<run_name>/``: split CSVs, ``dataset.json``,
+``decision.json``, ``strategy.json``, checkpoints, history, metrics and figures. `require`
+turns a missing input into an error that names the notebook to run first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .data import ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, prepare_elpv
+from . import files
+from .freezing import STRATEGIES
+from .models import TIMM_PREFIX, available_backbones, offline_backbones
+
+# The papermill parameters every notebook declares, with their notebook defaults.
+PARAMETERS: dict[str, object] = {
+    "run_name": None,  # folder under runs/ (or an absolute path); None: "course", or "smoke" under TL_SMOKE
+    "data_root": None,  # None: ELPV; else a folder of images
+    "labels_csv": None,  # CSV of file/label columns (relative to data_root or absolute); None: class folders
+    "file_col": "file",
+    "label_col": "label",
+    "group_col": None,  # optional column of subgroups (ELPV: mono/poly) for stratified splits and reports
+    "task": None,  # ELPV: "binary" (default) or "4class"; own data: "custom"
+    "backbone": None,  # None: the winner of notebook 01's linear probe
+    "strategy": None,  # None: notebook 03's choice (or 01's recommendation)
+    "image_size": None,
+    "epochs": None,
+    "batch_size": None,
+    "lr": None,
+    "seed": 0,
+    "device": "auto",  # "auto", "cpu", "cuda" or "mps"
+}
+NOTEBOOKS = ("01_analyze_approach", "02_prepare_dataset", "03_choose_freezing", "04_fine_tune", "05_evaluate")
+CUSTOM_TASK = "custom"
+SMOKE_IMAGE_SIZE = 64
+
+
+def is_smoke() -> bool:
+    """True when ``TL_SMOKE=1``: tiny data and a minimal budget (CI, quick checks)."""
+    return os.environ.get("TL_SMOKE", "0").strip().lower() in ("1", "true", "yes")
+
+
+def workbook_root() -> Path:
+    """The repository root (the folder holding ``helpers/`` and ``notebooks/``).
+
+    Jupyter and nbval run notebooks with the notebooks folder as working directory, the course
+    runner and papermill from wherever they were started; so we look upward from the working
+    directory first, then fall back to where this package lives. ``TL_WORKBOOK_ROOT`` overrides.
+    """
+    if os.environ.get("TL_WORKBOOK_ROOT"):
+        return Path(os.environ["TL_WORKBOOK_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "helpers" / "__init__.py").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return Path(__file__).resolve().parents[1]
+
+
+def run_folder(run_name: str) -> Path:
+    """``runs/<run_name>`` under the workbook root (created), or ``run_name`` itself if absolute."""
+    path = Path(run_name).expanduser()
+    if not path.is_absolute():
+        if not run_name or any(part in ("", "..") for part in Path(run_name).parts):
+            raise ValueError(f"run_name must be a plain folder name or an absolute path, got {run_name!r}")
+        path = workbook_root() / "runs" / run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Params:
+    """The resolved parameters of one notebook run (see ``PARAMETERS``)."""
+
+    run_name: str
+    run: Path
+    data_root: Path
+    labels_csv: Path | None
+    file_col: str
+    label_col: str
+    group_col: str | None
+    task: str
+    backbone: str | None
+    strategy: str | None
+    image_size: int | None
+    epochs: int | None
+    batch_size: int | None
+    lr: float | None
+    seed: int
+    device: torch.device
+    smoke: bool
+    elpv: bool
+    stratify_col: str | None = None  # column of the label table to stratify the split on (ELPV: label4)
+    user_set: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def crop_pct(self) -> float | None:
+        """ELPV cells fill the frame: keep all of it (1.0); photos use the backbone's ImageNet crop."""
+        return 1.0 if self.elpv else None
+
+    @property
+    def augment(self) -> str:
+        """Augmentation recipe of helpers.data.train_transform for this data."""
+        return "cells" if self.elpv else "natural"
+
+    def report(self) -> pd.Series:
+        """The parameters as a one-column table for display."""
+        shown = {k: v for k, v in asdict(self).items() if k != "user_set"}
+        return pd.Series({k: str(v) for k, v in shown.items()}, name="value")
+
+
+def collect(namespace: dict) -> dict:
+    """The parameter values from a notebook's ``globals()``."""
+    missing = [name for name in PARAMETERS if name not in namespace]
+    if missing:
+        raise NameError(f"the parameters cell does not define {missing}; it must set all of {list(PARAMETERS)}")
+    return {name: namespace[name] for name in PARAMETERS}
+
+
+def _check_choice(name: str, value: object, valid: list) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
+
+
+def _positive(name: str, value: object, kind: type) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                                       else int) or value <= 0):
+        raise ValueError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
+
+
+def resolve_params(params: dict, smoke: bool | None = None) -> Params:
+    """Check the notebook parameters and fill the ``None`` ones with defaults.
+
+    Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
+    key, backbone, strategy, task or device. ``smoke`` defaults to `is_smoke`.
+    """
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters are {list(PARAMETERS)}")
+    p = {**PARAMETERS, **params}
+    smoke = is_smoke() if smoke is None else smoke
+    user_set = tuple(k for k in PARAMETERS if p[k] != PARAMETERS[k])
+
+    backbone = p["backbone"]
+    if backbone is not None and not str(backbone).startswith(TIMM_PREFIX):
+        _check_choice("backbone", backbone, available_backbones() + [TIMM_PREFIX + "<timm model name>"])
+    if p["strategy"] is not None:
+        _check_choice("strategy", p["strategy"], list(STRATEGIES))
+    for name in ("image_size", "epochs", "batch_size"):
+        _positive(name, p[name], int)
+    _positive("lr", p["lr"], float)
+    if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
+        raise ValueError(f"seed must be an integer, got {p['seed']!r}")
+    from .training import pick_device
+
+    device = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
+
+    elpv = p["data_root"] is None
+    if elpv:
+        task = p["task"] or "binary"
+        _check_choice("task", task, list(ELPV_TASKS))
+        for name in ("labels_csv", "group_col"):
+            if p[name] is not None:
+                raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
+        root = workbook_root() / "data"
+        data_root = make_tiny_elpv(root / "elpv_tiny") if smoke else prepare_elpv(root / "elpv")
+        labels_csv, file_col, group_col = data_root / "labels.csv", "file", "type"
+        label_col = ELPV_TASKS[task][0]
+        stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
+    else:
+        task = p["task"] or CUSTOM_TASK
+        _check_choice("task", task, [CUSTOM_TASK])
+        data_root = Path(p["data_root"]).expanduser()
+        if not data_root.is_absolute():
+            data_root = (workbook_root() / data_root).resolve()
+        if not data_root.is_dir():
+            raise FileNotFoundError(f"data_root {p['data_root']!r} is not a folder (looked at {data_root})")
+        labels_csv = None
+        if p["labels_csv"] is not None:
+            labels_csv = Path(p["labels_csv"]).expanduser()
+            labels_csv = labels_csv if labels_csv.is_absolute() else data_root / labels_csv
+            if not labels_csv.is_file():
+                raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
+        file_col, label_col, group_col = p["file_col"], p["label_col"], p["group_col"]
+        stratify_col = None
+
+    run_name = p["run_name"] or ("smoke" if smoke else "course")
+    return Params(run_name=str(run_name), run=run_folder(str(run_name)), data_root=data_root,
+                  labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
+                  backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
+                  batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
+                  stratify_col=stratify_col, user_set=user_set)
+
+
+def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params) -> object:
+    """``value`` when the user set it, else the default for this budget (smoke, CPU or GPU)."""
+    if value is not None:
+        return value
+    if params.smoke:
+        return smoke
+    return gpu if params.device.type == "cuda" else cpu
+
+
+# ----------------------------------------------------------------------------------------
+# The dataset as later notebooks see it
+
+
+def label_table(params: Params) -> pd.DataFrame:
+    """The validated label table (file, label, group[, stratum]) of the configured dataset."""
+    table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col)
+    if params.stratify_col:
+        strata = load_table(params.data_root, params.labels_csv, params.file_col, params.stratify_col,
+                            params.group_col)
+        table["stratum"] = strata["label"].to_numpy()
+    return table
+
+
+def classes_of(params: Params, table: pd.DataFrame) -> list[str]:
+    """Class names in a meaningful order: ELPV's own order, else sorted."""
+    return list(ELPV_TASKS[params.task][1]) if params.elpv else sorted(table["label"].unique())
+
+
+def split_table(params: Params, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The seeded, stratified train/val/test split (the same for every notebook with the same seed)."""
+    label_col = "stratum" if "stratum" in table.columns else "label"
+    group_col = "group" if table["group"].notna().all() else None
+    return make_splits(table, label_col=label_col, group_col=group_col, seed=params.seed)
+
+
+def class_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Images per class (and per group, when the data has groups), with totals."""
+    if table["group"].notna().all():
+        return pd.crosstab(table["label"], table["group"], margins=True, margins_name="total")
+    return table["label"].value_counts().rename("images").to_frame()
+
+
+def dataset_config(params: Params, classes: list[str]) -> dict:
+    """What 02 writes to ``dataset.json`` for the later notebooks."""
+    return {"root": str(params.data_root), "labels_csv": str(params.labels_csv) if params.labels_csv else None,
+            "label_col": params.label_col, "group_col": params.group_col, "file_col": params.file_col,
+            "classes": list(classes), "task": params.task, "elpv": params.elpv, "seed": params.seed}
+
+
+def load_datasets(params: Params, train_tf, eval_tf) -> dict:
+    """The train/val/test ``ImageDataset``s of the split notebook 02 wrote (needs its outputs)."""
+    from .data import ImageDataset
+
+    config = read_json(params.run / "dataset.json", "02_prepare_dataset")
+    splits = load_splits(params.run)
+    has_group = all(frame["group"].notna().all() for frame in splits.values())
+    out = {}
+    for name, frame in splits.items():
+        out[name] = ImageDataset(config["root"], frame[["file", "label", "group"]], group_col="group" if has_group
+                                 else None, classes=config["classes"], transform=train_tf if name == "train"
+                                 else eval_tf)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Run-folder I/O
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Write JSON atomically (temporary file, then rename)."""
+    return files.write_json(path, obj)
+
+
+def require(path: str | os.PathLike, notebook: str) -> Path:
+    """``path`` if it exists, else an error saying which notebook writes it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first "
+                                f"(with the same run_name), or the whole course: python -m helpers.course")
+    return path
+
+
+def read_json(path: str | os.PathLike, notebook: str) -> dict:
+    """Read a JSON file another notebook wrote; a missing one names that notebook."""
+    return json.loads(require(path, notebook).read_text())
+
+
+def save_figure(fig, params: Params, name: str) -> Path:
+    """Save a matplotlib figure as ``<run>/figures/<name>.png``."""
+    path = params.run / "figures" / f"{name}.png"
+    with files.atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# Environment
+
+
+def environment() -> dict:
+    """Where this notebook runs: Python, torch, device, GPU, CPU threads, Colab, smoke mode."""
+    from .training import pick_device
+
+    device = pick_device(None)
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+            "cpu_threads": torch.get_num_threads(), "colab": "google.colab" in sys.modules,
+            "smoke": is_smoke(), "workbook_root": str(workbook_root()),
+            "offline_backbones": offline_backbones()}
+    if device.type == "cpu":
+        info["note"] = ("no GPU found: the course runs its CPU budget (smaller images, fewer epochs); "
+                        "on Colab choose Runtime > Change runtime type > GPU for the full one")
+    return info
+
+
+# ----------------------------------------------------------------------------------------
+# Budgets
+
+CACHEABLE = ("head", "last_n", "truncate")  # strategies whose frozen prefix fit() can cache
+
+
+def training_budget(params: Params, strategy: str, input_size: int) -> dict:
+    """Image size, epochs, batch size, learning rate and augmentation for notebook 04, with the reason.
+
+    GPU: the backbone's native size, 15 epochs, augmentation on. CPU: a budget of minutes on the
+    full ELPV set; strategies with a frozen prefix train on cached features at full size
+    (augmentation off, since a cached view is fixed), the others at 128 px for 5 epochs.
+    Smoke: 64 px, 2 epochs. Any value set in the parameters wins.
+    """
+    cached_cpu = strategy in CACHEABLE and params.device.type != "cuda" and not params.smoke
+    budget = {
+        "image_size": pick(params.image_size, SMOKE_IMAGE_SIZE, input_size if cached_cpu else 128, input_size,
+                           params),
+        "epochs": pick(params.epochs, 2, 12 if cached_cpu else 5, 15, params),
+        "batch_size": pick(params.batch_size, 16, 32, 64, params),
+        "lr": pick(params.lr, 1e-3, 1e-3, 1e-3, params),
+        "augment": "none" if (cached_cpu or params.smoke) else params.augment,
+    }
+    if params.smoke:
+        budget["why"] = "TL_SMOKE=1: the 64-image subset at 64 px for 2 epochs, to check the code runs"
+    elif params.device.type == "cuda":
+        budget["why"] = (f"GPU ({params.device}): mixed precision, native {input_size} px, "
+                         f"{budget['epochs']} epochs with {params.augment!r} augmentation")
+    elif cached_cpu:
+        budget["why"] = (f"CPU: {strategy!r} freezes the early layers, so their features are computed once and "
+                         f"cached; epochs then take seconds, even at {budget['image_size']} px. The cache needs "
+                         f"a fixed input, so augmentation is off")
+    else:
+        budget["why"] = (f"CPU: {strategy!r} backpropagates through the whole network, so we train at "
+                         f"{budget['image_size']} px for {budget['epochs']} epochs to finish in minutes")
+    return budget

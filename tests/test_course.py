@@ -1,0 +1,115 @@
+"""The course runner: argument parsing, parameter validation, grid expansion, and one end-to-end
+run of all five notebooks on a class-folder dataset they have never seen."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from helpers import course, workbook
+
+
+def test_parse_value_types():
+    assert course.parse_value("3") == 3 and isinstance(course.parse_value("3"), int)
+    assert course.parse_value("0.001") == pytest.approx(0.001)
+    assert course.parse_value("None") is None and course.parse_value("true") is True
+    assert course.parse_value("efficientnet_lite0") == "efficientnet_lite0"
+
+
+def test_parser_collects_repeated_parameters():
+    args = course.build_parser().parse_args(["--name", "x", "-p", "epochs", "3", "-p", "lr", "0.01", "--smoke"])
+    assert args.name == "x" and args.smoke and args.parameter == [["epochs", "3"], ["lr", "0.01"]]
+
+
+def test_notebooks_share_the_workbook_parameters():
+    found = course.notebook_parameters()
+    assert set(found) == set(workbook.PARAMETERS)
+
+
+def test_unknown_parameter_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\].*'epochs'"):
+        course.validate({"epoch": 3}, course.notebook_parameters())
+    assert course.main(["-p", "epoch", "3", "--notebooks", "01"]) == 2
+
+
+def test_select_notebooks():
+    assert course.select_notebooks(["5", "04"]) == ("04_fine_tune", "05_evaluate")
+    with pytest.raises(ValueError, match="choose from"):
+        course.select_notebooks(["07"])
+
+
+def test_grid_expansion_and_names():
+    grid = course.expand_grid(["lr=0.001,0.0003", "image_size=128,160", "strategy=full"])
+    assert len(grid) == 4
+    assert grid[0] == {"lr": 0.001, "image_size": 128, "strategy": "full"}
+    assert grid[-1] == {"lr": 0.0003, "image_size": 160, "strategy": "full"}
+    names = {course.grid_run_name("sweep", c) for c in grid}
+    assert len(names) == 4 and "sweep-lr=0.001-image_size=128-strategy=full" in names
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        course.expand_grid(["lr"])
+    with pytest.raises(ValueError, match="twice"):
+        course.expand_grid(["lr=1", "lr=2"])
+
+
+def test_markdown_table():
+    import pandas as pd
+
+    text = course.markdown_table(pd.DataFrame({"run": ["a"], "acc": [0.5]}))
+    assert text.splitlines() == ["| run | acc |", "|---|---|", "| a | 0.5000 |"]
+
+
+@pytest.mark.parametrize("bad, message", [({"backbone": "vgg99"}, "efficientnet_lite0"),
+                                          ({"strategy": "half"}, "last_n"),
+                                          ({"task": "3class"}, "4class"),
+                                          ({"epochs": 0}, "positive")])
+def test_resolve_params_rejects_unknown_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        workbook.resolve_params(bad, smoke=True)
+
+
+def test_resolve_params_smoke_defaults_and_overrides(tmp_path):
+    params = workbook.resolve_params({"run_name": str(tmp_path / "r")}, smoke=True)
+    assert params.elpv and params.data_root.name == "elpv_tiny" and params.run.is_dir()
+    assert workbook.pick(params.image_size, 64, 128, 224, params) == 64
+    params = workbook.resolve_params({"run_name": str(tmp_path / "r"), "image_size": 96}, smoke=True)
+    assert workbook.pick(params.image_size, 64, 128, 224, params) == 96
+
+
+def test_missing_input_names_the_notebook(tmp_path):
+    with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):
+        workbook.read_json(tmp_path / "dataset.json", "02_prepare_dataset")
+
+
+def _class_folders(root, per_class=12, size=48):
+    """Three classes of crops from scikit-image photos, a layout the notebooks have never seen."""
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    for name in ("chelsea", "coffee", "rocket"):
+        photo = getattr(skimage.data, name)()
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = photo.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.5, 0.9))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            crop = cv2.resize(photo[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
+            assert cv2.imwrite(str(root / name / f"{i:02d}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    return root
+
+
+def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_SMOKE", "1")
+    data = _class_folders(tmp_path / "photos")
+    run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "task": "custom"}, smoke=True,
+                            progress=False)
+    for notebook in workbook.NOTEBOOKS:
+        assert (run / f"{notebook}.ipynb").is_file()
+    dataset = json.loads((run / "dataset.json").read_text())
+    assert dataset["classes"] == ["chelsea", "coffee", "rocket"] and dataset["task"] == "custom"
+    assert {"train.csv", "val.csv", "test.csv", "best.pt", "decision.json", "strategy.json"} <= {
+        p.name for p in run.iterdir()}
+    row = course.read_metrics(run)
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and row["image_size"] == 64
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == dataset["classes"] and metrics["n_test"] == 9

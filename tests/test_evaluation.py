@@ -1,0 +1,341 @@
+"""helpers.evaluation: predictions, metrics against scikit-learn, calibration, Grad-CAM, plots."""
+
+import json
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from helpers import evaluation as ev
+from helpers.freezing import apply_strategy
+from helpers.models import available_backbones, create_model
+from helpers.training import seed_everything
+
+BINARY = ["functional", "defective"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Real ImageNet backbone, untrained 2-class head, only the head trainable (as in the course)."""
+    seed_everything(0)
+    return apply_strategy(create_model("efficientnet_lite0", 2), "head").eval()
+
+
+def table(targets, predicted, probs, classes, groups=None):
+    """A prediction table by hand, shaped like `ev.predict`'s."""
+    probs = np.asarray(probs, dtype=float)
+    frame = pd.DataFrame({"file": [f"img{i}.png" for i in range(len(targets))], "group": groups,
+                          "true": [classes[t] for t in targets], "pred": [classes[p] for p in predicted],
+                          "target": targets, "predicted": predicted})
+    for j, c in enumerate(classes):
+        frame[f"prob_{c}"] = probs[:, j]
+    frame["confidence"] = probs.max(1)
+    for j, c in enumerate(classes):
+        frame[f"logit_{c}"] = np.log(probs[:, j])
+    return frame
+
+
+# ----------------------------------------------------------------------------------------
+# predict
+
+
+def test_predict_columns_order_and_probabilities(model, tiny_sets):
+    _, val = tiny_sets
+    pred = ev.predict(model, val, batch_size=4, num_workers=0)
+    expected = ["file", "group", "true", "pred", "target", "predicted", "prob_functional", "prob_defective",
+                "confidence", "logit_functional", "logit_defective"]
+    assert list(pred.columns) == expected
+    assert pred["file"].tolist() == val.files  # dataset order
+    assert pred["group"].tolist() == val.frame["group"].tolist()
+    assert pred["target"].tolist() == val.targets
+    probs = pred[["prob_functional", "prob_defective"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(pred["confidence"], probs.max(1))
+    assert (pred["predicted"] == probs.argmax(1)).all()
+    assert (pred["pred"] == [BINARY[i] for i in pred["predicted"]]).all()
+    # prob_ is the softmax of logit_, and logit_ is what the model outputs.
+    logits = torch.tensor(pred[["logit_functional", "logit_defective"]].to_numpy())
+    np.testing.assert_allclose(logits.softmax(1).numpy(), probs, atol=1e-9)
+    with torch.no_grad():
+        direct = model(torch.stack([val[i][0] for i in range(3)])).double()
+    np.testing.assert_allclose(logits[:3].numpy(), direct.numpy(), atol=1e-4)
+
+
+def test_predict_tta_averages_flips(model, tiny_sets):
+    _, val = tiny_sets
+    pred = ev.predict(model, val, batch_size=8, tta=True, num_workers=0)
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        manual = torch.stack([model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2))]).mean(0)
+    np.testing.assert_allclose(pred[["prob_functional", "prob_defective"]].to_numpy(), manual.numpy(), atol=1e-5)
+
+
+def test_predict_rejects_class_mismatch(tiny_sets):
+    _, val = tiny_sets
+    three = create_model("efficientnet_lite0", 3, pretrained=False)
+    with pytest.raises(ValueError, match="3 outputs"):
+        ev.predict(three, val, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------
+# compute_metrics
+
+
+def test_compute_metrics_known_answers():
+    targets, predicted = [0, 0, 1, 1], [0, 1, 1, 1]
+    prob_b = [0.1, 0.6, 0.8, 0.9]
+    pred = table(targets, predicted, [[1 - p, p] for p in prob_b], ["a", "b"], groups=["x", "y", "x", "y"])
+    m = ev.compute_metrics(pred, ["a", "b"])
+    assert m["accuracy"] == 0.75  # 3 of 4
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # a: P=1 R=.5; b: P=2/3 R=1
+    assert m["roc_auc"] == 1.0  # every defective scored above every functional
+    assert m["n"] == 4
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_group"]["x"]["accuracy"] == 1.0 and m["per_group"]["x"]["n"] == 2
+    assert m["per_group"]["y"]["accuracy"] == 0.5
+    json.dumps(m)  # plain Python types only
+
+
+def test_compute_metrics_matches_sklearn_multiclass():
+    rng = np.random.default_rng(0)
+    classes = ["0.00", "0.33", "0.67", "1.00"]
+    targets = rng.integers(0, 4, 60)
+    probs = rng.dirichlet(np.ones(4), 60)
+    probs[np.arange(60), targets] += 0.5  # better than chance
+    probs /= probs.sum(1, keepdims=True)
+    predicted = probs.argmax(1)
+    m = ev.compute_metrics(table(targets, predicted, probs, classes), classes)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, predicted))
+    assert m["macro_f1"] == pytest.approx(f1_score(targets, predicted, average="macro"))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(targets, probs, multi_class="ovr", average="macro"))
+    assert m["per_group"] == {}  # no groups given
+
+
+def test_compute_metrics_group_missing_a_class_has_no_auc():
+    pred = table([0, 1, 0, 0], [0, 1, 1, 0], [[.9, .1], [.2, .8], [.4, .6], [.7, .3]], BINARY,
+                 groups=["mono", "mono", "poly", "poly"])
+    m = ev.compute_metrics(pred, BINARY)
+    assert m["per_group"]["poly"]["roc_auc"] is None
+    assert "defective" in m["per_group"]["poly"]["roc_auc_note"]
+    assert m["per_group"]["mono"]["roc_auc"] == 1.0
+    assert m["roc_auc"] == pytest.approx(1.0)  # overall both classes exist
+
+
+def test_compute_metrics_names_missing_columns():
+    pred = table([0, 1], [0, 1], [[.9, .1], [.2, .8]], BINARY).drop(columns="prob_defective")
+    with pytest.raises(KeyError, match="prob_defective"):
+        ev.compute_metrics(pred, BINARY)
+
+
+# ----------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_ece_hand_example():
+    probs = np.array([[0.8, 0.2], [0.8, 0.2]])
+    assert ev.expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.3)  # 50 % right at 0.8
+
+
+def test_ece_calibrated_vs_overconfident():
+    rng = np.random.default_rng(0)
+    n = 20000
+    confidence = rng.uniform(0.5, 1.0, n)
+    probs = np.stack([confidence, 1 - confidence], 1)  # always predicts class 0 ...
+    targets = np.where(rng.uniform(size=n) < confidence, 0, 1)  # ... and is right with that probability
+    assert ev.expected_calibration_error(probs, targets) < 0.02
+    overconfident = np.tile([0.99, 0.01], (n, 1))
+    wrong_40 = np.where(rng.uniform(size=n) < 0.6, 0, 1)
+    assert ev.expected_calibration_error(overconfident, wrong_40) == pytest.approx(0.39, abs=0.02)
+
+
+def toy_logits(n, seed):
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(size=(n, 3)) * 2.0
+    p = torch.tensor(true_logits).softmax(1).numpy()
+    labels = np.array([rng.choice(3, p=row) for row in p])
+    return true_logits * 2.0, labels  # a model twice as sure as it should be
+
+
+def nll(logits, labels, t=1.0):
+    return float(torch.nn.functional.cross_entropy(torch.tensor(logits) / t, torch.tensor(labels)))
+
+
+def test_fit_temperature_recovers_two_and_lowers_heldout_nll():
+    logits, labels = toy_logits(4000, seed=0)
+    t = ev.fit_temperature(logits, labels)
+    assert t == pytest.approx(2.0, rel=0.1)
+    held_logits, held_labels = toy_logits(2000, seed=1)
+    assert nll(held_logits, held_labels, t) < nll(held_logits, held_labels) - 0.05
+    # Also accepts tensors.
+    assert ev.fit_temperature(torch.tensor(logits), torch.tensor(labels)) == pytest.approx(t, rel=1e-4)
+
+
+def test_fit_temperature_validates():
+    with pytest.raises(ValueError, match="class indices"):
+        ev.fit_temperature(np.zeros((3, 2)), np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="NaN"):
+        ev.fit_temperature(np.array([[np.nan, 0.0], [0.0, 1.0]]), np.array([0, 1]))
+
+
+def test_apply_temperature_recomputes_probabilities():
+    logits, labels = toy_logits(50, seed=2)
+    probs = torch.tensor(logits).softmax(1).numpy()
+    classes = ["a", "b", "c"]
+    pred = table(labels, probs.argmax(1), probs, classes)
+    cooled = ev.apply_temperature(pred, 2.0, classes)
+    expected = torch.tensor(logits / 2.0).softmax(1).numpy()
+    np.testing.assert_allclose(cooled[["prob_a", "prob_b", "prob_c"]].to_numpy(), expected, atol=1e-9)
+    assert (cooled["predicted"] == pred["predicted"]).all()  # T > 0 never changes the winner
+    assert (cooled["confidence"] < pred["confidence"]).all()
+    assert (pred[["prob_a"]].to_numpy() == probs[:, :1]).all()  # the input is not modified
+    with pytest.raises(ValueError, match="temperature"):
+        ev.apply_temperature(pred, 0.0, classes)
+
+
+# ----------------------------------------------------------------------------------------
+# Error analysis and Grad-CAM
+
+
+def test_most_confident_mistakes_order():
+    pred = table([0, 0, 1, 1, 0], [1, 0, 0, 0, 1], [[.4, .6], [.9, .1], [.7, .3], [.95, .05], [.1, .9]], BINARY)
+    top = ev.most_confident_mistakes(pred, k=3)
+    assert top.index.tolist() == [3, 4, 2]  # wrong ones only, surest first
+    assert top["confidence"].is_monotonic_decreasing
+    assert (top["predicted"] != top["target"]).all()
+    assert len(ev.most_confident_mistakes(pred, k=10)) == 4
+
+
+def test_plot_mistakes_shows_the_images(model, tiny_sets):
+    _, val = tiny_sets
+    pred = ev.predict(model, val, num_workers=0)
+    pred["predicted"] = 1 - pred["target"]  # make every image a mistake
+    pred["pred"] = [BINARY[i] for i in pred["predicted"]]
+    fig = ev.plot_mistakes(pred, val, k=3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 3
+    assert shown[0].images[0].get_array().shape[:2] == tuple(val.load(0).shape[1:])
+    assert "true" in shown[0].get_title() and "pred" in shown[0].get_title()
+    plt.close(fig)
+
+
+def test_gradcam_maps_and_overlays(model, tiny_sets):
+    _, val = tiny_sets
+    images, cams, probs = ev.gradcam_maps(model, val, [0, 1])
+    assert cams.shape == (2, 64, 64)  # heat map at the size of the image the model saw
+    assert images.shape == (2, 64, 64, 3) and 0.0 <= images.min() and images.max() <= 1.0
+    assert 0.0 <= cams.min() and cams.max() <= 1.0 and cams.max() > 0.0
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert not any(p.requires_grad for p in model.groups["stage1"].parameters())  # freezing left alone
+    fig = ev.gradcam_overlays(model, val, [0, 1, 2], target_class="defective")
+    assert isinstance(fig, Figure) and sum(bool(ax.images) for ax in fig.axes) == 3
+    assert "defective" in fig._suptitle.get_text()
+    plt.close(fig)
+    with pytest.raises(ValueError, match="classes are"):
+        ev.gradcam_maps(model, val, [0], target_class="cracked")
+
+
+# One of each architecture family in the registry (lite1/2 and resnet50 share code with lite0/resnet18).
+FAMILIES = ["efficientnet_lite0", "resnet18", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+            "timm/convnext_atto", "timm/resnet10t"]
+
+
+def test_families_cover_the_registry():
+    assert set(available_backbones()) - set(FAMILIES) <= {"efficientnet_lite1", "efficientnet_lite2", "resnet50"}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gradcam_target_layer_every_backbone_family(name):
+    m = create_model(name, 2, pretrained=False).eval()
+    layer = ev.gradcam_target_layer(m)
+    assert isinstance(layer, torch.nn.Conv2d)
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        m(torch.zeros(1, 3, 64, 64))
+    handle.remove()
+    assert len(seen) == 1 and len(seen[0]) == 4  # a spatial map, hit once per forward
+    # Nothing convolutional runs after it before the classifier.
+    convs = [mod for g in list(m.groups.values())[:-1] for mod in g.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert convs[-1] is layer
+
+
+def test_gradcam_target_layer_of_truncated_model():
+    m = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "truncate", after="stage3")
+    layer = ev.gradcam_target_layer(m)
+    stage3_convs = [x for x in m.groups["stage3"].modules() if isinstance(x, torch.nn.Conv2d)]
+    assert layer is stage3_convs[-1]
+
+
+# ----------------------------------------------------------------------------------------
+# Plots
+
+
+def test_plots_return_figures():
+    rng = np.random.default_rng(0)
+    classes = ["0.00", "0.33", "0.67", "1.00"]
+    targets = np.array([0, 0, 1, 3, 3, 0, 1, 3])  # no "0.67": listed, not drawn
+    probs = rng.dirichlet(np.ones(4), len(targets))
+    pred = table(targets, probs.argmax(1), probs, classes)
+    history = pd.DataFrame({"epoch": [1, 2, 3], "lr": [1e-3] * 3, "train_loss": [1.0, 0.7, 0.5],
+                            "train_accuracy": [0.5, 0.7, 0.8], "val_loss": [0.9, 0.8, 0.85],
+                            "val_accuracy": [0.6, 0.7, 0.65], "val_macro_f1": [0.5, 0.6, 0.55]})
+    figures = [ev.plot_confusion_matrix(pred, classes), ev.plot_confusion_matrix(pred, classes, normalize=True),
+               ev.plot_roc_pr(pred, classes), ev.plot_learning_curves(history),
+               ev.plot_reliability(probs, targets)]
+    bin_pred = table([0, 1, 1, 0], [0, 1, 0, 0], [[.8, .2], [.3, .7], [.6, .4], [.9, .1]], BINARY)
+    figures.append(ev.plot_roc_pr(bin_pred, BINARY))
+    assert all(isinstance(f, Figure) for f in figures)
+    assert "0.67" in figures[2].axes[1].get_title()  # the class that could not be drawn is named
+    assert "epoch 2" in figures[3].axes[1].get_title()  # best val_macro_f1
+    for f in figures:
+        plt.close(f)
+    with pytest.raises(KeyError, match="val_loss"):
+        ev.plot_learning_curves(history.drop(columns="val_loss"))
+
+
+# ----------------------------------------------------------------------------------------
+# Results files
+
+
+def test_summarize_run_and_write_json(tmp_path):
+    pred = table([0, 1, 1, 0], [0, 1, 0, 0], [[.8, .2], [.3, .7], [.6, .4], [.9, .1]], BINARY,
+                 groups=["mono", "poly", "mono", "poly"])
+    ckpt = {"backbone": "efficientnet_lite0", "strategy": {"name": "head"}, "image_size": 224,
+            "classes": BINARY, "meta": {"task": "binary", "crop_pct": 1.0}}
+    fit_summary = {"train_seconds": 12.5, "config": {"epochs": 3}}
+    summary = ev.summarize_run(pred, BINARY, ckpt, fit_summary, ece=0.1, ece_after=0.05, temperature=1.5,
+                               tta_pred=pred)
+    assert tuple(summary) == ev.METRICS_KEYS
+    assert summary["test_accuracy"] == 0.75 and summary["tta_accuracy"] == 0.75
+    assert summary["task"] == "binary" and summary["epochs"] == 3 and summary["n_test"] == 4
+    assert summary["per_group"]["mono"]["n"] == 2
+    path = ev.write_json(tmp_path / "run" / "metrics.json", summary)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
+    with pytest.raises(KeyError, match="train_seconds"):
+        ev.summarize_run(pred, BINARY, ckpt, {"epochs": 3}, 0.1, 0.05, 1.5)
+    with pytest.raises(ValueError, match="classes"):
+        ev.summarize_run(pred, ["x", "y"], ckpt, fit_summary, 0.1, 0.05, 1.5)
+
+
+def test_write_json_refuses_nan_and_converts_numpy(tmp_path):
+    with pytest.raises(ValueError, match="bad.json"):
+        ev.write_json(tmp_path / "bad.json", {"x": float("nan")})
+    assert not (tmp_path / "bad.json").exists()
+    path = ev.write_json(tmp_path / "ok.json", {"a": np.float32(0.5), "b": np.int64(3), "c": np.arange(2)})
+    assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1]}
+
+
+def test_published_results():
+    table_ = ev.published_results()
+    assert {"source", "protocol", "model", "task", "metric", "value"} <= set(table_.columns)
+    deitsch = table_[table_["source"].str.startswith("Deitsch")]
+    assert sorted(deitsch["value"]) == [0.8244, 0.8842]
+    assert table_["protocol"].str.len().min() > 20
+    assert table_["value"].between(0, 1).all()

@@ -1,0 +1,65 @@
+"""Validation at the course's other entry points: notebook parameters and the predict command.
+
+The notebooks' and the command's own tests cover their main paths; these add the reliability cases.
+"""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from helpers import workbook
+from helpers.predict import main as predict_main
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"lr": 0}, r"lr must be a positive float or None, got 0"),
+    ({"lr": "fast"}, r"lr must be a positive float or None, got 'fast'"),
+    ({"batch_size": True}, r"batch_size must be a positive int or None, got True"),
+    ({"image_size": -64}, r"image_size must be a positive int or None, got -64"),
+    ({"seed": "1"}, r"seed must be an integer, got '1'"),
+    ({"device": "gpu"}, r"unknown device 'gpu'; choose 'cuda', 'mps', 'cpu' or 'auto'"),
+    ({"epoch": 3}, r"unknown parameter\(s\) \['epoch'\]; valid parameters are \[.*'epochs'"),
+    ({"labels_csv": "labels.csv"}, r"labels_csv is for your own data \(with data_root\)"),
+])
+def test_notebook_parameters_are_checked_and_name_the_culprit(bad, message):
+    with pytest.raises(ValueError, match=message):
+        workbook.resolve_params(bad, smoke=True)
+
+
+def test_own_data_paths_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data_root '.*no_such_folder' is not a folder"):
+        workbook.resolve_params({"data_root": str(tmp_path / "no_such_folder")}, smoke=True)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"labels_csv not found: .*labels\.csv"):
+        workbook.resolve_params({"data_root": str(tmp_path / "images"), "labels_csv": "labels.csv"}, smoke=True)
+    with pytest.raises(ValueError, match=r"unknown task '4class'; choose one of \['custom'\]"):
+        workbook.resolve_params({"data_root": str(tmp_path / "images"), "task": "4class"}, smoke=True)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_predict_refuses_a_booby_trapped_checkpoint(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    assert cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    marker = tmp_path / "code_ran"
+    torch.save({"format_version": 1, "model": _Payload(marker)}, tmp_path / "best.pt")
+    status = predict_main([str(tmp_path / "best.pt"), str(tmp_path / "images"), "--out", str(tmp_path / "p.csv")])
+    assert status == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_predict_rejects_a_bad_batch_size(tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        predict_main(["m.pt2", str(tmp_path), "--out", str(tmp_path / "p.csv"), "--batch-size", "0"])
+    assert caught.value.code == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
