@@ -334,10 +334,8 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
                   if use_cache else make_loader(val_set, batch_size * 2, False, device, num_workers=num_workers))
 
     # Loss, optimizer, schedule.
-    weights = None
-    if isinstance(class_weights, str):
-        if class_weights != "balanced":
-            raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {class_weights!r}")
+    weights = None  # class_weights was validated by _validate_more before any work
+    if isinstance(class_weights, str):  # "balanced"
         targets = np.asarray(getattr(train_set, "targets"))
         present = np.unique(targets)
         w = np.ones(model.num_classes, dtype=np.float32)
@@ -345,8 +343,6 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: i
         weights = torch.tensor(w)
     elif class_weights is not None:
         weights = torch.as_tensor(class_weights, dtype=torch.float32)
-        if weights.shape != (model.num_classes,):
-            raise ValueError(f"class_weights needs {model.num_classes} values, got shape {tuple(weights.shape)}")
     criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                     label_smoothing=label_smoothing)
     groups = param_groups(model, lr, layer_decay, weight_decay)
