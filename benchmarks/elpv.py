@@ -5,6 +5,11 @@ label x type; we take a further 15 % of the rest for validation (early stopping 
 
     python benchmarks/elpv.py --task binary --seed 0            # one run, prints a JSON line
     python benchmarks/elpv.py --task 4class --seeds 0 1 2        # mean +- std over seeds
+    python benchmarks/elpv.py --evaluate runs/benchmarks/<run>    # re-score a finished run's best.pt
+
+Test metrics are reported twice: plain (one view per cell) and with flip test-time augmentation
+(`predict(..., tta=True)`: the softmax averaged over the cell and its two mirror images). The
+plain figure is the headline; TTA is a separate, clearly named column.
 
 Each run writes runs/benchmarks/<task>_<strategy>_<size>px_seed<N>/ (checkpoints, history,
 result.json). Results go into benchmarks/RESULTS.md by hand, with the command that made them.
@@ -20,19 +25,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
+from helpers.checkpoint import model_from_checkpoint
 from helpers.data import (ELPV_TASKS, ImageDataset, eval_transform, load_table, make_splits, prepare_elpv,
                           train_transform)
+from helpers.evaluation import predict
 from helpers.freezing import STRATEGIES, apply_strategy
 from helpers.models import create_model
-from helpers.training import fit, make_loader, pick_device, seed_everything
+from helpers.training import fit, pick_device, seed_everything
 
 
-def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: int, epochs: int, lr: float,
-        batch_size: int, augment: str, label_smoothing: float, layer_decay: float, out_root: Path,
-        device: str | None, data_root: Path) -> dict:
+def elpv_splits(task: str, seed: int, data_root: Path) -> tuple[Path, dict, list[str]]:
+    """The benchmark's train / val / test tables for ``task`` (the same test cells for both tasks)."""
     label_col, classes = ELPV_TASKS[task]
     root = prepare_elpv(data_root)
     table = load_table(root, root / "labels.csv", "file", label_col, "type")
@@ -40,46 +47,90 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
     strata = load_table(root, root / "labels.csv", "file", "label4", "type")
     splits = make_splits(strata, seed=seed)
     labels = dict(zip(table["file"], table["label"]))
+    probability = pd.read_csv(root / "labels.csv").set_index("file")["probability"]
     for part in splits.values():
         part["label"] = part["file"].map(labels)
+        part["probability"] = part["file"].map(probability)  # the annotators' defect probability
+    return root, splits, classes
+
+
+def score_test_split(model: torch.nn.Module, test: ImageDataset, probability: pd.Series, task: str,
+                     device: str | None) -> dict:
+    """Test metrics without and with flip TTA (keys ``test_*`` and ``tta_test_*``).
+
+    ``probability`` maps each test file to its annotated defect probability, for the breakdown
+    of accuracy by cell.
+    """
+    result = {}
+    for prefix, tta in (("test_", False), ("tta_test_", True)):
+        pred = predict(model, test, device=device, tta=tta)
+        targets, preds = pred["target"].to_numpy(), pred["predicted"].to_numpy()
+        # Where the errors are: accuracy per annotated defect probability and cell type.
+        cells = pred.assign(correct=targets == preds, p=pred["file"].map(probability).to_numpy())
+        result[prefix + "accuracy_by_cell"] = {
+            f"p={p:.2f} {group}": f"{int(c.sum())}/{len(c)}"
+            for (p, group), c in cells.groupby(["p", "group"])["correct"]}
+        result[prefix + "accuracy"] = float(accuracy_score(targets, preds))
+        result[prefix + "balanced_accuracy"] = float(balanced_accuracy_score(targets, preds))
+        result[prefix + "macro_f1"] = float(f1_score(targets, preds, average="macro"))
+        if task == "4class":  # the binary reading of the same predictions (defective <=> p >= 0.5)
+            result[prefix.replace("test_", "") + "binary_accuracy_from_4class"] = float(
+                np.mean((preds >= 2) == (targets >= 2)))
+    result["test_images"] = int(len(test))
+    return result
+
+
+def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: int, epochs: int, lr: float,
+        batch_size: int, augment: str, label_smoothing: float, layer_decay: float, ema_decay: float | None,
+        out_root: Path, device: str | None, data_root: Path) -> dict:
+    root, splits, classes = elpv_splits(task, seed, data_root)
 
     seed_everything(seed)
-    model = apply_strategy(create_model(backbone, len(classes)), strategy, **({"n": n} if strategy in
-                                                                               ("last_n", "initial", "truncate") else {}))
+    options = {"n": n} if strategy in ("last_n", "initial", "truncate") else {}
+    model = apply_strategy(create_model(backbone, len(classes)), strategy, **options)
     ev = eval_transform(model, image_size, crop_pct=1.0)
     tr = train_transform(model, image_size, augment=augment, crop_pct=1.0)
     train = ImageDataset(root, splits["train"], group_col="group", classes=classes, transform=tr)
     val = ImageDataset(root, splits["val"], group_col="group", classes=classes, transform=ev)
     test = ImageDataset(root, splits["test"], group_col="group", classes=classes, transform=ev)
 
-    out = out_root / f"{task}_{backbone}_{strategy}_{image_size}px_seed{seed}"
+    out = out_root / f"{task}_{backbone}_{strategy}_{image_size}px{'_ema' if ema_decay else ''}_seed{seed}"
     started = time.perf_counter()
     history = fit(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                  label_smoothing=label_smoothing, layer_decay=layer_decay, metric="macro_f1"
-                  if task == "4class" else "accuracy", out_dir=out, device=device, meta={"crop_pct": 1.0,
-                                                                                         "task": task})
+                  label_smoothing=label_smoothing, layer_decay=layer_decay, ema_decay=ema_decay,
+                  metric="macro_f1" if task == "4class" else "accuracy", out_dir=out, device=device,
+                  meta={"crop_pct": 1.0, "task": task})
     train_seconds = time.perf_counter() - started
 
-    device_t = pick_device(device)
-    model.eval().to(device_t)
-    preds, targets = [], []
-    with torch.inference_mode():
-        for x, y in make_loader(test, 64, False, device_t):
-            preds.append(model(x.to(device_t)).argmax(1).cpu())
-            targets.append(y)
-    preds, targets = torch.cat(preds).numpy(), torch.cat(targets).numpy()
     result = {
         "task": task, "seed": seed, "backbone": backbone, "strategy": strategy, "n": n, "image_size": image_size,
         "epochs": epochs, "epochs_run": int(len(history)), "lr": lr, "augment": augment,
-        "test_accuracy": float(accuracy_score(targets, preds)),
-        "test_balanced_accuracy": float(balanced_accuracy_score(targets, preds)),
-        "test_macro_f1": float(f1_score(targets, preds, average="macro")),
+        "label_smoothing": label_smoothing, "layer_decay": layer_decay, "batch_size": batch_size,
+        "ema_decay": ema_decay,
+        # The model holds the best epoch's weights (fit's restore_best).
+        **score_test_split(model, test, splits["test"].set_index("file")["probability"], task, device),
         "best_val": float(history.attrs["best_score"]), "train_seconds": round(train_seconds, 1),
-        "device": str(device_t), "torch_threads": torch.get_num_threads(), "test_images": int(len(targets)),
+        "device": str(pick_device(device)), "torch_threads": torch.get_num_threads(),
     }
-    if task == "4class":  # the binary reading of the same predictions (defective <=> p >= 0.5)
-        result["binary_accuracy_from_4class"] = float(np.mean((preds >= 2) == (targets >= 2)))
     (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def evaluate(run_dir: Path, device: str | None, data_root: Path) -> dict:
+    """Re-score ``run_dir/best.pt`` on its test split; update and return its result.json."""
+    result_path = run_dir / "result.json"
+    if not result_path.is_file():
+        raise FileNotFoundError(f"{result_path} not found: --evaluate needs a folder written by this script")
+    result = json.loads(result_path.read_text())
+    model, ckpt = model_from_checkpoint(run_dir / "best.pt")
+    root, splits, classes = elpv_splits(result["task"], result["seed"], data_root)
+    if list(ckpt["classes"]) != classes:
+        raise ValueError(f"{run_dir / 'best.pt'} has classes {ckpt['classes']}, task {result['task']} has {classes}")
+    ev = eval_transform(model, ckpt["image_size"], crop_pct=ckpt["preprocessing"]["crop_pct"])
+    test = ImageDataset(root, splits["test"], group_col="group", classes=classes, transform=ev)
+    result.update(score_test_split(model, test, splits["test"].set_index("file")["probability"], result["task"],
+                                   device))
+    result_path.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -97,20 +148,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augment", default="cells", choices=["cells", "natural", "none"])
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--layer-decay", type=float, default=0.8)
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="validate and keep an EMA of the weights (e.g. 0.998); the raw model's val scores "
+                             "are kept in history.csv as raw_val_*")
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", type=Path, default=Path("data/elpv"))
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--evaluate", type=Path, metavar="RUN_DIR", help="re-score a finished run, train nothing")
     args = parser.parse_args(argv)
 
+    if args.evaluate is not None:
+        print(json.dumps(evaluate(args.evaluate, args.device, args.data)), flush=True)
+        return
     results = []
     for seed in args.seeds:
         result = run(args.task, seed, args.backbone, args.strategy, args.n, args.image_size, args.epochs, args.lr,
-                     args.batch_size, args.augment, args.label_smoothing, args.layer_decay, args.out, args.device,
+                     args.batch_size, args.augment, args.label_smoothing, args.layer_decay, args.ema_decay,
+                     args.out, args.device,
                      args.data)
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) > 1:
-        for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "train_seconds"):
+        for key in ("test_accuracy", "tta_test_accuracy", "test_balanced_accuracy", "test_macro_f1", "train_seconds"):
             values = [r[key] for r in results]
             print(f"{key}: {statistics.mean(values):.4f} +- {statistics.stdev(values):.4f} "
                   f"over seeds {args.seeds}", flush=True)

@@ -65,9 +65,11 @@ def test_random_augmentation_is_not_cached_unless_asked(tiny_root, tiny_splits, 
     assert history.attrs["cached"] and history.attrs["cache_views"] == 2
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_path):
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_path, ema_decay):
     train, val = tiny_sets
-    settings = dict(epochs=3, lr=2e-3, batch_size=16, seed=7, progress=False, num_workers=0, cache=False)
+    settings = dict(epochs=3, lr=2e-3, batch_size=16, seed=7, progress=False, num_workers=0, cache=False,
+                    ema_decay=ema_decay)
 
     full_model = fresh_model(n=1)
     full = fit(full_model, train, val, out_dir=tmp_path / "full", **settings)
@@ -81,6 +83,38 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_p
     pd.testing.assert_frame_equal(full[COMPARE], resumed[COMPARE])
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_ema_weights_are_the_ones_validated_and_saved(tiny_sets, tmp_path):
+    from helpers.training import evaluate_loss, make_loader
+
+    train, val = tiny_sets
+    model = fresh_model(n=2)
+    history = fit(model, train, val, epochs=2, lr=3e-3, batch_size=16, cache=False, ema_decay=0.9,
+                  out_dir=tmp_path, progress=False, num_workers=0)
+    assert {"raw_val_loss", "raw_val_accuracy"} <= set(history.columns)
+    last, head = load_checkpoint(tmp_path / "last.pt"), "groups.classifier.1.weight"
+    # The average differs from the raw weights it follows.
+    assert not torch.allclose(last["ema"][head], last["model"][head])
+    loader = make_loader(val, 32, False, torch.device("cpu"), num_workers=0)
+    for weights, column in ((last["ema"], "val_loss"), (last["model"], "raw_val_loss")):
+        probe = fresh_model(n=2)
+        probe.load_state_dict(weights)
+        loss, _, _ = evaluate_loss(probe, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+        assert loss == pytest.approx(history[column].iloc[-1], rel=1e-4), column
+    # best.pt holds averaged weights, and fit hands them back.
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == int(history["val_accuracy"].idxmax()) + 1
+    if best["epoch"] == 2:
+        torch.testing.assert_close(best["model"][head], last["ema"][head])
+    torch.testing.assert_close(model.state_dict()[head], best["model"][head])
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1, "0.99"])
+def test_bad_ema_decay_is_refused(tiny_sets, bad):
+    train, val = tiny_sets
+    with pytest.raises(ValueError, match="ema_decay"):
+        fit(fresh_model(n=1), train, val, epochs=1, ema_decay=bad, progress=False, num_workers=0)
 
 
 class _Stop(Exception):
