@@ -11,7 +11,7 @@ Test metrics are reported twice: plain (one view per cell) and with flip test-ti
 (`predict(..., tta=True)`: the softmax averaged over the cell and its two mirror images). The
 plain figure is the headline; TTA is a separate, clearly named column.
 
-Each run writes runs/benchmarks/<task>_<strategy>_<size>px_seed<N>/ (checkpoints, history,
+Each run writes runs/benchmarks/<task>_<backbone>_<strategy>_<size>px[_ema]_seed<N>/ (checkpoints, history,
 result.json). Results go into benchmarks/RESULTS.md by hand, with the command that made them.
 """
 
