@@ -42,15 +42,14 @@ def elpv_splits(task: str, seed: int, data_root: Path) -> tuple[Path, dict, list
     """The benchmark's train / val / test tables for ``task`` (the same test cells for both tasks)."""
     label_col, classes = ELPV_TASKS[task]
     root = prepare_elpv(data_root)
-    table = load_table(root, root / "labels.csv", "file", label_col, "type")
-    # The split is stratified on the 4-class label x type for both tasks (same test cells).
+    # The split is stratified on the 4-class label x type for both tasks (same test cells);
+    # load_table validates the table and the files once, the task's labels are looked up after.
     strata = load_table(root, root / "labels.csv", "file", "label4", "type")
     splits = make_splits(strata, seed=seed)
-    labels = dict(zip(table["file"], table["label"]))
-    probability = pd.read_csv(root / "labels.csv").set_index("file")["probability"]
+    by_file = pd.read_csv(root / "labels.csv", dtype={"label": str, "label4": str}).set_index("file")
     for part in splits.values():
-        part["label"] = part["file"].map(labels)
-        part["probability"] = part["file"].map(probability)  # the annotators' defect probability
+        part["label"] = part["file"].map(by_file[label_col])
+        part["probability"] = part["file"].map(by_file["probability"])  # the annotators' defect probability
     return root, splits, classes
 
 
