@@ -17,30 +17,26 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from helpers.data import ELPV_TASKS, ImageDataset, eval_transform, load_table, make_splits, prepare_elpv
+from helpers.data import ImageDataset
+from helpers.evaluation import compute_metrics, predict
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
-from helpers.training import fit, make_loader, seed_everything
+from helpers.runtime import seed_everything, tune_cpu
+from helpers.training import fit
+from helpers.transforms import eval_transform
+
+from elpv import elpv_splits  # noqa: E402  (benchmarks/elpv.py, the same folder)
 
 
-def elpv_sets(image_size: int, seed: int, data_root: Path):
-    root = prepare_elpv(data_root)
-    label_col, classes = ELPV_TASKS["binary"]
-    strata = load_table(root, root / "labels.csv", "file", "label4", "type")
-    splits = make_splits(strata, seed=seed)
-    binary = dict(zip(*[load_table(root, root / "labels.csv", "file", label_col, "type")[c] for c in ("file", "label")]))
-    spec = create_model("efficientnet_lite0", 2, pretrained=False).spec
-    transform = eval_transform(spec, image_size, crop_pct=1.0)
-    sets = {}
-    for name, part in splits.items():
-        part = part.assign(label=part["file"].map(binary))
-        sets[name] = ImageDataset(root, part, group_col="group", classes=classes, transform=transform)
-    return sets
+def elpv_sets(image_size: int, seed: int) -> dict[str, ImageDataset]:
+    """The course's binary ELPV split, every image preprocessed deterministically at ``image_size``."""
+    params, splits, classes = elpv_splits("binary", seed, "cpu")
+    transform = eval_transform(create_model("efficientnet_lite0", 2, pretrained=False), image_size, crop_pct=1.0)
+    return {name: ImageDataset(params.data_root, part, group_col="group", classes=classes, transform=transform)
+            for name, part in splits.items()}
 
 
 def main() -> None:
@@ -50,10 +46,9 @@ def main() -> None:
     parser.add_argument("--cached-epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=Path("data/elpv"))
     args = parser.parse_args()
-
-    sets = elpv_sets(args.image_size, args.seed, args.data)
+    tune_cpu()
+    sets = elpv_sets(args.image_size, args.seed)
     settings = dict(lr=args.lr, batch_size=64, seed=args.seed, warmup_epochs=0, progress=False)
 
     def head_model():
@@ -67,13 +62,7 @@ def main() -> None:
     cached = fit(model, sets["train"], sets["val"], epochs=args.cached_epochs, cache=True, **settings)
     cached_total = time.perf_counter() - started
 
-    model.eval()
-    preds, targets = [], []
-    with torch.inference_mode():
-        for x, y in make_loader(sets["test"], 64, False, torch.device("cpu")):
-            preds.append(model(x.contiguous(memory_format=torch.channels_last)).argmax(1))
-            targets.append(y)
-    preds, targets = torch.cat(preds).numpy(), torch.cat(targets).numpy()
+    test = compute_metrics(predict(model, sets["test"], device="cpu"), sets["test"].classes)
 
     usual_epoch = statistics.median(usual["seconds"])
     cached_epoch = statistics.median(cached["seconds"])
@@ -85,8 +74,8 @@ def main() -> None:
         "per_epoch_ratio": round(usual_epoch / cached_epoch, 1),
         "feature_pass_seconds": cached.attrs["cache_seconds"],
         "cached_total_seconds_incl_feature_pass": round(cached_total, 1),
-        "cached_test_accuracy": round(float(accuracy_score(targets, preds)), 4),
-        "cached_test_balanced_accuracy": round(float(balanced_accuracy_score(targets, preds)), 4),
+        "cached_test_accuracy": round(test["accuracy"], 4),
+        "cached_test_balanced_accuracy": round(test["balanced_accuracy"], 4),
         "cached_best_val_accuracy": round(float(cached.attrs["best_score"]), 4),
     }
     for key, value in result.items():

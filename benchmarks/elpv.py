@@ -8,7 +8,7 @@ label x type; we take a further 15 % of the rest for validation (early stopping 
     python benchmarks/elpv.py --evaluate runs/benchmarks/<run>    # re-score a finished run's best.pt
 
 Test metrics are reported twice: plain (one view per cell) and with flip test-time augmentation
-(`predict(..., tta=True)`: the softmax averaged over the cell and its two mirror images). The
+(`predict(..., tta="hvflip")`: the softmax averaged over the cell and its two mirror images). The
 plain figure is the headline; TTA is a separate, clearly named column.
 
 Each run writes runs/benchmarks/<task>_<backbone>_<strategy>_<size>px[_ema]_seed<N>/ (checkpoints, history,
@@ -27,51 +27,51 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from helpers.checkpoint import model_from_checkpoint
-from helpers.data import (ELPV_TASKS, ImageDataset, eval_transform, load_table, make_splits, prepare_elpv,
-                          train_transform)
-from helpers.evaluation import predict
+from helpers import workbook
+from helpers.checkpoint import checkpoint_preprocessing, model_from_checkpoint
+from helpers.data import ELPV_TASKS, ImageDataset
+from helpers.evaluation import compute_metrics, predict
 from helpers.freezing import STRATEGIES, apply_strategy
 from helpers.models import create_model
-from helpers.training import fit, pick_device, seed_everything
+from helpers.runtime import pick_device, seed_everything, tune_cpu
+from helpers.training import fit
+from helpers.transforms import TTA_FLIPS, eval_transform, train_transform
 
 
-def elpv_splits(task: str, seed: int, data_root: Path) -> tuple[Path, dict, list[str]]:
-    """The benchmark's train / val / test tables for ``task`` (the same test cells for both tasks)."""
-    label_col, classes = ELPV_TASKS[task]
-    root = prepare_elpv(data_root)
-    # The split is stratified on the 4-class label x type for both tasks (same test cells);
-    # load_table validates the table and the files once, the task's labels are looked up after.
-    strata = load_table(root, root / "labels.csv", "file", "label4", "type")
-    splits = make_splits(strata, seed=seed)
-    by_file = pd.read_csv(root / "labels.csv", dtype={"label": str, "label4": str}).set_index("file")
-    for part in splits.values():
-        part["label"] = part["file"].map(by_file[label_col])
-        part["probability"] = part["file"].map(by_file["probability"])  # the annotators' defect probability
-    return root, splits, classes
+def elpv_splits(task: str, seed: int, device: str | None) -> tuple[workbook.Params, dict, list[str]]:
+    """The course's own train / val / test split of ELPV for ``task`` and ``seed`` (notebook 02's):
+    stratified on the 4 expert classes x cell type, so both tasks test on the same cells."""
+    params = workbook.resolve_params({"task": task, "seed": seed, "run_name": "benchmarks",
+                                      "device": device or "auto"}, smoke=False)
+    table = workbook.label_table(params)
+    splits = workbook.split_table(params, table)
+    for part in splits.values():  # the annotators' defect probability, for the breakdown of errors
+        part["probability"] = part["stratum"].astype(float)
+    return params, splits, workbook.classes_of(params, table)
 
 
 def score_test_split(model: torch.nn.Module, test: ImageDataset, probability: pd.Series, task: str,
                      device: str | None) -> dict:
-    """Test metrics without and with flip TTA (keys ``test_*`` and ``tta_test_*``).
+    """Test metrics without and with flip TTA (keys ``test_*`` and ``tta_test_*``), from
+    `helpers.evaluation.compute_metrics` (the definitions notebook 05 reports).
 
     ``probability`` maps each test file to its annotated defect probability, for the breakdown
     of accuracy by cell.
     """
     result = {}
-    for prefix, tta in (("test_", False), ("tta_test_", True)):
+    classes = list(test.classes)
+    for prefix, tta in (("test_", None), ("tta_test_", TTA_FLIPS["cells"])):
         pred = predict(model, test, device=device, tta=tta)
+        metrics = compute_metrics(pred, classes)
         targets, preds = pred["target"].to_numpy(), pred["predicted"].to_numpy()
         # Where the errors are: accuracy per annotated defect probability and cell type.
         cells = pred.assign(correct=targets == preds, p=pred["file"].map(probability).to_numpy())
         result[prefix + "accuracy_by_cell"] = {
             f"p={p:.2f} {group}": f"{int(c.sum())}/{len(c)}"
             for (p, group), c in cells.groupby(["p", "group"])["correct"]}
-        result[prefix + "accuracy"] = float(accuracy_score(targets, preds))
-        result[prefix + "balanced_accuracy"] = float(balanced_accuracy_score(targets, preds))
-        result[prefix + "macro_f1"] = float(f1_score(targets, preds, average="macro"))
+        for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+            result[prefix + key] = metrics[key]
         if task == "4class":  # the binary reading of the same predictions (defective <=> p >= 0.5)
             result[prefix.replace("test_", "") + "binary_accuracy_from_4class"] = float(
                 np.mean((preds >= 2) == (targets >= 2)))
@@ -81,8 +81,9 @@ def score_test_split(model: torch.nn.Module, test: ImageDataset, probability: pd
 
 def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: int, epochs: int, lr: float,
         batch_size: int, augment: str, label_smoothing: float, layer_decay: float, ema_decay: float | None,
-        out_root: Path, device: str | None, data_root: Path) -> dict:
-    root, splits, classes = elpv_splits(task, seed, data_root)
+        out_root: Path, device: str | None) -> dict:
+    params, splits, classes = elpv_splits(task, seed, device)
+    root = params.data_root
 
     seed_everything(seed)
     options = {"n": n} if strategy in ("last_n", "initial", "truncate") else {}
@@ -98,7 +99,7 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
     history = fit(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                   label_smoothing=label_smoothing, layer_decay=layer_decay, ema_decay=ema_decay,
                   metric="macro_f1" if task == "4class" else "accuracy", out_dir=out, device=device,
-                  meta={"crop_pct": 1.0, "task": task})
+                  meta={"task": task})
     train_seconds = time.perf_counter() - started
 
     result = {
@@ -115,18 +116,18 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
     return result
 
 
-def evaluate(run_dir: Path, device: str | None, data_root: Path) -> dict:
+def evaluate(run_dir: Path, device: str | None) -> dict:
     """Re-score ``run_dir/best.pt`` on its test split; update and return its result.json."""
     result_path = run_dir / "result.json"
     if not result_path.is_file():
         raise FileNotFoundError(f"{result_path} not found: --evaluate needs a folder written by this script")
     result = json.loads(result_path.read_text())
     model, ckpt = model_from_checkpoint(run_dir / "best.pt")
-    root, splits, classes = elpv_splits(result["task"], result["seed"], data_root)
+    params, splits, classes = elpv_splits(result["task"], result["seed"], device)
     if list(ckpt["classes"]) != classes:
         raise ValueError(f"{run_dir / 'best.pt'} has classes {ckpt['classes']}, task {result['task']} has {classes}")
-    ev = eval_transform(model, ckpt["image_size"], crop_pct=ckpt["preprocessing"]["crop_pct"])
-    test = ImageDataset(root, splits["test"], group_col="group", classes=classes, transform=ev)
+    ev = eval_transform(checkpoint_preprocessing(ckpt))
+    test = ImageDataset(params.data_root, splits["test"], group_col="group", classes=classes, transform=ev)
     result.update(score_test_split(model, test, splits["test"].set_index("file")["probability"], result["task"],
                                    device))
     result_path.write_text(json.dumps(result, indent=2))
@@ -151,20 +152,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="validate and keep an EMA of the weights (e.g. 0.998); the raw model's val scores "
                              "are kept in history.csv as raw_val_*")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--data", type=Path, default=Path("data/elpv"))
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--evaluate", type=Path, metavar="RUN_DIR", help="re-score a finished run, train nothing")
     args = parser.parse_args(argv)
-
+    tune_cpu()
     if args.evaluate is not None:
-        print(json.dumps(evaluate(args.evaluate, args.device, args.data)), flush=True)
+        print(json.dumps(evaluate(args.evaluate, args.device)), flush=True)
         return
     results = []
     for seed in args.seeds:
         result = run(args.task, seed, args.backbone, args.strategy, args.n, args.image_size, args.epochs, args.lr,
                      args.batch_size, args.augment, args.label_smoothing, args.layer_decay, args.ema_decay,
-                     args.out, args.device,
-                     args.data)
+                     args.out, args.device)
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) > 1:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.models import create_model
-from helpers.training import amp_dtype, pick_device
+from helpers.runtime import amp_dtype, pick_device
 
 
 def time_steps(device: torch.device, size: int, batch: int, dtype: torch.dtype | None, channels_last: bool,

@@ -2,8 +2,10 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 ``torch.load(..., weights_only=True)``, which refuses to run code hidden in a pickle. It
-carries everything needed to rebuild the model (backbone, classes, strategy, preprocessing)
-and a format version.
+carries everything needed to rebuild the model (backbone, classes, strategy) and to prepare an
+image exactly as training did (``preprocessing``: a `helpers.transforms.Preprocessing` as a
+dict), and a format version. Format 1 files (image size and preprocessing stored apart) are
+upgraded on load.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 
 from .files import atomic_open
 from .models import TransferModel, create_model
+from .transforms import Preprocessing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:
@@ -31,21 +34,38 @@ def atomic_save(obj: object, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def describe_model(model: TransferModel, classes: list[str], image_size: int,
-                   crop_pct: float | None = None) -> dict:
-    """The fields that identify a model and its preprocessing (stored in every checkpoint)."""
-    spec = model.spec
+def describe_model(model: TransferModel, classes: list[str], preprocessing: Preprocessing) -> dict:
+    """The fields that identify a model and how its inputs are prepared (stored in every checkpoint)."""
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a helpers.transforms.Preprocessing, got {type(preprocessing).__name__}")
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names {list(classes)} for a model with {model.num_classes} outputs")
     return {
         "format_version": FORMAT_VERSION,
-        "backbone": spec.name,
+        "backbone": model.spec.name,
         "classes": list(classes),
         "num_classes": model.num_classes,
         "strategy": dict(model.strategy),
-        "image_size": int(image_size),
-        "preprocessing": {"mean": list(spec.mean), "std": list(spec.std),
-                          "interpolation": spec.interpolation,
-                          "crop_pct": float(crop_pct) if crop_pct else spec.input_size / spec.resize_size},
+        "preprocessing": preprocessing.to_dict(),
     }
+
+
+def checkpoint_preprocessing(ckpt: dict) -> Preprocessing:
+    """The `Preprocessing` a checkpoint's model was trained and validated with."""
+    return Preprocessing.from_dict(ckpt["preprocessing"])
+
+
+def _upgrade(ckpt: dict) -> dict:
+    """Format 1 kept ``image_size`` beside a partial ``preprocessing`` dict: merge them."""
+    missing = [k for k in ("image_size", "preprocessing") if k not in ckpt]
+    if missing:
+        raise ValueError(f"format 1 checkpoint lacks {missing}: it was not written by helpers.training.fit")
+    old = dict(ckpt["preprocessing"])
+    prep = Preprocessing(image_size=int(ckpt["image_size"]), crop_pct=old["crop_pct"], mean=old["mean"],
+                         std=old["std"], interpolation=old["interpolation"])
+    upgraded = {k: v for k, v in ckpt.items() if k != "image_size"}
+    upgraded.update(format_version=FORMAT_VERSION, preprocessing=prep.to_dict())
+    return upgraded
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -68,6 +88,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
                          f"{str(err)[:200]})") from err
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise ValueError(f"{path} is not a workbook checkpoint (no format_version)")
+    if ckpt["format_version"] == 1:
+        ckpt = _upgrade(ckpt)
     if ckpt["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
     return ckpt

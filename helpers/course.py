@@ -141,7 +141,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, object], smoke: bool,
              notebooks: tuple[str, ...] = NOTEBOOKS) -> pd.DataFrame:
     """One course per combination; the metrics of all of them in grid.csv and grid.md."""
-    from .data import atomic_write_csv
+    from .files import write_csv, write_text
 
     valid = notebook_parameters(notebooks)
     for combo in grid:
@@ -153,10 +153,8 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
         rows.append({"run": Path(sub).name, **combo, **read_metrics(run)})
     frame = pd.DataFrame(rows)
     out = run_folder(name)
-    atomic_write_csv(frame, out / "grid.csv")
-    tmp = out / "grid.md.tmp"
-    tmp.write_text(markdown_table(frame))
-    os.replace(tmp, out / "grid.md")
+    write_csv(frame, out / "grid.csv")
+    write_text(out / "grid.md", markdown_table(frame))
     return frame
 
 
@@ -186,6 +184,9 @@ def select_notebooks(numbers: list[str] | None) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .runtime import tune_cpu
+
+    tune_cpu()  # this process only; each notebook's setup cell tunes its own kernel
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
     name = args.name or ("smoke" if smoke else "course")

@@ -19,12 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
-from .models import BackboneSpec, TransferModel
-
-# OpenCV's own thread pool fights DataLoader workers for the same cores; one thread per reader.
-cv2.setNumThreads(0)
+from .files import write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -102,119 +98,6 @@ def to_rgb_uint8(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.n
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     raise ImageReadError(f"{path}: unsupported number of channels {channels}")
-
-
-# ----------------------------------------------------------------------------------------
-# Transforms
-
-
-class SquarePad(torch.nn.Module):
-    """Pad an image tensor (..., H, W) with zeros to a centred square (the article's SquarePad).
-
-    Resizing a non-square image straight to a square distorts it; padding first keeps the
-    aspect ratio, and the centre crop after the resize then loses nothing.
-    """
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        h, w = image.shape[-2:]
-        side = max(h, w)
-        left, top = (side - w) // 2, (side - h) // 2
-        return v2.functional.pad(image, [left, top, side - w - left, side - h - top], fill=0)
-
-
-class RandomRot90(torch.nn.Module):
-    """Rotate by a random multiple of 90 degrees (solar cells and many scans have no 'up')."""
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(0, 4, ()).item())
-        return torch.rot90(image, k, dims=(-2, -1))
-
-
-AUGMENTATIONS = ("cells", "natural", "none")
-_INTERPOLATION = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
-                  "nearest": v2.InterpolationMode.NEAREST}
-
-
-def _spec(backbone: BackboneSpec | TransferModel) -> BackboneSpec:
-    return backbone.spec if isinstance(backbone, TransferModel) else backbone
-
-
-def eval_transform(backbone: BackboneSpec | TransferModel, image_size: int | None = None,
-                   crop_pct: float | None = None) -> v2.Compose:
-    """Deterministic preprocessing: SquarePad -> Resize -> CenterCrop -> Normalize.
-
-    Size, mean, std and interpolation come from the backbone. ``crop_pct`` is the crop's
-    share of the resized image (the backbone's ImageNet value by default; use 1.0 when the
-    object fills the frame, as a solar cell does, so nothing at the border is cut off).
-    """
-    spec = _spec(backbone)
-    size = image_size or spec.input_size
-    crop_pct = crop_pct or spec.input_size / spec.resize_size
-    if not 0.1 <= crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in [0.1, 1.0], got {crop_pct}")
-    return v2.Compose([
-        SquarePad(),
-        v2.Resize(int(round(size / crop_pct)), interpolation=_INTERPOLATION[spec.interpolation], antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(spec.mean, spec.std),
-    ])
-
-
-def train_transform(backbone: BackboneSpec | TransferModel, image_size: int | None = None,
-                    augment: str = "natural", crop_pct: float | None = None) -> v2.Compose:
-    """Training preprocessing with augmentation suited to the data.
-
-    - ``"cells"``: aligned, orientation-free images such as ELPV solar cells: the recipe of
-      Deitsch et al. 2019 (scale +-2 %, rotation +-3 deg, translation +-2 %, flips, 90 deg turns).
-    - ``"natural"``: photos: random resized crop, horizontal flip, mild colour jitter.
-    - ``"none"``: identical to `eval_transform` (deterministic, so features can be cached).
-    """
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r}; choose one of {list(AUGMENTATIONS)}")
-    if augment == "none":
-        return eval_transform(backbone, image_size, crop_pct)
-    spec = _spec(backbone)
-    size = image_size or spec.input_size
-    interpolation = _INTERPOLATION[spec.interpolation]
-    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    if augment == "cells":
-        crop_pct = crop_pct or 1.0
-        return v2.Compose([
-            SquarePad(),
-            v2.Resize(int(round(size / crop_pct)), interpolation=interpolation, antialias=True),
-            v2.CenterCrop(size),
-            # Bilinear: torchvision's affine warp on tensors has no bicubic mode.
-            v2.RandomAffine(degrees=3, translate=(0.02, 0.02), scale=(0.98, 1.02),
-                            interpolation=v2.InterpolationMode.BILINEAR),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            RandomRot90(),
-            *normalize,
-        ])
-    return v2.Compose([
-        SquarePad(),
-        v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        *normalize,
-    ])
-
-
-_DETERMINISTIC = (v2.Compose, SquarePad, v2.Resize, v2.CenterCrop, v2.ToDtype, v2.Normalize, v2.ToImage,
-                  v2.Grayscale, v2.Pad)
-
-
-def is_deterministic(transform: Callable | None) -> bool:
-    """True when ``transform`` gives the same output every call (so its results can be cached).
-
-    Unknown transforms count as random: caching them would silently freeze augmentation.
-    """
-    if transform is None:
-        return True
-    if isinstance(transform, v2.Compose):
-        return all(is_deterministic(t) for t in transform.transforms)
-    return isinstance(transform, _DETERMINISTIC)
 
 
 # ----------------------------------------------------------------------------------------
@@ -404,16 +287,9 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
             "test": test.reset_index(drop=True)}
 
 
-def atomic_write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a CSV next to ``path`` and rename it into place, so readers never see half a file."""
-    from .files import write_text
-
-    return write_text(path, frame.to_csv(index=False))
-
-
 def save_splits(splits: dict[str, pd.DataFrame], folder: str | os.PathLike) -> list[Path]:
     """Write ``train.csv``, ``val.csv`` and ``test.csv`` into ``folder``."""
-    return [atomic_write_csv(frame, Path(folder) / f"{name}.csv") for name, frame in splits.items()]
+    return [write_csv(frame, Path(folder) / f"{name}.csv") for name, frame in splits.items()]
 
 
 def load_splits(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
@@ -483,7 +359,7 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
         if not target.is_file():
             shutil.copyfile(source / name, target)
     table["file"] = "images/" + table["file"]
-    atomic_write_csv(table, labels_path)
+    write_csv(table, labels_path)
     return dest
 
 
@@ -510,5 +386,5 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
             raise OSError(f"could not write {dest / 'images' / name}")
     picks = picks.sort_values("file").copy()
     picks["file"] = "images/" + picks["file"]
-    atomic_write_csv(picks, labels_path)
+    write_csv(picks, labels_path)
     return dest

@@ -7,7 +7,7 @@ logits, group), so every later number is computed from one table with scikit-lea
 right 90 % of the time, and the one-parameter fix when it is not), `most_confident_mistakes`,
 and Grad-CAM overlays that show where the network looked.
 
-Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `write_json`) with:
+Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helpers.files.write_json`) with:
 
 - ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``: on the held-out test split;
 - ``test_roc_auc``: binary: AUC of the last (positive) class; multi-class: one-vs-rest macro;
@@ -16,7 +16,8 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `write_
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
   after temperature scaling; ``temperature``: T fitted on the validation split;
-- ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run);
+- ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
+  flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run;
 - ``backbone``, ``strategy``, ``image_size``, ``epochs``, ``train_seconds``, ``task``,
   ``classes``, ``n_test``: what was trained, how long, on which task.
 """
@@ -24,7 +25,6 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `write_
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -35,14 +35,16 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, accuracy_score,
-                             balanced_accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score)
+                             precision_recall_fscore_support, roc_auc_score)
 from torch import nn
 
-from . import files
-from .training import amp_dtype, make_loader, pick_device
+from .metrics import score
+from .runtime import amp_dtype, autocast, make_loader, pick_device, to_device
+
+TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra views: flips of these dims
 
 METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "per_group",
-                "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "backbone",
+                "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "tta", "backbone",
                 "strategy", "image_size", "epochs", "train_seconds", "task", "classes", "n_test")
 
 
@@ -65,15 +67,15 @@ def _check_dataset(dataset) -> None:
 
 
 @torch.inference_mode()
-def _logits(model: nn.Module, dataset, batch_size: int, device: torch.device, tta: bool,
+def _logits(model: nn.Module, dataset, batch_size: int, device: torch.device, tta: str | None,
             num_workers: int | None) -> np.ndarray:
     """Logits per image in dataset order; with ``tta`` the log of the flip-averaged softmax."""
     dtype = amp_dtype(device)
     out = []
     for x, _ in make_loader(dataset, batch_size, False, device, num_workers=num_workers):
-        x = x.to(device, non_blocking=True)
-        views = [x, x.flip(-1), x.flip(-2)] if tta else [x]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        x = to_device(x, device)
+        views = [x] + [x.flip(dims) for dims in TTA_MODES[tta]]
+        with autocast(device, dtype):
             logits = [model(v).float() for v in views]
         if tta:
             # Average probabilities, not logits; store their log so softmax(logit_) == prob_ still holds.
@@ -104,15 +106,18 @@ def _table(logits: np.ndarray, frame: pd.DataFrame, classes: list[str]) -> pd.Da
 
 
 def predict(model: nn.Module, dataset, batch_size: int = 64, device: str | torch.device | None = None,
-            tta: bool = False, num_workers: int | None = None) -> pd.DataFrame:
+            tta: str | None = None, num_workers: int | None = None) -> pd.DataFrame:
     """One row per image of ``dataset`` (an `ImageDataset`), in dataset order.
 
     Columns: file, group, true, pred (class names), target, predicted (indices),
-    ``prob_<class>``, confidence (the top probability), ``logit_<class>``. ``tta=True`` averages
-    the softmax over the image, its horizontal and its vertical flip (sensible for solar cells
-    and other images with no 'up'); ``logit_`` then holds the log of the averaged probabilities.
-    The row index is the image's position in ``dataset``.
+    ``prob_<class>``, confidence (the top probability), ``logit_<class>``. ``tta`` averages the
+    softmax over flipped copies too: ``"hflip"`` the mirror image (photos: a mirrored cat is a
+    cat), ``"hvflip"`` also the upside-down one (only for images with no 'up', such as solar
+    cells; `helpers.transforms.TTA_FLIPS` maps an augmentation recipe to its mode). ``logit_``
+    then holds the log of the averaged probabilities. The row index is the image's position.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; choose one of {list(TTA_MODES)}")
     _check_dataset(dataset)
     classes = list(dataset.classes)
     num_classes = getattr(model, "num_classes", None)
@@ -156,12 +161,9 @@ def _scores(targets: np.ndarray, predicted: np.ndarray, probs: np.ndarray, class
     with warnings.catch_warnings():
         # "y_pred contains classes not in y_true": expected in small groups, the score is still defined.
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        result = {
-            "accuracy": float(accuracy_score(targets, predicted)),
-            "balanced_accuracy": float(balanced_accuracy_score(targets, predicted)),
-            # Same definition as the training metric: macro over the classes that occur.
-            "macro_f1": float(f1_score(targets, predicted, average="macro", zero_division=0)),
-        }
+        # The same definitions that select the best epoch during training.
+        result = {metric: score(metric, targets, predicted) for metric in ("accuracy", "balanced_accuracy",
+                                                                           "macro_f1")}
     result["roc_auc"], note = _roc_auc(targets, probs, classes)
     if note:
         result["roc_auc_note"] = note
@@ -529,31 +531,6 @@ def gradcam_overlays(model: nn.Module, dataset, indices: Sequence[int], target_c
 # Results files and the literature
 
 
-def _plain(obj):
-    """numpy / torch / Path values to plain JSON types (json.dumps' ``default``)."""
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
-
-
-def write_json(path: str | os.PathLike, obj: object) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file, then ``os.replace``).
-
-    NaN and infinity are refused (they are not JSON): use None for 'undefined'.
-    """
-    return files.write_json(path, obj, default=_plain)
-
-
 def published_results() -> pd.DataFrame:
     """Published ELPV results to set a run beside. Values are fractions (0.8842 = 88.42 %).
 
@@ -589,7 +566,8 @@ def _fit_epochs(fit_summary: dict) -> int:
 
 
 def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_summary: dict, ece: float,
-                  ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None) -> dict:
+                  ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None,
+                  tta: str | None = None) -> dict:
     """The ``metrics.json`` of notebook 05 (keys listed in this module's docstring).
 
     ``ckpt`` is the loaded best checkpoint, ``fit_summary`` the run's ``fit.json`` (or
@@ -598,7 +576,9 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
     classes = list(classes)
     if "train_seconds" not in fit_summary:
         raise KeyError(f"fit_summary lacks 'train_seconds'; its keys are {sorted(fit_summary)}")
-    for field in ("backbone", "strategy", "image_size"):
+    if (tta_pred is None) != (tta is None):
+        raise ValueError("give tta_pred together with the tta mode that made it (e.g. 'hflip'), or neither")
+    for field in ("backbone", "strategy", "preprocessing"):
         if field not in ckpt:
             raise KeyError(f"checkpoint lacks {field!r}; is it a helpers checkpoint? keys: {sorted(ckpt)}")
     if ckpt.get("classes") is not None and list(ckpt["classes"]) != classes:
@@ -616,9 +596,10 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "ece_after_temperature": float(ece_after),
         "temperature": float(temperature),
         "tta_accuracy": compute_metrics(tta_pred, classes)["accuracy"] if tta_pred is not None else None,
+        "tta": tta,
         "backbone": ckpt["backbone"],
         "strategy": dict(ckpt["strategy"]),
-        "image_size": int(ckpt["image_size"]),
+        "image_size": int(ckpt["preprocessing"]["image_size"]),
         "epochs": _fit_epochs(fit_summary),
         "train_seconds": float(fit_summary["train_seconds"]),
         "task": meta.get("task", fit_summary.get("task")),

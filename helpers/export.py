@@ -8,8 +8,8 @@ EfficientNet-B0, ConvNeXt, and truncated models) with outputs identical to eager
 The exported module takes a float32 batch (N, 3, S, S) in [0, 1], already square-padded,
 resized and centre-cropped by `preprocess_for_export`; it normalizes with the stored mean and
 std, runs the network and returns softmax probabilities. The batch size is free, the image
-size S is fixed. ``workbook.json`` inside the file holds classes, image_size, crop_pct, mean,
-std, interpolation, backbone and strategy.
+size S is fixed. ``workbook.json`` inside the file holds the classes, the `Preprocessing`
+(``preprocessing``), backbone, strategy and task.
 
 Loading a ``.pt2`` file unpickles parts of it (``torch.export.load`` has no ``weights_only``
 mode), so load only files you made or trust, as with any model file that is not a plain
@@ -27,16 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.export.passes as passes
 from torch import nn
 from torchvision.transforms import v2
 
-from .data import eval_transform
 from .files import atomic_open
-from .models import BackboneSpec
+from .transforms import Preprocessing, eval_transform
 
 META_FILE = "workbook.json"
-EXPORT_FORMAT = "helpers.export/1"
-_META_KEYS = ("classes", "image_size", "crop_pct", "mean", "std", "interpolation", "backbone", "strategy")
+EXPORT_FORMAT = "helpers.export/2"
 
 
 class ProbabilityModel(nn.Module):
@@ -52,38 +51,26 @@ class ProbabilityModel(nn.Module):
         return self.model((x - self.mean) / self.std).softmax(1)
 
 
-def export_meta(model: nn.Module, ckpt_or_meta: dict) -> dict:
-    """The ``workbook.json`` of an export, from a checkpoint dict or a plain meta dict.
-
-    A checkpoint (keys ``preprocessing``, ``image_size``, ``classes`` ...) is read as
-    `helpers.checkpoint` writes it; a plain dict needs ``classes`` and ``image_size`` and
-    may give ``crop_pct``, ``mean``, ``std``, ``interpolation`` (default: the backbone's).
-    """
-    src = dict(ckpt_or_meta)
-    if isinstance(src.get("preprocessing"), dict):
-        src = {**src["preprocessing"], **{k: v for k, v in src.items() if k != "preprocessing"}}
-    missing = [k for k in ("classes", "image_size") if k not in src]
+def export_meta(model: nn.Module, ckpt: dict) -> dict:
+    """The ``workbook.json`` of an export, from a checkpoint dict (`helpers.checkpoint`) or any dict
+    with ``classes`` and ``preprocessing`` (a `Preprocessing` or its dict)."""
+    missing = [k for k in ("classes", "preprocessing") if k not in ckpt]
     if missing:
-        raise KeyError(f"export needs {missing} in the checkpoint/meta dict; it has {sorted(src)}")
-    spec = getattr(model, "spec", None)
-    if spec is None and not all(k in src for k in ("mean", "std", "interpolation")):
-        raise KeyError("a model without .spec needs mean, std and interpolation in the meta dict")
-    classes = [str(c) for c in src["classes"]]
+        raise KeyError(f"export needs {missing} in the checkpoint/meta dict; it has {sorted(ckpt)}")
+    prep = ckpt["preprocessing"]
+    prep = prep if isinstance(prep, Preprocessing) else Preprocessing.from_dict(prep)
+    classes = [str(c) for c in ckpt["classes"]]
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"the model has {num_classes} outputs but {len(classes)} classes were given: {classes}")
-    crop_pct = src.get("crop_pct") or (spec.input_size / spec.resize_size if spec else 1.0)
+    spec = getattr(model, "spec", None)
     return {
         "format": EXPORT_FORMAT,
         "classes": classes,
-        "image_size": int(src["image_size"]),
-        "crop_pct": float(crop_pct),
-        "mean": [float(v) for v in src.get("mean", spec.mean if spec else None)],
-        "std": [float(v) for v in src.get("std", spec.std if spec else None)],
-        "interpolation": str(src.get("interpolation", spec.interpolation if spec else None)),
-        "backbone": src.get("backbone", spec.name if spec else type(model).__name__),
-        "strategy": dict(src.get("strategy", getattr(model, "strategy", {}))),
-        "task": (src.get("meta") or {}).get("task", src.get("task")),
+        "preprocessing": prep.to_dict(),
+        "backbone": ckpt.get("backbone", spec.name if spec else type(model).__name__),
+        "strategy": dict(ckpt.get("strategy", getattr(model, "strategy", {}))),
+        "task": (ckpt.get("meta") or {}).get("task", ckpt.get("task")),
         "torch_version": torch.__version__,
     }
 
@@ -97,8 +84,9 @@ def export_model(model: nn.Module, ckpt_or_meta: dict, path: str | os.PathLike) 
     path = Path(path)
     meta = export_meta(model, ckpt_or_meta)
     cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
-    wrapper = ProbabilityModel(cpu_model, meta["mean"], meta["std"]).eval()
-    size = meta["image_size"]
+    prep = meta["preprocessing"]
+    wrapper = ProbabilityModel(cpu_model, prep["mean"], prep["std"]).eval()
+    size = prep["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
@@ -123,8 +111,8 @@ def is_exported(path: str | os.PathLike) -> bool:
         return any(name.endswith(f"extra/{META_FILE}") for name in archive.namelist())
 
 
-def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Load an `export_model` file: (module returning probabilities, meta dict)."""
+def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load an `export_model` file onto ``device``: (module returning probabilities, meta dict)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
@@ -137,24 +125,18 @@ def load_exported(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     meta = json.loads(extra[META_FILE])
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
+    # An exported program's constants are baked into its graph: .to(device) on its module does not
+    # move them all; the supported pass rewrites the program for the device (a no-op for the CPU).
+    program = passes.move_to_device_pass(program, torch.device(device))
     return program.module(), meta
 
 
-def _spec_of(meta: dict) -> BackboneSpec:
-    size = int(meta["image_size"])
-    return BackboneSpec(name=str(meta.get("backbone", "exported")), source="export", input_size=size,
-                        resize_size=int(round(size / float(meta["crop_pct"]))), mean=tuple(meta["mean"]),
-                        std=tuple(meta["std"]), interpolation=meta["interpolation"], imagenet_top1=None,
-                        summary="exported model")
-
-
 def export_transform(meta: dict) -> v2.Compose:
-    """`helpers.data.eval_transform` for ``meta`` without its final Normalize (the exported
+    """`helpers.transforms.eval_transform` for ``meta`` without its final Normalize (the exported
     module normalizes), so exported and PyTorch predictions see identical pixels."""
-    missing = [k for k in _META_KEYS[:6] if k not in meta]
-    if missing:
-        raise KeyError(f"preprocessing meta lacks {missing}; it has {sorted(meta)}")
-    steps = eval_transform(_spec_of(meta), int(meta["image_size"]), float(meta["crop_pct"])).transforms
+    if "preprocessing" not in meta:
+        raise KeyError(f"meta lacks 'preprocessing'; it has {sorted(meta)}")
+    steps = eval_transform(Preprocessing.from_dict(meta["preprocessing"])).transforms
     if not isinstance(steps[-1], v2.Normalize):  # eval_transform's contract; fail loudly if it changes
         raise RuntimeError(f"eval_transform no longer ends with Normalize: {steps}")
     return v2.Compose(steps[:-1])

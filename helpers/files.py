@@ -11,7 +11,10 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Iterator
+from typing import IO, Iterator
+
+import numpy as np
+import pandas as pd
 
 
 @contextmanager
@@ -34,15 +37,39 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
     with atomic_open(path, "w") as handle:
         handle.write(text)
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, obj: object, default: Callable | None = str) -> Path:
-    """Indented JSON, written atomically. NaN and infinity are refused: they are not JSON."""
+def _plain(obj: object) -> object:
+    """numpy / torch / Path values as plain JSON types (``json.dumps``' ``default``)."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):  # tensors, without importing torch
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Indented JSON, written atomically; numpy numbers, arrays, tensors and paths become plain
+    values. NaN and infinity are refused (they are not JSON): use None for undefined values."""
     try:
-        text = json.dumps(obj, indent=2, default=default, allow_nan=False)
+        text = json.dumps(obj, indent=2, default=_plain, allow_nan=False)
     except ValueError as err:
         raise ValueError(f"cannot write {path}: {err} (use None for undefined values)") from err
     return write_text(path, text + "\n")
+
+
+def write_csv(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """A DataFrame as CSV (no index column), written atomically: readers never see half a file."""
+    return write_text(path, frame.to_csv(index=False))

@@ -40,12 +40,22 @@ def set_trainable(model: TransferModel, group_names: list[str]) -> TransferModel
     return model
 
 
+def trainable_groups(model: TransferModel) -> list[str]:
+    """Names of the groups with at least one trainable parameter."""
+    return [name for name, group in model.groups.items() if any(p.requires_grad for p in group.parameters())]
+
+
 def unfreeze_last(model: TransferModel, n: int) -> TransferModel:
-    """Make the last ``n`` groups (counting the classifier) trainable; the rest frozen."""
+    """Also train the last ``n`` groups (counting the classifier); what already trains keeps training.
+
+    Gradual unfreezing only ever adds groups (as fastai's ``freeze_to``): unfreezing the late
+    stages of an ``initial`` model must not freeze the early groups it was training.
+    """
     _check_model(model)
     if not 1 <= n <= len(model.group_names):
         raise ValueError(f"n must be in 1..{len(model.group_names)} for this model, got {n}")
-    return set_trainable(model, model.group_names[-n:])
+    return set_trainable(model, sorted(set(trainable_groups(model)) | set(model.group_names[-n:]),
+                                       key=model.group_names.index))
 
 
 def truncate(model: TransferModel, after: str, num_classes: int | None = None, dropout: float = 0.2) -> TransferModel:
@@ -253,10 +263,10 @@ def measure_similarity(images: torch.Tensor | torch.utils.data.DataLoader, model
     if model is None:
         from .models import create_model
 
-        model = create_model(SIMILARITY_PROBE, 1000)
+        model = create_model(SIMILARITY_PROBE, None)
     _check_model(model)
-    if model.num_classes != 1000:
-        raise ValueError("measure_similarity needs the ImageNet classifier: create_model(name, 1000)")
+    if not model.imagenet_classifier:
+        raise ValueError("measure_similarity needs the pretrained ImageNet classifier: create_model(name, None)")
     model.eval().to(device)
     batches = [images] if isinstance(images, torch.Tensor) else (b[0] for b in images)
     top1, entropy = [], []

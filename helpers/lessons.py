@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageDataset, eval_transform
+from .data import ImageDataset
+from .transforms import eval_transform
 from .freezing import STRATEGIES, apply_strategy, trainable_summary
 from .models import TransferModel, create_model, offline_backbones
 
@@ -79,7 +80,7 @@ def cpu_latency_ms(model: nn.Module, image_size: int, repeats: int = 3) -> float
     return 1000 * min(times)
 
 
-def compare_backbones(names: list[str], num_classes: int = 1000, repeats: int = 3) -> pd.DataFrame:
+def compare_backbones(names: list[str], num_classes: int | None = None, repeats: int = 3) -> pd.DataFrame:
     """Parameters, FLOPs, input size, weights and CPU latency of each backbone.
 
     Models are built with ``pretrained=False`` (no download), which has the same architecture
@@ -158,7 +159,8 @@ def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], i
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .training import extract_features, pick_device
+    from .cache import extract_features
+    from .runtime import pick_device
 
     started = time.perf_counter()
     model = create_model(backbone, len(classes))
@@ -331,7 +333,8 @@ def compare_strategies(backbone: str, train_set, val_set, strategies: list[str],
     strategies that freeze early layers (head, last_n, truncate) pay for one forward pass
     and then train in seconds: part of their appeal on a CPU.
     """
-    from .training import fit, seed_everything
+    from .runtime import seed_everything
+    from .training import fit
 
     rows = []
     for strategy in strategies:

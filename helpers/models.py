@@ -122,6 +122,8 @@ class TransferModel(nn.Module):
         self.spec = spec
         self.weight_source = weight_source
         self.keep_frozen_eval = True
+        # True only for create_model(name, None) with pretrained weights: the 1000 ImageNet outputs.
+        self.imagenet_classifier = False
         # How the model was adapted (set by helpers.freezing.apply_strategy); saved in checkpoints.
         self.strategy: dict = {"name": "full"}
 
@@ -166,6 +168,22 @@ class TransferModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_groups(x)
+
+    def tail(self, start: int) -> nn.Module:
+        """The groups from ``start`` on, as a model of their own (sharing these weights): what
+        trains on cached outputs of the frozen groups before ``start``."""
+        return self if start == 0 else GroupsFrom(self, start)
+
+
+class GroupsFrom(nn.Module):
+    """``model.forward_groups(x, start)`` as a module; ``train()``/``eval()`` reach the model."""
+
+    def __init__(self, model: TransferModel, start: int):
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_groups(x, self.start)
 
 
 def final_linear(classifier: nn.Module) -> nn.Linear:
@@ -267,11 +285,22 @@ def _groups_tv_convnext(m: nn.Module) -> "OrderedDict[str, nn.Module]":
     return groups
 
 
+def _head_without_fc(head: nn.Module) -> list[nn.Module]:
+    """A timm classifier head's layers before its ``fc``, in the order its forward runs them.
+
+    timm has two heads: ``NormMlpClassifierHead`` (pool, norm, flatten, pre_logits, drop, fc) and
+    ``ClassifierHead`` (pool, drop, fc, flatten). Keeping every layer but ``fc`` keeps the
+    grouped forward equal to timm's own, also for variants with an MLP ``pre_logits``.
+    """
+    order = ("global_pool", "norm", "flatten", "pre_logits", "drop")
+    return [getattr(head, name) for name in order if isinstance(getattr(head, name, None), nn.Module)]
+
+
 def _groups_timm_convnext(m: nn.Module) -> "OrderedDict[str, nn.Module]":
     groups = OrderedDict(stem=m.stem)
     for i, stage in enumerate(m.stages):
         groups[f"stage{i + 1}"] = stage
-    groups["head"] = nn.Sequential(m.norm_pre, m.head.global_pool, m.head.norm, m.head.flatten)
+    groups["head"] = nn.Sequential(m.norm_pre, *_head_without_fc(m.head), nn.Flatten(1))
     groups["classifier"] = m.head.fc
     return groups
 
@@ -351,18 +380,31 @@ def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, str, flo
     return model, (f"torchvision:{enum_name}.{tag}" if pretrained else "random"), top1
 
 
+def _cached_hub_weights(model_id: str) -> str | None:
+    """Path of already-downloaded timm weights in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = model_id.partition("@")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(path, str):
+            return path
+    return None
+
+
 def _timm_model(arch: str, pretrained: bool) -> tuple[nn.Module, str, BackboneSpec]:
     import timm
 
     if arch not in timm.list_models(pretrained=False) and arch.split(".")[0] not in timm.list_models():
         raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
     if pretrained and not _host_reachable("huggingface.co"):
-        # Weights already in the Hugging Face cache still load; anything else fails fast.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            model = timm.create_model(arch, pretrained=True)
-        except Exception as err:  # the hub raises several types; re-raised with the offline list
-            raise _offline_error(TIMM_PREFIX + arch, "huggingface.co") from err
+        # Offline: load weights already in the Hugging Face cache as a local file, else fail fast
+        # (the hub client would otherwise retry for minutes). No global offline switch is set.
+        hub_id = timm.create_model(arch, pretrained=False).pretrained_cfg.get("hf_hub_id")
+        cached = _cached_hub_weights(hub_id) if hub_id else None
+        if cached is None:
+            raise _offline_error(TIMM_PREFIX + arch, "huggingface.co")
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached})
     else:
         model = timm.create_model(arch, pretrained=pretrained)
     cfg = model.pretrained_cfg
@@ -377,17 +419,21 @@ def _timm_model(arch: str, pretrained: bool) -> tuple[nn.Module, str, BackboneSp
     return model, (f"timm:{cfg.get('hf_hub_id') or arch}" if pretrained else "random"), spec
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = True, dropout: float = 0.2) -> TransferModel:
-    """Build a backbone as a `TransferModel` with a classifier of ``num_classes`` outputs.
+def create_model(name: str, num_classes: int | None, pretrained: bool = True, dropout: float = 0.2) -> TransferModel:
+    """Build a backbone as a `TransferModel` with a new classifier of ``num_classes`` outputs.
 
-    ``num_classes == 1000`` keeps the ImageNet classifier; any other number gets a fresh
-    ``Dropout(dropout) -> Linear`` head. ``name`` is a key of ``BACKBONES`` or ``timm/<arch>``.
+    Any number of classes (1000 too) gets a fresh ``Dropout(dropout) -> Linear`` head;
+    ``num_classes=None`` keeps the pretrained ImageNet classifier, an explicit choice (to look
+    at ImageNet predictions, or to measure similarity). ``name`` is a key of ``BACKBONES`` or
+    ``timm/<arch>``.
     """
     if not isinstance(name, str):
         raise TypeError(f"backbone name must be a string, got {name!r}; choose one of {available_backbones()} "
                         f"or 'timm/<model name>'")
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r} (or None to keep the "
+                         f"ImageNet classifier)")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
@@ -424,7 +470,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = True, dropout: 
             f"(offline: {offline_backbones()}) or 'timm/<model name>'"
         )
 
-    if num_classes != 1000:
+    if num_classes is not None:
         in_features = final_linear(groups["classifier"]).in_features
         groups["classifier"] = new_classifier(in_features, num_classes, dropout)
-    return TransferModel(groups, spec, source)
+    model = TransferModel(groups, spec, source)
+    model.imagenet_classifier = num_classes is None and pretrained
+    return model

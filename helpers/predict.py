@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, ImageReadError, atomic_write_csv, read_image
-from .export import ProbabilityModel, is_exported, load_exported, preprocess_for_export
-from .training import make_loader, pick_device
+from .data import IMAGE_EXTENSIONS, ImageReadError, read_image
+from .export import ProbabilityModel, export_transform, is_exported, load_exported
+from .files import write_csv
+from .runtime import make_loader, pick_device, tune_cpu
 
 
 class PredictError(Exception):
@@ -46,12 +47,13 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """(module returning probabilities for [0, 1] input, preprocessing meta) from an export or a checkpoint."""
+def load_model(path: Path, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:
+    """(module on ``device`` returning probabilities for [0, 1] input, meta with ``classes`` and
+    ``preprocessing``) from an export or a training checkpoint."""
     if not path.is_file():
         raise PredictError(f"model file not found: {path}")
     if is_exported(path):
-        return load_exported(path)
+        return load_exported(path, device)
     from .checkpoint import model_from_checkpoint
 
     try:
@@ -59,9 +61,9 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict]:
     except (ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as err:
         raise PredictError(f"{path} is neither an exported model (helpers.export) nor a training "
                            f"checkpoint: {err}") from err
-    meta = {**ckpt["preprocessing"], "classes": list(ckpt["classes"]), "image_size": int(ckpt["image_size"]),
-            "backbone": ckpt["backbone"]}
-    return ProbabilityModel(model, meta["mean"], meta["std"]).eval(), meta
+    meta = {"classes": list(ckpt["classes"]), "preprocessing": ckpt["preprocessing"], "backbone": ckpt["backbone"]}
+    prep = ckpt["preprocessing"]
+    return ProbabilityModel(model, prep["mean"], prep["std"]).eval().to(device), meta
 
 
 class FolderImages(Dataset):
@@ -69,15 +71,16 @@ class FolderImages(Dataset):
     so one pass reports every bad file."""
 
     def __init__(self, files: Sequence[Path], meta: dict):
-        self.files, self.meta = list(files), meta
-        self.size = int(meta["image_size"])
+        self.files, self.transform = list(files), export_transform(meta)
+        self.size = int(meta["preprocessing"]["image_size"])
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         try:
-            return preprocess_for_export(read_image(self.files[index]), self.meta), ""
+            image = torch.from_numpy(read_image(self.files[index])).permute(2, 0, 1)
+            return self.transform(image), ""
         except (ImageReadError, OSError) as err:
             return torch.zeros(3, self.size, self.size), str(err) or type(err).__name__
 
@@ -87,7 +90,6 @@ def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], ro
                    device: str | None = None, num_workers: int | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Probabilities for every readable file: (table, errors as 'file: reason')."""
     device = pick_device(device)
-    model = model.to(device)
     classes = list(meta["classes"])
     rows, errors = [], []
     loader = make_loader(FolderImages(files, meta), batch_size, False, device, num_workers=num_workers)
@@ -128,14 +130,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 unreadable images, 2 bad inputs)."""
     args = parse_args(argv)
+    tune_cpu()
     try:
         if args.out.exists() and not args.overwrite:
             raise PredictError(f"{args.out} exists; pass --overwrite to replace it")
         if args.out.exists() and args.out.is_dir():
             raise PredictError(f"--out {args.out} is a folder; give a CSV file name")
         files = list_images(args.folder, args.recursive)
-        model, meta = load_model(args.model)
         device = pick_device(args.device)
+        model, meta = load_model(args.model, device)
     except (PredictError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -154,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(table) == 0:
         print(f"error: none of the {len(files)} image(s) could be read; nothing written", file=sys.stderr)
         return 1
-    atomic_write_csv(table, args.out)
+    write_csv(table, args.out)
     counts = table["predicted"].value_counts().to_dict()
     print(f"wrote {args.out}: {len(table)} image(s), predicted {counts}")
     return 0

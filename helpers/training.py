@@ -1,231 +1,264 @@
 """The training loop: honest on a 2-core laptop, fast on a GPU, resumable anywhere.
 
-`fit` picks the device (cuda -> mps -> cpu), uses mixed precision on CUDA and channels_last everywhere,
-shows tqdm progress bars, schedules the learning rate with warm-up, stops early, writes the
-best and the last checkpoint atomically after every epoch, and resumes from the last one.
+Read it top to bottom:
+- `TrainConfig`: every training setting, checked in one place and saved whole with each run;
+- `train_one_epoch` and `evaluate`: the loop you would write by hand (notebook 04 does);
+- `fit`: runs that loop for a number of epochs and adds what a real run needs: the learning-rate
+  schedule, the frozen-prefix cache (`helpers.cache`), early stopping, an optional weight average,
+  the best and the last checkpoint after every epoch, and exact resume.
 
-Determinism: every epoch reseeds all random number generators from (seed, epoch), so an
-epoch's shuffling, augmentation and dropout do not depend on what ran before it. That is what
-lets a run killed at any point resume to exactly the same result on the CPU.
-
-The frozen-prefix cache: when the first k layer groups are frozen (strategies head, last_n,
-truncate), their output for a given image never changes, so we compute it once and train the
-remaining groups on the stored tensors. With a deterministic pipeline this is the same
-function, just without the repeated work; with random augmentation, caching means training
-on a fixed number of augmented views (``cache_views``) instead of a fresh one each epoch.
+Determinism: every epoch reseeds all random number generators from (seed, epoch), so an epoch's
+shuffling, augmentation and dropout do not depend on what ran before it. That is what lets a run
+killed at any point resume to exactly the same result on the CPU.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
-import random
 import time
-import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
-from torch import nn
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from . import cache as feature_cache
 from .checkpoint import atomic_save, describe_model, load_checkpoint
-from .files import write_json
-from .freezing import frozen_prefix_length, param_groups, unfreeze_last
+from .files import write_csv, write_json
+from .freezing import param_groups, unfreeze_last
+from .metrics import METRICS, score
 from .models import TransferModel
+from .runtime import amp_dtype, autocast, make_loader, pick_device, seed_everything, to_device
+from .transforms import Preprocessing, preprocessing_of
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "onecycle", "constant")
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN or infinity; the last good checkpoint is left untouched."""
 
 
-# ----------------------------------------------------------------------------------------
-# Devices, seeds, loaders
+def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a positive integer, got {value!r}")
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else the best available: cuda, then mps, then cpu."""
-    if device is not None and str(device) != "auto":
-        if str(device).split(":")[0] not in ("cuda", "mps", "cpu"):
-            raise ValueError(f"unknown device {str(device)!r}; choose 'cuda', 'mps', 'cpu' or 'auto'")
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' requested but Apple MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Checked when created; saved in ``fit.json`` and ``last.pt``,
+    and a resumed run must match it field by field."""
 
+    epochs: int = 5
+    lr: float = 1e-3  # of the classifier; earlier groups get lr * layer_decay ** depth
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # linear warm-up, then cosine decay to 0 ("constant": warm-up, then flat)
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    class_weights: str | tuple[float, ...] | None = None  # "balanced": inverse class frequency
+    metric: str = "accuracy"  # what selects the best epoch
+    patience: int | None = None  # stop after this many epochs without improvement
+    seed: int = 0
+    amp: bool = True  # mixed precision on CUDA (bf16, or fp16 with a GradScaler)
+    channels_last: bool = True
+    cache: str | bool = "auto"
+    cache_views: int = 1
+    layer_decay: float = 1.0
+    unfreeze_schedule: dict[int, int] = field(default_factory=dict)  # {epoch: also train the last n groups}
+    max_grad_norm: float | None = None
+    ema_decay: float | None = None
+    num_workers: int | None = None
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA GPUs that support it, fp16 on older ones, None (fp32) elsewhere."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def default_num_workers() -> int:
-    """Loader processes: on Linux one per spare core (up to 4). On macOS and Windows worker
-    processes are spawned and re-import the notebook's code, which is slow and fragile in
-    Jupyter, so images are read in the main process there."""
-    if platform.system() != "Linux":
-        return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
-def _worker_init(worker_id: int) -> None:
-    # Torch seeds each worker from the loader's generator; numpy and random follow it.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device,
-                seed: int = 0, num_workers: int | None = None) -> DataLoader:
-    """A DataLoader that behaves the same on Linux, macOS and Windows; pinned memory on CUDA only."""
-    workers = default_num_workers() if num_workers is None else num_workers
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=device.type == "cuda", generator=generator,
-                      worker_init_fn=_worker_init if workers else None, drop_last=False,
-                      persistent_workers=False)
-
-
-# ----------------------------------------------------------------------------------------
-# Metrics
-
-
-def score(metric: str, targets: np.ndarray, predictions: np.ndarray) -> float:
-    if metric == "accuracy":
-        return float(accuracy_score(targets, predictions))
-    if metric == "balanced_accuracy":
-        return float(balanced_accuracy_score(targets, predictions))
-    if metric == "macro_f1":
-        return float(f1_score(targets, predictions, average="macro", zero_division=0))
-    raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "cache_views"):
+            _positive_int(name, getattr(self, name))
+        _positive_int("patience", self.patience, allow_none=True)
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 10:
+            raise ValueError(f"lr must be a positive number below 10, got {self.lr!r}")
+        for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("metric", METRICS),
+                            ("cache", ("auto", True, False))):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(valid)}")
+        checks = (("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                  ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),
+                  ("layer_decay", 0.0 < self.layer_decay <= 1.0, "in (0, 1]"),
+                  ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "None or > 0"),
+                  ("ema_decay", self.ema_decay is None or (isinstance(self.ema_decay, float)
+                                                           and 0.0 < self.ema_decay < 1.0), "None or in (0, 1)"),
+                  ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
+                  ("num_workers", self.num_workers is None or (isinstance(self.num_workers, int)
+                                                               and self.num_workers >= 0), "None or >= 0"))
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        weights = self.class_weights
+        if isinstance(weights, str) and weights != "balanced":
+            raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {weights!r}")
+        if weights is not None and not isinstance(weights, str):  # a tensor, array or list: store plain floats
+            object.__setattr__(self, "class_weights", tuple(float(w) for w in torch.as_tensor(weights).flatten()))
+        schedule = {int(k): int(v) for k, v in dict(self.unfreeze_schedule).items()}
+        for epoch, n in schedule.items():
+            if not 1 <= epoch <= self.epochs or n < 1:
+                raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{self.epochs}, "
+                                 f"values numbers of groups >= 1")
+        object.__setattr__(self, "unfreeze_schedule", dict(sorted(schedule.items())))
 
 
 # ----------------------------------------------------------------------------------------
-# Frozen-prefix cache
+# The loop
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                    device: torch.device, *, scaler: torch.amp.GradScaler | None = None, scheduler=None,
+                    dtype: torch.dtype | None = None, channels_last: bool = True,
+                    max_grad_norm: float | None = None, ema=None, progress: bool = False,
+                    desc: str = "train") -> dict:
+    """One pass over ``loader``: forward (under autocast), loss, backward (through the scaler),
+    step; the scheduler steps per batch. Returns the mean loss and accuracy."""
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # fp16 needs one; else a no-op
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        loss = criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if max_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {"loss": loss_sum / seen, "accuracy": correct / seen}
 
 
 @torch.inference_mode()
-def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: torch.device,
-                     batch_size: int = 64, num_workers: int | None = None, desc: str = "features",
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the first ``stop`` groups over ``dataset`` once; return (outputs, targets) on the CPU."""
-    model.eval().to(device)
-    loader = make_loader(dataset, batch_size, shuffle=False, device=device, num_workers=num_workers)
-    outputs, targets = [], []
-    dtype = amp_dtype(device)
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        x = x.to(device, non_blocking=True)
-        if x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model.forward_groups(x, 0, stop)
-        outputs.append(out.float().contiguous().cpu())
-        targets.append(y)
-    return torch.cat(outputs), torch.cat(targets)
-
-
-def _dataset_transform(dataset: Dataset) -> Callable | None:
-    while hasattr(dataset, "dataset") and not hasattr(dataset, "transform"):  # Subset
-        dataset = dataset.dataset
-    return getattr(dataset, "transform", None)
+def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, *,
+             dtype: torch.dtype | None = None, channels_last: bool = True) -> dict:
+    """Mean loss, targets and predicted classes of ``model`` over ``loader``, in eval mode."""
+    model.eval()
+    loss_sum, targets, predictions = 0.0, [], []
+    for x, y in loader:
+        x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        loss_sum += criterion(logits.float(), y).item() * len(y)
+        targets.append(y.cpu())
+        predictions.append(logits.argmax(1).cpu())
+    targets, predictions = torch.cat(targets).numpy(), torch.cat(predictions).numpy()
+    return {"loss": loss_sum / len(targets), "targets": targets, "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------------------
-# Schedules
+# The parts fit builds
 
 
-def _lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+class WeightAverage:
+    """An exponential moving average of the weights (timm's ``ModelEmaV3``) that counts its steps,
+    so its warm-up (decay 0.97 after 100 steps, 0.99 after 450, capped at ``decay``) survives a resume."""
+
+    def __init__(self, model: nn.Module, decay: float, steps: int = 0):
+        self.average, self.steps = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=3 / 4), steps
+
+    @property
+    def module(self) -> nn.Module:
+        return self.average.module
+
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        self.average.update(getattr(model, "model", model), step=self.steps)  # GroupsFrom wraps the model
 
 
-def _make_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int):
-    if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-            pct_start=max(warmup_steps / total_steps, 0.05))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule, total_steps, warmup_steps))
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Per-step learning-rate schedule: linear warm-up, then cosine decay (or flat); or one-cycle."""
+    total = config.epochs * steps_per_epoch
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total, pct_start=max(warmup / total, 0.05))
+    after = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
+             if config.schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0, total_iters=0))
+    if warmup == 0:
+        return after
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
+def make_criterion(config: TrainConfig, model: TransferModel, train_set: Dataset,
+                   device: torch.device) -> nn.Module:
+    """Cross-entropy with the configured label smoothing and class weights."""
+    weights = config.class_weights
+    if weights == "balanced":
+        targets = np.asarray(getattr(train_set, "targets"))
+        present = np.unique(targets)
+        balanced = np.ones(model.num_classes, dtype=np.float32)
+        balanced[present] = compute_class_weight("balanced", classes=present, y=targets)
+        weights = balanced
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=device) if weights is not None else None
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+
+
+def make_optimizer(model: TransferModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over every group (frozen ones too, so unfreezing needs no new optimizer)."""
+    groups = param_groups(model, config.lr, config.layer_decay, config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
 
 
 # ----------------------------------------------------------------------------------------
 # fit
 
 
-def _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothing, patience, cache,
-              cache_views, layer_decay, warmup_epochs):
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(lr, (int, float)) and 0 < lr < 10):
-        raise ValueError(f"lr must be a positive number below 10, got {lr!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for name, value, valid in (("optimizer", optimizer, OPTIMIZERS), ("schedule", schedule, SCHEDULES),
-                               ("metric", metric, METRICS), ("cache", cache, ("auto", True, False))):
-        if value not in valid:
-            raise ValueError(f"unknown {name} {value!r}; choose one of {list(valid)}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ValueError(f"patience must be None or a positive integer, got {patience!r}")
-    if not isinstance(cache_views, int) or cache_views < 1:
-        raise ValueError(f"cache_views must be a positive integer, got {cache_views!r}")
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-
-
-def _validate_more(model: TransferModel, epochs: int, weight_decay: float, max_grad_norm: float | None,
-                   unfreeze_schedule: dict, meta: dict | None, class_weights) -> None:
-    """Checks that would otherwise fail late: after caching, mid-run, or when a checkpoint is loaded."""
-    if isinstance(class_weights, str) and class_weights != "balanced":
-        raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {class_weights!r}")
-    if class_weights is not None and not isinstance(class_weights, str):
-        shape = tuple(torch.as_tensor(class_weights).shape)
-        if shape != (model.num_classes,):
-            raise ValueError(f"class_weights needs {model.num_classes} values (one per class), got shape {shape}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+def _check_inputs(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig,
+                  meta: dict) -> None:
+    """What would otherwise fail late: after caching, mid-run, or when a checkpoint is loaded."""
+    if not isinstance(model, TransferModel):
+        raise TypeError(f"fit needs a TransferModel from helpers.models.create_model, got {type(model).__name__}")
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
+    train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
+    if train_classes is not None and val_classes is not None and list(train_classes) != list(val_classes):
+        raise ValueError(f"the training set's classes {list(train_classes)} differ from the validation set's "
+                         f"{list(val_classes)}: build the validation set with classes=train_set.classes")
+    if train_classes is not None and len(train_classes) != model.num_classes:
+        raise ValueError(f"the model has {model.num_classes} outputs but the training set has {len(train_classes)} "
+                         f"classes {list(train_classes)}: create the model with num_classes={len(train_classes)}")
+    if isinstance(config.class_weights, tuple) and len(config.class_weights) != model.num_classes:
+        raise ValueError(f"class_weights needs {model.num_classes} values (one per class), "
+                         f"got shape ({len(config.class_weights)},)")
     groups = len(model.group_names)
-    for epoch, n in unfreeze_schedule.items():
-        if not 1 <= int(epoch) <= epochs or not 1 <= int(n) <= groups:
-            raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{epochs}, "
+    for epoch, n in config.unfreeze_schedule.items():
+        if n > groups:
+            raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{config.epochs}, "
                              f"values numbers of groups 1..{groups} (of {model.group_names})")
     _check_plain(meta, "meta")
+    clash = sorted(set(meta) & {f.name for f in fields(Preprocessing)})
+    if clash:
+        raise ValueError(f"meta holds preprocessing settings {clash}: pass preprocessing=Preprocessing(...) "
+                         f"(or build the validation transform with helpers.transforms.eval_transform)")
 
 
 def _check_plain(value, where: str) -> None:
@@ -247,259 +280,105 @@ def _check_plain(value, where: str) -> None:
                     f"bool, None, lists and dicts (convert it, e.g. float(x) or str(path))")
 
 
-def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, *, epochs: int = 5, lr: float = 1e-3,
-        batch_size: int = 32, optimizer: str = "adamw", weight_decay: float = 0.01, schedule: str = "cosine",
-        warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
-        class_weights: str | torch.Tensor | None = None, metric: str = "accuracy",
-        patience: int | None = None, out_dir: str | os.PathLike | None = None, resume: bool = False,
-        seed: int = 0, device: str | torch.device | None = None, amp: bool = True,
-        channels_last: bool = True, cache: str | bool = "auto", cache_views: int = 1,
-        layer_decay: float = 1.0, unfreeze_schedule: dict[int, int] | None = None,
-        max_grad_norm: float | None = None, ema_decay: float | None = None, num_workers: int | None = None,
-        restore_best: bool = True, meta: dict | None = None, progress: bool = True) -> pd.DataFrame:
-    """Train ``model`` (already frozen by `apply_strategy`) and return the history.
+def _identity(model: TransferModel, train_set: Dataset, val_set: Dataset,
+              preprocessing: Preprocessing | None) -> dict:
+    """What every checkpoint of this run says about the model and its inputs."""
+    preprocessing = preprocessing or preprocessing_of(val_set)
+    if preprocessing is None:
+        raise ValueError("fit writes checkpoints that must say how images were prepared, and cannot tell from "
+                         "the validation set: build its transform with helpers.transforms.eval_transform, or "
+                         "pass preprocessing=Preprocessing(...)")
+    size = tuple(val_set[0][0].shape[-2:])
+    if size != (preprocessing.image_size,) * 2:
+        raise ValueError(f"validation images are {size[0]}x{size[1]} px but the preprocessing says "
+                         f"{preprocessing.image_size} px")
+    classes = list(getattr(train_set, "classes", None) or [str(i) for i in range(model.num_classes)])
+    return describe_model(model, classes, preprocessing)
 
-    History columns: epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy,
-    val_<metric>, seconds. With ``out_dir``, writes ``best.pt``, ``last.pt``,
-    ``history.csv`` and ``fit.json`` there after every epoch; ``resume=True`` continues
-    from ``last.pt``. ``unfreeze_schedule={epoch: n}`` makes the last n groups trainable
-    from that (1-based) epoch on (gradual unfreezing). ``layer_decay < 1`` gives earlier
-    groups smaller learning rates. ``class_weights="balanced"`` reweights the loss by
-    inverse class frequency. ``meta`` is stored in the checkpoints (e.g. ``crop_pct``, task).
 
-    ``ema_decay`` (e.g. 0.998) keeps an exponential moving average of the weights (timm's
-    ``ModelEmaV3``, decay warmed up so early steps do not drag the pretrained start along).
-    The average is what gets validated, selected and saved as ``best.pt``; the raw model's
-    validation scores stay in the history as ``raw_val_*`` so the two can be compared.
-    """
-    if not isinstance(model, TransferModel):
-        raise TypeError(f"fit needs a TransferModel from helpers.models.create_model, got {type(model).__name__}")
-    _validate(epochs, lr, batch_size, optimizer, schedule, metric, label_smoothing, patience, cache,
-              cache_views, layer_decay, warmup_epochs)
-    if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir (where last.pt is)")
-    _validate_more(model, epochs, weight_decay, max_grad_norm, unfreeze_schedule or {}, meta, class_weights)
-    if ema_decay is not None and not (isinstance(ema_decay, float) and 0.0 < ema_decay < 1.0):
-        raise ValueError(f"ema_decay must be None or a float in (0, 1), e.g. 0.998; got {ema_decay!r}")
-    _check_classes(model, train_set, val_set)
-    unfreeze_schedule = {int(k): int(v) for k, v in (unfreeze_schedule or {}).items()}
-    meta = dict(meta or {})
-    device = pick_device(device)
-    dtype = amp_dtype(device) if amp else None
-    out = Path(out_dir) if out_dir is not None else None
+@dataclass
+class _Run:
+    """The mutable state of one fit: history, best score, and what resume restores."""
 
-    # The schedule's groups must be trainable from their epoch on; only what stays frozen
-    # for the whole run may be cached.
-    prefix = frozen_prefix_length(model)
-    if unfreeze_schedule:
-        prefix = min(prefix, len(model.group_names) - max(unfreeze_schedule.values()))
-    train_random = not _dataset_to_check_deterministic(train_set)
-    use_cache = prefix > 0 and (cache is True or (cache == "auto" and not train_random))
-    if use_cache and train_random:
-        warnings.warn(f"caching {cache_views} augmented view(s) per training image: epochs cycle through "
-                      f"them instead of drawing fresh augmentations (faster, but less augmentation)",
-                      stacklevel=2)
-    views = cache_views if (use_cache and train_random) else 1
+    history: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    bad_epochs: int = 0
+    start_epoch: int = 1
+    best_state: dict | None = None  # best weights in memory, when there is no out_dir
 
-    classes = list(getattr(train_set, "classes", [])) or [str(i) for i in range(model.num_classes)]
-    sample = train_set[0][0]
-    identity = describe_model(model, classes, sample.shape[-1], meta.get("crop_pct"))
-    config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": optimizer, "schedule": schedule,
-              "seed": seed, "metric": metric, "cache": bool(use_cache), "cache_views": views,
-              "layer_decay": layer_decay, "unfreeze_schedule": {str(k): v for k, v in unfreeze_schedule.items()},
-              "ema_decay": ema_decay}
 
-    model.to(device)
-    if channels_last:  # faster convolutions on CUDA and, measured here, on x86 CPUs too (about 1.4x)
-        model.to(memory_format=torch.channels_last)
+def _check_resumable(path: Path, identity: dict, config: TrainConfig) -> dict:
+    """``last.pt``'s state, if its model, preprocessing and every training setting match this run."""
+    state = load_checkpoint(path)
+    differences = []
+    for key in (k for k in identity if k != "format_version"):
+        if key == "preprocessing":  # name the setting inside it (image_size, crop_pct, ...)
+            differences += [(name, value, identity[key][name]) for name, value in state[key].items()
+                             if value != identity[key].get(name)]
+        elif state[key] != identity[key]:
+            differences.append((key, state[key], identity[key]))
+    if differences:
+        name, then, now = differences[0]
+        raise ValueError(f"cannot resume from {path}: {name} is {then!r} there but {now!r} now")
+    saved, current = state["config"], asdict(config)
+    changed = [f"{k} is {saved.get(k)!r} there but {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: training settings differ: " + ", ".join(changed)
+                         + " (use the same settings, or a new out_dir to start over)")
+    return state
 
-    # Features of the frozen prefix, computed once (per augmented view).
-    cache_seconds = 0.0
-    if use_cache:
-        started = time.perf_counter()
-        train_views = []
-        try:
-            for v in range(views):
-                seed_everything(seed * 1000 + 777 + v)
-                train_views.append(extract_features(model, train_set, prefix, device, 2 * batch_size,
-                                                    num_workers, f"caching train view {v + 1}/{views}", progress))
-            val_inputs = extract_features(model, val_set, prefix, device, 2 * batch_size, num_workers,
-                                          "caching val", progress)
-        except torch.cuda.OutOfMemoryError as err:
-            raise _out_of_memory(batch_size, sample.shape[-1]) from err
-        cache_seconds = time.perf_counter() - started
-    start_group = prefix if use_cache else 0
 
-    def train_loader(epoch: int) -> DataLoader:
-        if use_cache:
-            x, y = train_views[(epoch - 1) % views]
-            return make_loader(TensorDataset(x, y), batch_size, True, device, seed=seed * 1000 + epoch,
-                               num_workers=0)
-        return make_loader(train_set, batch_size, True, device, seed=seed * 1000 + epoch, num_workers=num_workers)
+def _resume(state: dict, run: _Run, config: TrainConfig, model: TransferModel, parts: dict,
+            steps_per_epoch: int) -> None:
+    """Continue where ``last.pt`` stopped: weights, optimizer, schedule, scaler, average, history."""
+    for epoch in range(1, state["epoch"] + 1):  # re-apply the unfreezing that already happened
+        if epoch in config.unfreeze_schedule:
+            unfreeze_last(model, config.unfreeze_schedule[epoch])
+    model.load_state_dict(state["model"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        parts[name].load_state_dict(state[name])
+    if parts["ema"] is not None:
+        parts["ema"].module.load_state_dict(state["ema"])
+        parts["ema"].steps = state["epoch"] * steps_per_epoch
+    run.history, run.best_score, run.bad_epochs = list(state["history"]), state["best_score"], state["bad_epochs"]
+    run.start_epoch = state["epoch"] + 1
 
-    val_loader = (make_loader(TensorDataset(*val_inputs), batch_size * 2, False, device, num_workers=0)
-                  if use_cache else make_loader(val_set, batch_size * 2, False, device, num_workers=num_workers))
 
-    # Loss, optimizer, schedule.
-    weights = None  # class_weights was validated by _validate_more before any work
-    if isinstance(class_weights, str):  # "balanced"
-        targets = np.asarray(getattr(train_set, "targets"))
-        present = np.unique(targets)
-        w = np.ones(model.num_classes, dtype=np.float32)
-        w[present] = compute_class_weight("balanced", classes=present, y=targets)
-        weights = torch.tensor(w)
-    elif class_weights is not None:
-        weights = torch.as_tensor(class_weights, dtype=torch.float32)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                    label_smoothing=label_smoothing)
-    groups = param_groups(model, lr, layer_decay, weight_decay)
-    opt = (torch.optim.AdamW(groups, lr=lr) if optimizer == "adamw"
-           else torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True))
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    scheduler = _make_scheduler(opt, schedule, total_steps, int(round(warmup_epochs * steps_per_epoch)))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # Warm-up power 3/4 suits short runs: decay 0.97 after 100 steps, 0.99 after 450, capped at ema_decay.
-    ema = (ModelEmaV3(model, decay=ema_decay, use_warmup=True, warmup_power=3 / 4)
-           if ema_decay is not None else None)
+def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoader, config: TrainConfig,
+              device: torch.device, dtype: torch.dtype | None) -> dict:
+    """Validation scores of the weights we keep (the average, if any) and, beside them, the raw ones."""
+    row = {}
+    start = getattr(net, "start", 0)  # net is the model, or its groups after the cached prefix
+    candidates = [("val", parts["ema"].module.tail(start) if parts["ema"] is not None else net)]
+    if parts["ema"] is not None:
+        candidates.append(("raw_val", net))
+    for prefix, candidate in candidates:
+        result = evaluate(candidate, loader, parts["criterion"], device, dtype=dtype,
+                          channels_last=config.channels_last)
+        if not math.isfinite(result["loss"]):  # e.g. weights blown up by the last step: never save them
+            raise NonFiniteLossError(f"validation loss became {result['loss']}")
+        row[f"{prefix}_loss"] = result["loss"]
+        row[f"{prefix}_accuracy"] = score("accuracy", result["targets"], result["predictions"])
+        if config.metric != "accuracy":
+            row[f"{prefix}_{config.metric}"] = score(config.metric, result["targets"], result["predictions"])
+    return row
 
-    history: list[dict] = []
-    best_score, bad_epochs, start_epoch = -math.inf, 0, 1
-    if resume and out is not None and (out / "last.pt").is_file():
-        state = load_checkpoint(out / "last.pt")
-        for field in ("backbone", "classes", "strategy", "image_size"):
-            if state[field] != identity[field]:
-                raise ValueError(f"cannot resume from {out / 'last.pt'}: {field} is {state[field]!r} there "
-                                 f"but {identity[field]!r} now")
-        changed = {k: (state["config"].get(k), v) for k, v in config.items() if state["config"].get(k) != v}
-        if changed:
-            raise ValueError(f"cannot resume from {out / 'last.pt'}: training settings differ: "
-                             + ", ".join(f"{k} is {a!r} there but {b!r} now" for k, (a, b) in changed.items())
-                             + " (use the same settings, or a new out_dir to start over)")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        history, best_score, bad_epochs = list(state["history"]), state["best_score"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
-        for epoch_done in range(1, start_epoch):  # re-apply unfreezing that already happened
-            if epoch_done in unfreeze_schedule:
-                unfreeze_last(model, unfreeze_schedule[epoch_done])
 
-    summary = {"device": str(device), "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
-               "channels_last": bool(channels_last), "cached": bool(use_cache),
-               "cached_groups": model.group_names[:start_group], "cache_views": views,
-               "cache_seconds": round(cache_seconds, 2), "train_images": len(train_set),
-               "val_images": len(val_set)}
-    stopped_early = False
-    best_state = None
-    epochs_bar = tqdm(range(start_epoch, epochs + 1), desc="epochs", disable=not progress,
-                      initial=start_epoch - 1, total=epochs)
-    try:
-        for epoch in epochs_bar:
-            if patience is not None and bad_epochs >= patience:
-                stopped_early = True
-                break
-            if epoch in unfreeze_schedule:
-                unfreeze_last(model, unfreeze_schedule[epoch])
-            started = time.perf_counter()
-            seed_everything(seed * 1000 + epoch)
-            model.train()
-            lr_now = opt.param_groups[-1]["lr"] / opt.param_groups[-1].get("lr_scale", 1.0)
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(train_loader(epoch), desc=f"epoch {epoch}", leave=False, disable=not progress)
-            for step, (x, y) in enumerate(bar, start=(epoch - 1) * steps_per_epoch + 1):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model.forward_groups(x, start_group)
-                loss = criterion(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} in epoch {epoch}; lower the learning rate (now {lr}) "
-                        f"or check the inputs. The last good checkpoint is unchanged"
-                        + (f" in {out}" if out else ""))
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if max_grad_norm:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model, step)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-
-            kept = ema.module if ema is not None else model  # the weights we validate, select and save
-            val_loss, val_targets, val_preds = evaluate_loss(kept, val_loader, criterion, device, start_group,
-                                                             dtype, channels_last)
-            if not math.isfinite(val_loss):  # e.g. weights blown up by the last step: do not save them
-                raise NonFiniteLossError(
-                    f"validation loss became {val_loss} in epoch {epoch}; lower the learning rate (now {lr}) "
-                    f"or set max_grad_norm. The last good checkpoint is unchanged" + (f" in {out}" if out else ""))
-            row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                   "val_loss": val_loss, "val_accuracy": score("accuracy", val_targets, val_preds)}
-            if metric != "accuracy":
-                row[f"val_{metric}"] = score(metric, val_targets, val_preds)
-            if ema is not None:  # the raw weights too, side by side with their average
-                raw_loss, raw_targets, raw_preds = evaluate_loss(model, val_loader, criterion, device,
-                                                                 start_group, dtype, channels_last)
-                row["raw_val_loss"] = raw_loss
-                row["raw_val_accuracy"] = score("accuracy", raw_targets, raw_preds)
-                if metric != "accuracy":
-                    row[f"raw_val_{metric}"] = score(metric, raw_targets, raw_preds)
-            row["seconds"] = time.perf_counter() - started
-            history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})
-            current = row[f"val_{metric}"]
-            improved = current > best_score
-            if improved:
-                best_score, bad_epochs = current, 0
-                if out is None and restore_best:
-                    best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
-            else:
-                bad_epochs += 1
-            epochs_bar.set_postfix(train_loss=f"{row['train_loss']:.4f}", **{f"val_{metric}": f"{current:.3f}"})
-            if out is not None:
-                payload = {**identity, "meta": meta, "epoch": epoch, "score": current, "metric": metric,
-                           "model": kept.state_dict()}
-                if improved:
-                    atomic_save(payload, out / "best.pt")
-                # last.pt resumes training: the raw weights, and the average under "ema".
-                atomic_save({**payload, "model": model.state_dict(),
-                             **({"ema": ema.module.state_dict()} if ema is not None else {}),
-                             "config": config, "optimizer": opt.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "history": history, "best_score": best_score, "bad_epochs": bad_epochs},
-                            out / "last.pt")
-                _write_history(out, history, {**summary, "best_score": best_score, "config": config,
-                                              "stopped_early": stopped_early})
-    except torch.cuda.OutOfMemoryError as err:
-        raise _out_of_memory(batch_size, sample.shape[-1]) from err
-
-    if patience is not None and bad_epochs >= patience and len(history) < epochs:
-        stopped_early = True
-    if restore_best and out is not None and (out / "best.pt").is_file():
-        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    elif restore_best and best_state is not None:
-        model.load_state_dict(best_state)
-    elif ema is not None:  # hand back the averaged weights, the ones that were validated
-        model.load_state_dict(ema.module.state_dict())
-    frame = pd.DataFrame(history)
-    summary.update(best_score=best_score, stopped_early=stopped_early,
-                   train_seconds=round(float(frame["seconds"].sum()) + cache_seconds, 2) if len(frame) else 0.0)
-    if out is not None:
-        _write_history(out, history, {**summary, "config": config})
-    frame.attrs.update(summary)
-    return frame
+def _save(out: Path, run: _Run, epoch: int, improved: bool, identity: dict, meta: dict, config: TrainConfig,
+          model: TransferModel, parts: dict, summary: dict) -> None:
+    """``best.pt`` when the epoch improved, ``last.pt`` (everything resume needs), history and fit.json."""
+    kept = parts["ema"].module if parts["ema"] is not None else model
+    payload = {**identity, "meta": meta, "epoch": epoch, "score": run.history[-1][f"val_{config.metric}"],
+               "metric": config.metric, "model": kept.state_dict()}
+    if improved:
+        atomic_save(payload, out / "best.pt")
+    atomic_save({**payload, "model": model.state_dict(),
+                 **({"ema": parts["ema"].module.state_dict()} if parts["ema"] is not None else {}),
+                 "config": asdict(config), "optimizer": parts["optimizer"].state_dict(),
+                 "scheduler": parts["scheduler"].state_dict(), "scaler": parts["scaler"].state_dict(),
+                 "history": run.history, "best_score": run.best_score, "bad_epochs": run.bad_epochs}, out / "last.pt")
+    write_csv(pd.DataFrame(run.history), out / "history.csv")
+    write_json(out / "fit.json", {**summary, "best_score": run.best_score, "config": asdict(config)})
 
 
 def _out_of_memory(batch_size: int, image_size: int) -> RuntimeError:
@@ -508,46 +387,138 @@ def _out_of_memory(batch_size: int, image_size: int) -> RuntimeError:
                         f"strategy that trains fewer layers")
 
 
-def _check_classes(model: TransferModel, train_set: Dataset, val_set: Dataset) -> None:
-    """Both sets must encode labels the same way, and the model needs one output per class."""
-    train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
-    if train_classes is not None and val_classes is not None and list(train_classes) != list(val_classes):
-        raise ValueError(f"the training set's classes {list(train_classes)} differ from the validation set's "
-                         f"{list(val_classes)}: build the validation set with classes=train_set.classes")
-    if train_classes is not None and len(train_classes) != model.num_classes:
-        raise ValueError(f"the model has {model.num_classes} outputs but the training set has "
-                         f"{len(train_classes)} classes {list(train_classes)}: create the model with "
-                         f"num_classes={len(train_classes)}")
+def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig | None = None, *,
+        out_dir: str | os.PathLike | None = None, resume: bool = False, device: str | torch.device | None = None,
+        progress: bool = True, restore_best: bool = True, meta: dict | None = None,
+        preprocessing: Preprocessing | None = None, **settings) -> pd.DataFrame:
+    """Train ``model`` (already frozen by `apply_strategy`) and return the history, one row per epoch.
+
+    Settings come as a `TrainConfig` or as its fields (``fit(model, train, val, epochs=3, lr=3e-4)``).
+    With ``out_dir``, writes ``best.pt``, ``last.pt``, ``history.csv`` and ``fit.json`` there after every
+    epoch, and ``resume=True`` continues from ``last.pt``. Checkpoints store the `Preprocessing` of
+    the validation set's transform (or ``preprocessing``). ``meta`` (plain values) is stored too.
+    Columns: epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy[, val_<metric>][, raw_val_*
+    under ``ema_decay``], seconds; ``history.attrs`` holds the run's summary (device, cache, times).
+    """
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"fit got unknown setting(s) {unknown}; the settings are TrainConfig's fields: "
+                        f"{[f.name for f in fields(TrainConfig)]}")
+    config = replace(config or TrainConfig(), **settings)
+    meta = dict(meta or {})
+    _check_inputs(model, train_set, val_set, config, meta)
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where last.pt is)")
+    out = Path(out_dir) if out_dir is not None else None
+    identity = _identity(model, train_set, val_set, preprocessing) if out is not None else {}
+    device = pick_device(device)
+    dtype = amp_dtype(device) if config.amp else None
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    image_size = train_set[0][0].shape[-1]
+    state = _check_resumable(out / "last.pt", identity, config) if resume and (out / "last.pt").is_file() else None
+    try:
+        return _fit(model, train_set, val_set, config, out, state, device, dtype, progress, restore_best,
+                    meta, identity)
+    except torch.cuda.OutOfMemoryError as err:
+        raise _out_of_memory(config.batch_size, image_size) from err
 
 
-def _dataset_to_check_deterministic(dataset: Dataset) -> bool:
-    from .data import is_deterministic
+def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig, out: Path | None,
+         state: dict | None, device: torch.device, dtype: torch.dtype | None, progress: bool, restore_best: bool,
+         meta: dict, identity: dict) -> pd.DataFrame:
+    prefix, views = feature_cache.plan(model, train_set, config.cache, config.cache_views, config.unfreeze_schedule)
+    cached = feature_cache.build(model, train_set, val_set, prefix, views, seed=config.seed,
+                                 batch_size=config.batch_size, device=device, dtype=dtype,
+                                 channels_last=config.channels_last, num_workers=config.num_workers,
+                                 progress=progress) if prefix else None
+    net = model.tail(prefix)  # the groups that train: all of them, or those after the cached prefix
 
-    return is_deterministic(_dataset_transform(dataset))
+    def train_loader(epoch: int) -> DataLoader:  # reshuffled from (seed, epoch): the same after a resume
+        data, workers = (TensorDataset(*cached.train_view(epoch)), 0) if cached else (train_set, config.num_workers)
+        return make_loader(data, config.batch_size, True, device, seed=config.seed * 1000 + epoch,
+                           num_workers=workers)
+
+    val_loader = make_loader(TensorDataset(*cached.val) if cached else val_set, 2 * config.batch_size, False,
+                             device, num_workers=0 if cached else config.num_workers)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    optimizer = make_optimizer(model, config)
+    parts = {"criterion": make_criterion(config, model, train_set, device), "optimizer": optimizer,
+             "scheduler": make_scheduler(optimizer, config, steps_per_epoch),
+             "scaler": torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+             "ema": WeightAverage(model, config.ema_decay) if config.ema_decay else None}
+    run = _Run()
+    if state is not None:
+        _resume(state, run, config, model, parts, steps_per_epoch)
+    summary = {"device": str(device), "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
+               "channels_last": config.channels_last, "cached": cached is not None,
+               "cached_groups": model.group_names[:prefix], "cache_views": views or 1,
+               "cache_seconds": round(cached.seconds, 2) if cached else 0.0,
+               "train_images": len(train_set), "val_images": len(val_set), "finished": False}
+    bar = tqdm(range(run.start_epoch, config.epochs + 1), desc="epochs", disable=not progress,
+               initial=run.start_epoch - 1, total=config.epochs)
+    for epoch in bar:
+        if config.patience is not None and run.bad_epochs >= config.patience:
+            break
+        if epoch in config.unfreeze_schedule:
+            unfreeze_last(model, config.unfreeze_schedule[epoch])
+        row = _epoch(epoch, model, net, train_loader(epoch), val_loader, parts, config, device, dtype, progress,
+                     out)
+        run.history.append(row)
+        current = row[f"val_{config.metric}"]
+        improved = current > run.best_score
+        run.best_score, run.bad_epochs = (current, 0) if improved else (run.best_score, run.bad_epochs + 1)
+        if improved and out is None and restore_best:
+            kept = parts["ema"].module if parts["ema"] is not None else model
+            run.best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        bar.set_postfix({"train_loss": f"{row['train_loss']:.4f}", f"val_{config.metric}": f"{current:.3f}"})
+        if out is not None:
+            _save(out, run, epoch, improved, identity, meta, config, model, parts, summary)
+    return _finish(model, run, parts, config, out, restore_best, summary, cached)
 
 
-@torch.inference_mode()
-def evaluate_loss(model: TransferModel, loader: DataLoader, criterion: nn.Module, device: torch.device,
-                  start_group: int = 0, dtype: torch.dtype | None = None,
-                  channels_last: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, targets and predictions of ``model`` over ``loader`` (eval mode)."""
-    model.eval()
-    loss_sum, targets, preds = 0.0, [], []
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model.forward_groups(x, start_group)
-        loss_sum += criterion(logits.float(), y).item() * len(y)
-        targets.append(y.cpu())
-        preds.append(logits.argmax(1).cpu())
-    targets, preds = torch.cat(targets).numpy(), torch.cat(preds).numpy()
-    return loss_sum / len(targets), targets, preds
+def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader, val_loader: DataLoader,
+           parts: dict, config: TrainConfig, device: torch.device, dtype: torch.dtype | None, progress: bool,
+           out: Path | None) -> dict:
+    """Train one epoch, validate, and return the history row."""
+    started = time.perf_counter()
+    seed_everything(config.seed * 1000 + epoch)
+    optimizer = parts["optimizer"]
+    lr = optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1].get("lr_scale", 1.0)
+    try:
+        trained = train_one_epoch(net, loader, optimizer, parts["criterion"], device, scaler=parts["scaler"],
+                                  scheduler=parts["scheduler"], dtype=dtype, channels_last=config.channels_last,
+                                  max_grad_norm=config.max_grad_norm, ema=parts["ema"], progress=progress,
+                                  desc=f"epoch {epoch}")
+        row = {"epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
+               **_validate(model, net, parts, val_loader, config, device, dtype)}
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err} in epoch {epoch}; lower the learning rate (now {config.lr}) or set "
+                                 f"max_grad_norm. The last good checkpoint is unchanged"
+                                 + (f" in {out}" if out else "")) from None
+    row["seconds"] = time.perf_counter() - started
+    return {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
 
 
-def _write_history(out: Path, history: list[dict], summary: dict) -> None:
-    from .data import atomic_write_csv
-
-    atomic_write_csv(pd.DataFrame(history), out / "history.csv")
-    write_json(out / "fit.json", summary)
+def _finish(model: TransferModel, run: _Run, parts: dict, config: TrainConfig, out: Path | None,
+            restore_best: bool, summary: dict, cached) -> pd.DataFrame:
+    """Hand back the best weights (or the average), write the final summary, return the history."""
+    if restore_best and out is not None and (out / "best.pt").is_file():
+        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    elif restore_best and run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    elif parts["ema"] is not None:  # the averaged weights are the ones that were validated
+        model.load_state_dict(parts["ema"].module.state_dict())
+    frame = pd.DataFrame(run.history)
+    metric = f"val_{config.metric}"
+    summary.update(best_score=run.best_score, finished=True, epochs_run=len(frame),
+                   best_epoch=int(frame.loc[frame[metric].idxmax(), "epoch"]) if len(frame) else None,
+                   stopped_early=len(frame) < config.epochs,
+                   train_seconds=round(float(frame["seconds"].sum()) + (cached.seconds if cached else 0.0), 2)
+                   if len(frame) else 0.0)
+    if out is not None:
+        write_csv(frame, out / "history.csv")
+        write_json(out / "fit.json", {**summary, "config": asdict(config)})
+    frame.attrs.update(summary)
+    return frame

@@ -166,7 +166,7 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     _positive("lr", p["lr"], float)
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
-    from .training import pick_device
+    from .runtime import pick_device
 
     device = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
 
@@ -275,11 +275,6 @@ def load_datasets(params: Params, train_tf, eval_tf) -> dict:
 # Run-folder I/O
 
 
-def write_json(path: str | os.PathLike, obj: object) -> Path:
-    """Write JSON atomically (temporary file, then rename)."""
-    return files.write_json(path, obj)
-
-
 def require(path: str | os.PathLike, notebook: str) -> Path:
     """``path`` if it exists, else an error saying which notebook writes it."""
     path = Path(path)
@@ -308,7 +303,7 @@ def save_figure(fig, params: Params, name: str) -> Path:
 
 def environment() -> dict:
     """Where this notebook runs: Python, torch, device, GPU, CPU threads, Colab, smoke mode."""
-    from .training import pick_device
+    from .runtime import pick_device
 
     device = pick_device(None)
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),

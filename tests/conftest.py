@@ -26,7 +26,8 @@ def tiny_splits(tiny_root):
 @pytest.fixture()
 def tiny_sets(tiny_root, tiny_splits):
     """Train and validation `ImageDataset`s of the binary task at 64 px, no augmentation."""
-    from helpers.data import ELPV_TASKS, ImageDataset, eval_transform
+    from helpers.data import ELPV_TASKS, ImageDataset
+    from helpers.transforms import eval_transform
     from helpers.models import BACKBONES
 
     transform = eval_transform(BACKBONES["efficientnet_lite0"], image_size=64, crop_pct=1.0)

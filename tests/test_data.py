@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, SquarePad, eval_transform, is_deterministic,
-                          load_splits, load_table, make_splits, make_tiny_elpv, prepare_elpv, read_image,
-                          save_splits, train_transform)
+from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, load_splits, load_table, make_splits,
+                          make_tiny_elpv, prepare_elpv, read_image, save_splits)
+from helpers.transforms import SquarePad, eval_transform, is_deterministic, train_transform
 from helpers.models import BACKBONES
 
 LITE0 = BACKBONES["efficientnet_lite0"]

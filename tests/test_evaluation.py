@@ -11,9 +11,10 @@ from matplotlib.figure import Figure
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from helpers import evaluation as ev
+from helpers.files import write_json
 from helpers.freezing import apply_strategy
 from helpers.models import available_backbones, create_model
-from helpers.training import seed_everything
+from helpers.runtime import seed_everything
 
 BINARY = ["functional", "defective"]
 
@@ -65,13 +66,23 @@ def test_predict_columns_order_and_probabilities(model, tiny_sets):
     np.testing.assert_allclose(logits[:3].numpy(), direct.numpy(), atol=1e-4)
 
 
-def test_predict_tta_averages_flips(model, tiny_sets):
+@pytest.mark.parametrize("tta", ["hflip", "hvflip"])
+def test_predict_tta_averages_only_the_allowed_flips(model, tiny_sets, tta):
     _, val = tiny_sets
-    pred = ev.predict(model, val, batch_size=8, tta=True, num_workers=0)
+    pred = ev.predict(model, val, batch_size=8, tta=tta, num_workers=0)
     x = torch.stack([val[i][0] for i in range(len(val))])
+    views = (x, x.flip(-1)) if tta == "hflip" else (x, x.flip(-1), x.flip(-2))  # photos have an 'up'
     with torch.no_grad():
-        manual = torch.stack([model(v).softmax(1) for v in (x, x.flip(-1), x.flip(-2))]).mean(0)
+        manual = torch.stack([model(v).softmax(1) for v in views]).mean(0)
     np.testing.assert_allclose(pred[["prob_functional", "prob_defective"]].to_numpy(), manual.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown tta True"):
+        ev.predict(model, val, tta=True, num_workers=0)
+
+
+def test_tta_follows_the_augmentation_recipe():
+    from helpers.transforms import TTA_FLIPS
+
+    assert TTA_FLIPS["natural"] == "hflip" and TTA_FLIPS["cells"] == "hvflip"
 
 
 def test_predict_rejects_class_mismatch(tiny_sets):
@@ -306,16 +317,17 @@ def test_plots_return_figures():
 def test_summarize_run_and_write_json(tmp_path):
     pred = table([0, 1, 1, 0], [0, 1, 0, 0], [[.8, .2], [.3, .7], [.6, .4], [.9, .1]], BINARY,
                  groups=["mono", "poly", "mono", "poly"])
-    ckpt = {"backbone": "efficientnet_lite0", "strategy": {"name": "head"}, "image_size": 224,
-            "classes": BINARY, "meta": {"task": "binary", "crop_pct": 1.0}}
+    ckpt = {"backbone": "efficientnet_lite0", "strategy": {"name": "head"}, "classes": BINARY,
+            "preprocessing": {"image_size": 224, "crop_pct": 1.0}, "meta": {"task": "binary"}}
     fit_summary = {"train_seconds": 12.5, "config": {"epochs": 3}}
     summary = ev.summarize_run(pred, BINARY, ckpt, fit_summary, ece=0.1, ece_after=0.05, temperature=1.5,
-                               tta_pred=pred)
+                               tta_pred=pred, tta="hvflip")
     assert tuple(summary) == ev.METRICS_KEYS
-    assert summary["test_accuracy"] == 0.75 and summary["tta_accuracy"] == 0.75
+    assert summary["test_accuracy"] == 0.75 and summary["tta_accuracy"] == 0.75 and summary["tta"] == "hvflip"
+    assert summary["image_size"] == 224
     assert summary["task"] == "binary" and summary["epochs"] == 3 and summary["n_test"] == 4
     assert summary["per_group"]["mono"]["n"] == 2
-    path = ev.write_json(tmp_path / "run" / "metrics.json", summary)
+    path = write_json(tmp_path / "run" / "metrics.json", summary)
     assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
     with pytest.raises(KeyError, match="train_seconds"):
@@ -326,9 +338,9 @@ def test_summarize_run_and_write_json(tmp_path):
 
 def test_write_json_refuses_nan_and_converts_numpy(tmp_path):
     with pytest.raises(ValueError, match="bad.json"):
-        ev.write_json(tmp_path / "bad.json", {"x": float("nan")})
+        write_json(tmp_path / "bad.json", {"x": float("nan")})
     assert not (tmp_path / "bad.json").exists()
-    path = ev.write_json(tmp_path / "ok.json", {"a": np.float32(0.5), "b": np.int64(3), "c": np.arange(2)})
+    path = write_json(tmp_path / "ok.json", {"a": np.float32(0.5), "b": np.int64(3), "c": np.arange(2)})
     assert json.loads(path.read_text()) == {"a": 0.5, "b": 3, "c": [0, 1]}
 
 

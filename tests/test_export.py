@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from helpers.checkpoint import atomic_save, describe_model
-from helpers.data import ELPV_TASKS, eval_transform, read_image
+from helpers.transforms import Preprocessing, resolve_preprocessing
+from helpers.data import ELPV_TASKS, read_image
+from helpers.transforms import eval_transform
 from helpers.export import export_model, export_transform, is_exported, load_exported, preprocess_for_export
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
 from helpers.predict import main
-from helpers.training import seed_everything
+from helpers.runtime import seed_everything
 
 CLASSES = ELPV_TASKS["binary"][1]
 SIZE = 64
@@ -28,7 +30,8 @@ def make_model(strategy: str):
 
 def checkpoint(model) -> dict:
     """What `fit` stores in best.pt, without training."""
-    return {**describe_model(model, CLASSES, SIZE, crop_pct=1.0), "meta": {"task": "binary", "crop_pct": 1.0},
+    prep = resolve_preprocessing(model, SIZE, crop_pct=1.0)
+    return {**describe_model(model, CLASSES, prep), "meta": {"task": "binary"},
             "epoch": 1, "score": 0.5, "metric": "accuracy", "model": model.state_dict()}
 
 
@@ -88,22 +91,24 @@ def test_export_carries_preprocessing_and_classes(exported):
     model, path = exported
     _, meta = load_exported(path)
     assert meta["classes"] == CLASSES
-    assert meta["image_size"] == SIZE and meta["crop_pct"] == 1.0
-    assert meta["mean"] == [0.5, 0.5, 0.5] and meta["std"] == [0.5, 0.5, 0.5]
-    assert meta["interpolation"] == "bicubic" and meta["backbone"] == "efficientnet_lite0"
+    assert meta["preprocessing"] == resolve_preprocessing(model, SIZE, crop_pct=1.0).to_dict()
+    assert meta["preprocessing"]["image_size"] == SIZE and meta["preprocessing"]["crop_pct"] == 1.0
+    assert meta["backbone"] == "efficientnet_lite0"
     assert meta["strategy"] == model.strategy and meta["task"] == "binary"
     assert [p.name for p in path.parent.iterdir()] == ["model.pt2"]  # atomic: no temporary file left
 
 
 def test_preprocess_matches_eval_transform(image_files):
-    meta = {"classes": CLASSES, "image_size": SIZE, "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+    prep = Preprocessing(image_size=SIZE, crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         interpolation="bilinear")
+    meta = {"classes": CLASSES, "preprocessing": prep.to_dict()}
     from helpers.models import BACKBONES
 
     reference = eval_transform(BACKBONES["resnet18"], SIZE, crop_pct=0.875)
+    assert reference.preprocessing == prep
     image = read_image(image_files[0])[:, 5:]  # not square: exercises SquarePad
     unit = preprocess_for_export(image, meta)
-    normalized = (unit - torch.tensor(meta["mean"]).view(3, 1, 1)) / torch.tensor(meta["std"]).view(3, 1, 1)
+    normalized = (unit - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
     torch.testing.assert_close(normalized, reference(torch.from_numpy(image).permute(2, 0, 1)), atol=1e-6, rtol=0)
     assert len(export_transform(meta).transforms) == len(reference.transforms) - 1
     with pytest.raises(ValueError, match="RGB"):
@@ -113,10 +118,11 @@ def test_preprocess_matches_eval_transform(image_files):
 def test_export_leaves_the_model_alone(tmp_path):
     model = make_model("head").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    prep = resolve_preprocessing(model, SIZE)
     with pytest.raises(ValueError, match="3 classes"):
-        export_model(model, {"classes": ["a", "b", "c"], "image_size": SIZE}, tmp_path / "m.pt2")
+        export_model(model, {"classes": ["a", "b", "c"], "preprocessing": prep}, tmp_path / "m.pt2")
     assert not (tmp_path / "m.pt2").exists()
-    with pytest.raises(KeyError, match="image_size"):
+    with pytest.raises(KeyError, match="preprocessing"):
         export_model(model, {"classes": CLASSES}, tmp_path / "m.pt2")
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -3,7 +3,7 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from helpers.data import eval_transform
+from helpers.transforms import eval_transform
 from helpers.freezing import (SIMILARITY_THRESHOLD, apply_strategy, frozen_prefix_length, measure_similarity,
                               param_groups, recommend, trainable_summary, unfreeze_last)
 from helpers.models import create_model
@@ -106,7 +106,7 @@ def test_measured_similarity_separates_photos_from_solar_cells(tiny_root):
                           for n in ("chelsea", "coffee", "astronaut", "rocket")])
     cells = ImageDataset(tiny_root, tiny_root / "labels.csv", transform=transform)
     cell_batch = torch.stack([cells[i][0] for i in range(0, 64, 4)])
-    probe = create_model("efficientnet_lite0", 1000)
+    probe = create_model("efficientnet_lite0", None)
     photo_score = measure_similarity(photos, probe)
     cell_score = measure_similarity(cell_batch, probe)
     assert photo_score["similar"] and not cell_score["similar"]

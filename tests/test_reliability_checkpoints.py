@@ -12,10 +12,12 @@ import torch
 
 from helpers.checkpoint import (FORMAT_VERSION, atomic_save, load_checkpoint, load_weights,
                                 model_from_checkpoint)
-from helpers.data import ELPV_TASKS, ImageDataset, eval_transform
+from helpers.data import ELPV_TASKS, ImageDataset
+from helpers.transforms import eval_transform
 from helpers.freezing import apply_strategy
 from helpers.models import BACKBONES, create_model
-from helpers.training import fit, seed_everything
+from helpers.training import fit
+from helpers.runtime import seed_everything
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def trained(tiny_root, tiny_splits, tmp_path_factory):
     model = apply_strategy(create_model("efficientnet_lite0", 2), "head")
     out = tmp_path_factory.mktemp("trained")
     fit(model, train, val, epochs=1, batch_size=16, out_dir=out, progress=False, num_workers=0,
-        meta={"crop_pct": 1.0, "task": "binary"})
+        meta={"task": "binary"})
     return out, model, val
 
 
@@ -40,9 +42,9 @@ def test_checkpoints_describe_the_model_and_its_preprocessing(trained):
         assert ckpt["format_version"] == FORMAT_VERSION
         assert ckpt["backbone"] == "efficientnet_lite0"
         assert ckpt["classes"] == ["functional", "defective"] and ckpt["num_classes"] == 2
-        assert ckpt["strategy"] == {"name": "head"} and ckpt["image_size"] == 64
-        assert ckpt["preprocessing"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                                         "interpolation": "bicubic", "crop_pct": 1.0}
+        assert ckpt["strategy"] == {"name": "head"}
+        assert ckpt["preprocessing"] == {"image_size": 64, "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5],
+                                         "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "square_pad": True}
         assert ckpt["epoch"] == 1 and ckpt["metric"] == "accuracy" and ckpt["meta"]["task"] == "binary"
     last = load_checkpoint(out / "last.pt")
     assert {"config", "optimizer", "scheduler", "scaler", "history", "best_score", "bad_epochs"} <= set(last)
@@ -118,7 +120,7 @@ def test_non_plain_meta_is_refused_before_training(trained):
     import numpy as np
 
     out, model, val = trained
-    for meta, culprit in (({"crop_pct": np.float64(1.0)}, r"meta\['crop_pct'\] is a float64"),
+    for meta, culprit in (({"threshold": np.float64(0.5)}, r"meta\['threshold'\] is a float64"),
                           ({"paths": [out]}, r"meta\['paths'\]\[0\] is a \w*Path")):
         with pytest.raises(TypeError, match=culprit):
             fit(model, val, val, epochs=1, meta=meta, progress=False, num_workers=0)
@@ -144,10 +146,10 @@ _STALLED_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from helpers.checkpoint import atomic_save
+    from helpers.checkpoint import FORMAT_VERSION, atomic_save
 
     path, marker = Path(sys.argv[1]), Path(sys.argv[2])
-    atomic_save({"format_version": 1, "epoch": 1, "model": {"w": torch.zeros(1000)}}, path)
+    atomic_save({"format_version": FORMAT_VERSION, "epoch": 1, "model": {"w": torch.zeros(1000)}}, path)
     real_save = torch.save
 
     class Stall:  # passes bytes through, then stops for good half-way: the moment of the kill
@@ -166,7 +168,7 @@ _STALLED_SAVE = textwrap.dedent("""
 
     torch.save = lambda obj, handle: real_save(obj, Stall(handle))
     new = {f"w{i}": torch.ones(250_000) for i in range(8)}  # 8 MB, written tensor by tensor
-    atomic_save({"format_version": 1, "epoch": 2, "model": new}, path)
+    atomic_save({"format_version": FORMAT_VERSION, "epoch": 2, "model": new}, path)
 """)
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from helpers.checkpoint import load_checkpoint
-from helpers.data import ELPV_TASKS, ImageDataset, eval_transform, save_splits
+from helpers.data import ELPV_TASKS, ImageDataset, save_splits
+from helpers.transforms import eval_transform
 from helpers.freezing import STRATEGIES, apply_strategy
 from helpers.models import BACKBONES, create_model
-from helpers.training import NonFiniteLossError, fit, seed_everything
+from helpers.training import NonFiniteLossError, fit
+from helpers.runtime import seed_everything
 
 COMPARE = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
 LITE0 = BACKBONES["efficientnet_lite0"]
@@ -50,10 +52,12 @@ _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from helpers.data import ELPV_TASKS, ImageDataset, eval_transform, load_splits
+    from helpers.data import ELPV_TASKS, ImageDataset, load_splits
+    from helpers.transforms import eval_transform
     from helpers.freezing import apply_strategy
     from helpers.models import BACKBONES, create_model
-    from helpers.training import fit, seed_everything
+    from helpers.training import fit
+    from helpers.runtime import seed_everything
 
     root, splits_dir, out, marker, threads = sys.argv[1:6]
     torch.set_num_threads(int(threads))

@@ -3,10 +3,13 @@ import pytest
 import torch
 
 from helpers.checkpoint import load_checkpoint, model_from_checkpoint
-from helpers.data import ImageDataset, train_transform
+from helpers.data import ImageDataset
+from helpers.transforms import train_transform
 from helpers.freezing import apply_strategy, frozen_prefix_length
 from helpers.models import BACKBONES, create_model
-from helpers.training import extract_features, fit, pick_device, seed_everything
+from helpers.cache import extract_features
+from helpers.training import fit
+from helpers.runtime import pick_device, seed_everything
 
 
 def fresh_model(strategy="last_n", **options):
@@ -86,7 +89,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_p
 
 
 def test_ema_weights_are_the_ones_validated_and_saved(tiny_sets, tmp_path):
-    from helpers.training import evaluate_loss, make_loader
+    from helpers.runtime import make_loader
+    from helpers.training import evaluate
 
     train, val = tiny_sets
     model = fresh_model(n=2)
@@ -100,7 +104,7 @@ def test_ema_weights_are_the_ones_validated_and_saved(tiny_sets, tmp_path):
     for weights, column in ((last["ema"], "val_loss"), (last["model"], "raw_val_loss")):
         probe = fresh_model(n=2)
         probe.load_state_dict(weights)
-        loss, _, _ = evaluate_loss(probe, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+        loss = evaluate(probe, loader, torch.nn.CrossEntropyLoss(), torch.device("cpu"))["loss"]
         assert loss == pytest.approx(history[column].iloc[-1], rel=1e-4), column
     # best.pt holds averaged weights, and fit hands them back.
     best = load_checkpoint(tmp_path / "best.pt")
@@ -125,28 +129,28 @@ def _train_epochs_then_stop(model, train, val, out_dir, stop_after, **settings):
     """Run fit and abort it (like a kill) right after epoch ``stop_after`` is checkpointed."""
     import helpers.training as training
 
-    original = training._write_history
+    original = training._save
 
-    def write_then_maybe_stop(out, history, summary):
-        original(out, history, summary)
-        if len(history) == stop_after:
+    def save_then_maybe_stop(out, run, epoch, *rest):
+        original(out, run, epoch, *rest)
+        if epoch == stop_after:
             raise _Stop
 
-    training._write_history = write_then_maybe_stop
+    training._save = save_then_maybe_stop
     try:
         with pytest.raises(_Stop):
             fit(model, train, val, out_dir=out_dir, **settings)
     finally:
-        training._write_history = original
+        training._save = original
     assert load_checkpoint(out_dir / "last.pt")["epoch"] == stop_after
 
 
 def test_checkpoints_rebuild_the_model(tiny_sets, tmp_path):
     train, val = tiny_sets
     model = apply_strategy(create_model("efficientnet_lite0", 2), "truncate", after="stage3", n=1)
-    fit(model, train, val, epochs=1, out_dir=tmp_path, progress=False, num_workers=0, meta={"crop_pct": 1.0})
+    fit(model, train, val, epochs=1, out_dir=tmp_path, progress=False, num_workers=0)
     rebuilt, ckpt = model_from_checkpoint(tmp_path / "best.pt")
-    assert ckpt["classes"] == ["functional", "defective"] and ckpt["image_size"] == 64
+    assert ckpt["classes"] == ["functional", "defective"] and ckpt["preprocessing"]["image_size"] == 64
     assert ckpt["strategy"] == {"name": "truncate", "after": "stage3", "n": 1}
     assert ckpt["preprocessing"]["crop_pct"] == 1.0
     x = torch.stack([val[i][0] for i in range(4)])

@@ -1,0 +1,20 @@
+"""The scores the workbook selects and reports models by, one definition for training and evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def score(metric: str, targets: np.ndarray, predictions: np.ndarray) -> float:
+    """``metric`` of class-index predictions: accuracy; balanced accuracy (mean recall per class);
+    macro-F1 (mean F1 over the classes that occur, 0 for a class never predicted)."""
+    if metric == "accuracy":
+        return float(accuracy_score(targets, predictions))
+    if metric == "balanced_accuracy":
+        return float(balanced_accuracy_score(targets, predictions))
+    if metric == "macro_f1":
+        return float(f1_score(targets, predictions, average="macro", zero_division=0))
+    raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
