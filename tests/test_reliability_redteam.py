@@ -1,0 +1,257 @@
+"""Issue 14, the red-team findings: each test reproduces one way a hostile or careless user broke
+the workbook (crafted model files, odd CSVs, odd parameters, interruptions) and checks the fix.
+
+Everything runs on tiny generated images and an untrained EfficientNet-Lite0 at 32 px.
+"""
+
+import io
+import json
+import os
+import struct
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import course, workbook
+from helpers.checkpoint import describe_model, load_checkpoint
+from helpers.data import (ImageDataset, ImageReadError, load_table, overlapping_files, read_image,
+                          scan_class_folders)
+from helpers.export import export_model, load_exported
+from helpers.freezing import apply_strategy
+from helpers.models import create_model
+from helpers.predict import main as predict_main
+
+SIZE = 32
+CLASSES = ["cat", "dog"]
+
+
+class _Payload:
+    """Pickles to ``os.system("touch MARKER")``: harmless proof that unpickling ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _image(path: Path, value: int = 0, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((size, size, 3), value, np.uint8))
+    return path
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A well-formed PNG that *declares* width x height (8-bit gray) but carries only 4 rows."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    """A 24-bit BMP that declares width x height but holds almost no pixel data (read by Pillow)."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54) + info + b"\x00" * 16
+
+
+def _run(folder: Path, run_name: str = "run") -> Path:
+    return workbook.run_folder(str(folder / run_name))
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """An untrained 2-class model as a weights_only checkpoint and as a legitimate export."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "head").eval()
+    ckpt = {**describe_model(model, CLASSES, SIZE, crop_pct=1.0), "meta": {"task": "custom"}, "epoch": 1,
+            "score": 0.5, "metric": "accuracy", "model": model.state_dict()}
+    torch.save(ckpt, folder / "best.pt")
+    export_model(model, ckpt, folder / "model.pt2")
+    return folder / "best.pt", folder / "model.pt2"
+
+
+def _images(folder: Path, names=("a.png", "b.png")) -> Path:
+    for i, name in enumerate(names):
+        _image(folder / name, 40 * i)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Code execution through predict: a crafted .pt2
+
+
+def _rewrite_zip(source: Path, target: Path, change) -> Path:
+    """Copy an archive entry by entry; ``change(name, data)`` returns new data, or None to keep it."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            new.writestr(name, change(name, data) or data)
+    return target
+
+
+def _booby_trap(export: Path, target: Path, kind: str, marker: Path) -> Path:
+    """``export`` with a payload where torch.export.load unpickles: a weight marked as pickled, or
+    sample inputs that weights_only refuses (torch then falls back to a full unpickle)."""
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    config_name = "archive/data/weights/model_weights_config.json"
+    with zipfile.ZipFile(export) as archive:
+        config = json.loads(archive.read(config_name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    replace = ({config_name: json.dumps(config).encode(), f"archive/data/weights/{first['path_name']}": payload.getvalue()}
+               if kind == "pickled weight" else {"archive/data/sample_inputs/model.pt": payload.getvalue()})
+    return _rewrite_zip(export, target, lambda name, data: replace.get(name))
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Test leakage through path spellings
+
+
+@pytest.mark.parametrize("first, second", [("img/x.png", "./img/x.png"), ("img/x.png", "img/../img/x.png"),
+                                           ("img/x.png", "img//x.png")])
+def test_one_image_under_two_spellings_is_refused(tmp_path, first, second):
+    _image(tmp_path / "img" / "x.png")
+    _image(tmp_path / "img" / "y.png")
+    table = pd.DataFrame({"file": [first, "img/y.png", second], "label": ["cat", "dog", "dog"]})
+    with pytest.raises(ValueError, match=r"1 file\(s\) listed more than once under different spellings.*"
+                                         + f"'{first}' = '{second}'".replace(".", r"\.")):
+        load_table(tmp_path, table)
+
+
+def test_splits_are_compared_by_resolved_path(tmp_path):
+    _image(tmp_path / "img" / "x.png")
+    _image(tmp_path / "img" / "y.png")
+    splits = {"train": pd.DataFrame({"file": ["img/x.png"]}), "val": pd.DataFrame({"file": ["img/y.png"]}),
+              "test": pd.DataFrame({"file": ["./img/x.png"]})}
+    assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
+    splits["test"] = pd.DataFrame({"file": ["img/y.png"]})
+    assert overlapping_files({k: v for k, v in splits.items() if k != "val"}, tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Parameters that conflict with what notebook 02 wrote
+
+
+def _own_data(root: Path) -> Path:
+    for label in CLASSES:
+        for i in range(4):
+            _image(root / label / f"{i}.png", 30 * i)
+    return root
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Decompression bombs
+
+
+@pytest.mark.parametrize("name, header, message", [
+    ("big.png", _png_header(12000, 12000), "12000 x 12000 = 144,000,000 pixels exceeds the limit of 100,000,000"),
+    ("huge.png", _png_header(40000, 40000), "40000 x 40000 = 1,600,000,000 pixels exceeds"),  # OpenCV asserted
+    ("big.bmp", _bmp_header(12000, 12000), "12000 x 12000 = 144,000,000 pixels exceeds"),
+    ("huge.bmp", _bmp_header(40000, 40000), r"too large to decode safely \(Image size"),  # Pillow's hard limit
+])
+def test_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, name, header, message):
+    (tmp_path / name).write_bytes(header)  # a few hundred bytes that would take gigabytes once decoded
+    with pytest.raises(ImageReadError, match=name.replace(".", r"\.") + ": " + message):
+        read_image(tmp_path / name)
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    _image(tmp_path / "forty.png", size=40)
+    assert read_image(tmp_path / "forty.png").shape == (40, 40, 3)
+    monkeypatch.setenv("TL_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ImageReadError, match=r"forty\.png: 40 x 40 = 1,600 pixels exceeds the limit of 1,000"):
+        read_image(tmp_path / "forty.png")
+    monkeypatch.setenv("TL_MAX_IMAGE_PIXELS", "many")
+    with pytest.raises(ValueError, match="TL_MAX_IMAGE_PIXELS must be a positive number of pixels, got 'many'"):
+        read_image(tmp_path / "forty.png")
+
+
+def test_predict_skip_bad_skips_a_bomb(model_files, tmp_path, capsys):
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images", ("good.png",))
+    (folder / "bomb.png").write_bytes(_png_header(40000, 40000))
+    out = tmp_path / "p.csv"
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0"]) == 1
+    assert "bomb.png" in capsys.readouterr().err and not out.exists()
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0", "--skip-bad"]) == 0
+    assert "bomb.png: 40000 x 40000" in capsys.readouterr().err
+    assert pd.read_csv(out)["file"].tolist() == ["good.png"]
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Interrupted course
+
+
+def _code(notebook: str) -> str:
+    cells = json.loads((workbook.workbook_root() / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Unclear crashes become one line naming the file, column or value
+
+
+def test_hidden_folder_leaving_one_class_is_named(tmp_path):
+    _image(tmp_path / "cat" / "1.png")
+    _image(tmp_path / ".hidden" / "1.png")
+    with pytest.raises(ValueError, match=r"only one class folder, 'cat'.*hidden folders are skipped: \['\.hidden'\]"):
+        scan_class_folders(tmp_path)
+
+
+def test_excel_trailing_commas_do_not_shift_columns(tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    # Data rows one field wider than the header: pandas would take the file column as the row index.
+    for header in ("file,label", "file,label,"):
+        (tmp_path / "labels.csv").write_text(f"{header}\r\na.png,cat,\r\nb.png,dog,\r\n")
+        table = load_table(tmp_path, tmp_path / "labels.csv")
+        assert table["file"].tolist() == ["a.png", "b.png"] and table["label"].tolist() == ["cat", "dog"]
+    (tmp_path / "extra.csv").write_text("file,label\na.png,cat\nb.png,dog,surprise\n")
+    with pytest.raises(ValueError, match=r"extra\.csv: line 3 has 3 fields but the header has 2"):
+        load_table(tmp_path, tmp_path / "extra.csv")
+
+
+def test_latin1_and_empty_csv_are_named(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "latin.csv").write_bytes("file,label\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 text \(byte 0xe9"):
+        load_table(tmp_path, tmp_path / "latin.csv")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.csv is empty"):
+        load_table(tmp_path, tmp_path / "empty.csv")
+
+
+def test_labels_with_surrounding_spaces_are_stripped_with_a_warning(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / name)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,defective \nb.png,defective\nc.png, ok\n")
+    with pytest.warns(UserWarning, match=r"stripped surrounding spaces from 2 'label' value\(s\)"):
+        dataset = ImageDataset(tmp_path, tmp_path / "labels.csv")
+    assert dataset.classes == ["defective", "ok"]
+
+
+# ----------------------------------------------------------------------------------------
+# 10. Low: paths outside data_root, formula injection, inconsistent checkpoints, absurd parameters
+
+
+def test_paths_outside_data_root_are_refused_unless_allowed(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    outside = _image(tmp_path / "secret.png")
+    for name in ("../secret.png", str(outside)):
+        table = pd.DataFrame({"file": ["a.png", name], "label": ["cat", "dog"]})
+        with pytest.raises(ValueError, match=r"1 path\(s\) point outside .*data.*allow_outside_root=True"):
+            load_table(root, table)
+        assert len(ImageDataset(root, table, allow_outside_root=True)) == 2
