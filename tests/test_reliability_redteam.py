@@ -255,3 +255,15 @@ def test_paths_outside_data_root_are_refused_unless_allowed(tmp_path):
         with pytest.raises(ValueError, match=r"1 path\(s\) point outside .*data.*allow_outside_root=True"):
             load_table(root, table)
         assert len(ImageDataset(root, table, allow_outside_root=True)) == 2
+
+
+def test_checkpoint_whose_classes_do_not_match_its_outputs_is_refused(model_files, tmp_path, capsys):
+    ckpt_path, _ = model_files
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save({**ckpt, "classes": ["cat", "dog", "bird"]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: 3 class name\(s\) \['cat', 'dog', 'bird'\] but the classifier "
+                                         r"has 2 output\(s\)"):
+        load_checkpoint(tmp_path / "bad.pt")
+    folder = _images(tmp_path / "images")
+    assert predict_main([str(tmp_path / "bad.pt"), str(folder), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "3 class name(s)" in capsys.readouterr().err
