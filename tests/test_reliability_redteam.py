@@ -23,9 +23,10 @@ from helpers import course, workbook
 from helpers.checkpoint import describe_model, load_checkpoint
 from helpers.data import (ImageDataset, ImageReadError, load_table, overlapping_files, read_image,
                           scan_class_folders)
-from helpers.export import export_model, load_exported
+from helpers.export import UnsafeExportError, check_export_safe, export_model, load_exported
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
+from helpers.predict import escape_formulas
 from helpers.predict import main as predict_main
 
 SIZE = 32
@@ -115,6 +116,60 @@ def _booby_trap(export: Path, target: Path, kind: str, marker: Path) -> Path:
     return _rewrite_zip(export, target, lambda name, data: replace.get(name))
 
 
+@pytest.mark.parametrize("kind", ["pickled weight", "sample inputs"])
+def test_predict_refuses_an_export_that_would_unpickle_code(model_files, tmp_path, kind, capsys):
+    _, export = model_files
+    marker = tmp_path / "code_ran"
+    # Named best.pt on purpose: predict picks the loader by content, not by name.
+    trap = _booby_trap(export, tmp_path / "best.pt", kind, marker)
+    folder = _images(tmp_path / "images")
+    status = predict_main([str(trap), str(folder), "--out", str(tmp_path / "p.csv"), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "refusing to load" in err and "best.pt" in err and "--trust-export" in err
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    with pytest.raises(UnsafeExportError, match="weights_only checkpoint"):
+        load_exported(trap)
+    assert not marker.exists()
+    # The file is a live attack: the explicit escape hatch does run the payload.
+    with pytest.raises(ValueError):
+        load_exported(trap, trusted=True)
+    assert marker.exists()
+
+
+def test_export_with_extra_entries_is_refused_and_a_real_one_loads(model_files, tmp_path):
+    _, export = model_files
+    check_export_safe(export)  # what export_model writes passes the check
+    module, meta = load_exported(export)
+    assert meta["classes"] == CLASSES and module(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 2)
+    legacy = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(export) as old, zipfile.ZipFile(legacy, "w") as new:
+        for name in old.namelist():
+            new.writestr(name, old.read(name))
+        new.writestr("archive/data/weights/model.pt", b"\x80\x02}q\x00.")  # legacy weights: a pickle
+    with pytest.raises(UnsafeExportError, match=r"unexpected entry 'archive/data/weights/model\.pt'"):
+        load_exported(legacy)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Silent overwrites
+
+
+def test_predict_never_overwrites_the_model_or_an_input(model_files, tmp_path, capsys):
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images")
+    image_bytes = (folder / "a.png").read_bytes()
+    status = predict_main([str(ckpt), str(folder), "--out", str(folder / "a.png"), "--overwrite",
+                           "--num-workers", "0"])
+    assert status == 2 and "is one of the images to label" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes() == image_bytes
+    model_copy = tmp_path / "copy.pt"
+    model_copy.write_bytes(ckpt.read_bytes())
+    status = predict_main([str(model_copy), str(folder), "--out", str(model_copy), "--overwrite",
+                           "--num-workers", "0"])
+    assert status == 2 and "is the model file" in capsys.readouterr().err
+    assert model_copy.read_bytes() == ckpt.read_bytes()
+
+
 # ----------------------------------------------------------------------------------------
 # 3. Test leakage through path spellings
 
@@ -200,6 +255,23 @@ def _code(notebook: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# 8. predict checks --out before any work
+
+
+def test_predict_checks_out_before_loading_anything(model_files, tmp_path, monkeypatch, capsys):
+    import helpers.predict
+
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images")
+    (tmp_path / "plain_file").write_text("x")
+    loaded = []
+    monkeypatch.setattr(helpers.predict, "load_model", lambda *a, **kw: loaded.append(a) or (None, None))
+    status = predict_main([str(ckpt), str(folder), "--out", str(tmp_path / "plain_file" / "sub" / "p.csv")])
+    assert status == 2 and "plain_file is a file, not a folder" in capsys.readouterr().err
+    assert loaded == []
+
+
+# ----------------------------------------------------------------------------------------
 # 9. Unclear crashes become one line naming the file, column or value
 
 
@@ -233,6 +305,23 @@ def test_latin1_and_empty_csv_are_named(tmp_path):
         load_table(tmp_path, tmp_path / "empty.csv")
 
 
+@pytest.mark.parametrize("damage", ["cut program", "lost entry"])
+def test_damaged_export_is_one_line_naming_the_file(model_files, tmp_path, damage, capsys):
+    _, export = model_files
+    damaged = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(export) as old, zipfile.ZipFile(damaged, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            if name.endswith("models/model.json") and damage == "cut program":
+                data = data[: len(data) // 2]
+            if not (name.endswith("data/sample_inputs/model.pt") and damage == "lost entry"):
+                new.writestr(name, data)
+    folder = _images(tmp_path / "images")
+    assert predict_main([str(damaged), str(folder), "--out", str(tmp_path / "p.csv"), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.pt2 is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_labels_with_surrounding_spaces_are_stripped_with_a_warning(tmp_path):
     for name in ("a.png", "b.png", "c.png"):
         _image(tmp_path / name)
@@ -255,6 +344,18 @@ def test_paths_outside_data_root_are_refused_unless_allowed(tmp_path):
         with pytest.raises(ValueError, match=r"1 path\(s\) point outside .*data.*allow_outside_root=True"):
             load_table(root, table)
         assert len(ImageDataset(root, table, allow_outside_root=True)) == 2
+
+
+def test_predictions_csv_escapes_spreadsheet_formulas(model_files, tmp_path):
+    ckpt, _ = model_files
+    names = ("=HYPERLINK(1).png", "+a.png", "-b.png", "@c.png", "plain.png")
+    folder = _images(tmp_path / "images", names)
+    out = tmp_path / "p.csv"
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0"]) == 0
+    files = pd.read_csv(out, dtype=str)["file"].tolist()
+    assert sorted(files) == sorted(["'=HYPERLINK(1).png", "'+a.png", "'-b.png", "'@c.png", "plain.png"])
+    kept = escape_formulas(pd.DataFrame({"file": ["-1"], "predicted": ["=1+1"]}))
+    assert kept.iloc[0].tolist() == ["-1", "'=1+1"]  # plain numbers are not formulas
 
 
 def test_checkpoint_whose_classes_do_not_match_its_outputs_is_refused(model_files, tmp_path, capsys):
