@@ -72,15 +72,72 @@ def workbook_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def run_folder(run_name: str) -> Path:
-    """``runs/<run_name>`` under the workbook root (created), or ``run_name`` itself if absolute."""
-    path = Path(run_name).expanduser()
+# What each notebook writes into the run folder (besides figures/ and its executed copy).
+NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "01_analyze_approach": ("decision.json",),
+    "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json"),
+    "03_choose_freezing": ("strategy.json",),
+    "04_fine_tune": ("best.pt", "last.pt", "history.csv", "fit.json"),
+    "05_evaluate": ("metrics.json", "model.pt2"),
+}
+# Written into every run folder the workbook creates or takes over: only such folders are written to.
+RUN_MARKER = ".workbook_run.json"
+_WORKBOOK_FILES = {name for outputs in NOTEBOOK_OUTPUTS.values() for name in outputs} | {
+    f"{notebook}.ipynb" for notebook in NOTEBOOKS} | {"figures", "grid.csv", "grid.md", RUN_MARKER}
+
+
+def run_path(run_name: str) -> Path:
+    """Where ``run_name`` lives: ``runs/<run_name>`` under the workbook root, or itself if absolute."""
+    path = Path(str(run_name)).expanduser()
     if not path.is_absolute():
-        if not run_name or any(part in ("", "..") for part in Path(run_name).parts):
+        parts = Path(str(run_name)).parts
+        if not run_name or not parts or any(part in ("", ".", "..") for part in parts):
             raise ValueError(f"run_name must be a plain folder name or an absolute path, got {run_name!r}")
         path = workbook_root() / "runs" / run_name
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def foreign_files(run: Path) -> list[str]:
+    """Entries of an existing ``run`` folder that keep the workbook from writing there.
+
+    None when the folder carries `RUN_MARKER`. A folder under the workbook's own ``runs/`` that
+    holds only workbook outputs (a run made before the marker existed) is accepted too; any
+    other folder must be empty, so a user's own ``train.csv`` is never replaced.
+    """
+    if not run.is_dir() or (run / RUN_MARKER).is_file():
+        return []
+    entries = sorted(p.name for p in run.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    inside_runs = run.resolve().parent == (workbook_root() / "runs").resolve()
+    if inside_runs and set(entries) <= _WORKBOOK_FILES:
+        return []
+    return entries
+
+
+def run_folder(run_name: str, overwrite: bool = False) -> Path:
+    """``runs/<run_name>`` under the workbook root, or ``run_name`` itself if absolute: created
+    and marked as the workbook's (`RUN_MARKER`).
+
+    An existing folder the workbook did not create (see `foreign_files`) is refused, naming
+    what is in it, unless ``overwrite=True`` (``python -m helpers.course --overwrite``).
+    """
+    path = run_path(run_name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run folder {path} is a file; choose another run_name")
+    foreign = foreign_files(path)
+    if foreign and not overwrite:
+        raise ValueError(f"run folder {path} already holds {len(foreign)} file(s) the workbook did not write: "
+                         f"{foreign[:8]}; choose another run_name (a new or empty folder), or write into it "
+                         f"anyway with python -m helpers.course --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / RUN_MARKER).is_file():
+        files.write_json(path / RUN_MARKER, {"created_by": "helpers.workbook", "run_name": str(run_name)})
+    return path
+
+
+def existing_outputs(run: Path, notebooks: tuple[str, ...]) -> list[str]:
+    """The files in ``run`` that running ``notebooks`` again will replace."""
+    names = [name for notebook in notebooks for name in (*NOTEBOOK_OUTPUTS.get(notebook, ()), f"{notebook}.ipynb")]
+    return [name for name in names if (run / name).exists()]
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,47 @@ def test_export_with_extra_entries_is_refused_and_a_real_one_loads(model_files, 
 # 2. Silent overwrites
 
 
+def test_run_folder_with_foreign_files_is_refused(tmp_path):
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "train.csv").write_text("my,own\n1,2\n")
+    with pytest.raises(ValueError, match=r"my_project already holds 1 file\(s\) the workbook did not write: "
+                                         r"\['train\.csv'\].*--overwrite"):
+        workbook.run_folder(str(mine))
+    assert (mine / "train.csv").read_text() == "my,own\n1,2\n"
+    with pytest.raises(ValueError, match="did not write"):
+        course.run_course(str(mine), {}, smoke=True, notebooks=("02_prepare_dataset",))
+    assert workbook.run_folder(str(mine), overwrite=True) == mine and (mine / workbook.RUN_MARKER).is_file()
+    workbook.run_folder(str(mine))  # taken over: from now on it is the workbook's folder
+    fresh = workbook.run_folder(str(tmp_path / "new"))
+    (fresh / "notes.txt").write_text("mine")
+    assert workbook.run_folder(str(fresh)) == fresh  # a folder the workbook created stays usable
+
+
+@pytest.mark.parametrize("name", [".", "./", "a/../..", ""])
+def test_run_name_must_not_resolve_to_runs_itself(name, capsys):
+    with pytest.raises(ValueError, match="run_name must be a plain folder name"):
+        workbook.run_path(name)
+    if name:
+        with pytest.raises(SystemExit) as caught:
+            course.main(["--name", name, "--notebooks", "01"])
+        assert caught.value.code == 2 and "plain folder name" in capsys.readouterr().err
+
+
+def test_rerunning_a_run_says_what_it_replaces(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    run = _run(tmp_path)
+    for name in ("best.pt", "fit.json", "dataset.json"):
+        (run / name).write_text("{}")
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, dst, **kw: executed.append(Path(dst).name))
+    course.run_course(str(run), {}, smoke=True, notebooks=("04_fine_tune", "05_evaluate"), progress=False)
+    out = capsys.readouterr().out
+    assert f"{run} exists: this run replaces best.pt, fit.json" in out and "dataset.json" not in out
+    assert executed == ["04_fine_tune.ipynb", "05_evaluate.ipynb"]
+
+
 def test_predict_never_overwrites_the_model_or_an_input(model_files, tmp_path, capsys):
     ckpt, _ = model_files
     folder = _images(tmp_path / "images")
@@ -193,6 +234,32 @@ def test_splits_are_compared_by_resolved_path(tmp_path):
     assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
     splits["test"] = pd.DataFrame({"file": ["img/y.png"]})
     assert overlapping_files({k: v for k, v in splits.items() if k != "val"}, tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Grid collisions
+
+
+def test_grid_folder_names_are_injective():
+    pairs = [({"strategy": "set(a)"}, {"strategy": "set[a]"}), ({"backbone": "a b"}, {"backbone": "a_b"}),
+             ({"data_root": "x/y"}, {"data_root": "x_y"})]
+    for one, other in pairs:
+        assert course.grid_run_name("sweep", one) != course.grid_run_name("sweep", other)
+    assert course.grid_run_name("sweep", {"lr": 0.001, "image_size": 128}) == "sweep-lr=0.001-image_size=128"
+    with pytest.raises(ValueError, match=r"grid key 'lr' lists the same value more than once: \['0\.001', '1e-3'\]"):
+        course.expand_grid(["lr=0.001,1e-3"])
+
+
+def test_grid_without_notebook_05_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **kw: executed.append(a))
+    with pytest.raises(ValueError, match="include 05 in --notebooks"):
+        course.run_grid(str(tmp_path / "sweep"), course.expand_grid(["strategy=head,full"]), {}, True,
+                        ("04_fine_tune",))
+    assert course.main(["--name", str(tmp_path / "s"), "--grid", "strategy=head,full", "--notebooks", "04"]) == 2
+    assert "include 05" in capsys.readouterr().err and executed == []
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,6 +370,13 @@ def test_latin1_and_empty_csv_are_named(tmp_path):
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.csv is empty"):
         load_table(tmp_path, tmp_path / "empty.csv")
+
+
+def test_course_argument_mistakes_are_usage_errors(capsys):
+    for argv, message in ((["--grid", "lr=,"], "KEY=V1,V2"), (["--notebooks", "7"], "unknown notebook number")):
+        with pytest.raises(SystemExit) as caught:
+            course.main(argv)
+        assert caught.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["cut program", "lost entry"])
