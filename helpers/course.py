@@ -28,18 +28,24 @@ from pathlib import Path
 import pandas as pd
 
 from .files import write_text
-from .workbook import NOTEBOOKS, existing_outputs, run_folder, run_path, workbook_root
+from .workbook import NOTEBOOKS, TEXT_PARAMETERS, existing_outputs, run_folder, run_path, workbook_root
 
 SUMMARY_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "ece",
                 "ece_after_temperature", "tta_accuracy", "backbone", "strategy", "image_size", "epochs",
                 "train_seconds")
 
 
-def parse_value(text: str) -> object:
-    """A command-line value as Python: None, bool, int, float, else the string itself."""
+def parse_value(text: str, key: str | None = None) -> object:
+    """A command-line value as Python: None, bool, int, float, else the string itself.
+
+    Paths and column names (`TEXT_PARAMETERS`) stay text, so ``-p data_root 2024`` is the
+    folder 2024 and ``-p label_col 1e3`` the column "1e3".
+    """
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None
+    if key in TEXT_PARAMETERS:
+        return text
     if lowered in ("true", "false"):
         return lowered == "true"
     for kind in (int, float):
@@ -86,7 +92,7 @@ def expand_grid(specs: list[str]) -> list[dict[str, object]]:
         texts = [v for v in values.split(",") if v.strip()]
         if not sep or not key or not texts:
             raise ValueError(f"grid entries look like KEY=V1,V2; got {spec!r}")
-        axis = [(key, parse_value(v)) for v in texts]
+        axis = [(key, parse_value(v, key)) for v in texts]
         same = [texts[i] for i, (_, v) in enumerate(axis) if [w for _, w in axis].count(v) > 1]
         if same:  # 0.001 and 1e-3 are one value: two runs of it would share a folder
             raise ValueError(f"grid key {key!r} lists the same value more than once: {same}")
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
     name = args.name or ("smoke" if smoke else "course")
-    parameters = {key: parse_value(value) for key, value in args.parameter}
+    parameters = {key: parse_value(value, key) for key, value in args.parameter}
     try:  # mistakes in the arguments themselves: a usage message, not a traceback
         notebooks = select_notebooks(args.notebooks)
         grid = expand_grid(args.grid) if args.grid else None

@@ -14,6 +14,7 @@ turns a missing input into an error that names the notebook to run first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -23,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .data import ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, prepare_elpv
+from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, overlapping_files,
+                   prepare_elpv)
 from . import files
 from .freezing import STRATEGIES
 from .models import TIMM_PREFIX, available_backbones, offline_backbones
@@ -200,11 +202,35 @@ def _positive(name: str, value: object, kind: type) -> None:
         raise ValueError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
+def _at_most(name: str, value: object, limit: float, why: str) -> None:
+    """Refuse nan, infinity and values above ``limit`` (``value`` already passed `_positive`)."""
+    if value is not None and not (math.isfinite(value) and value <= limit):
+        raise ValueError(f"{name} must be at most {limit} ({why}), got {value!r}")
+
+
+# Parameters that name a path or a column: papermill and the command line turn "2024" into an int.
+TEXT_PARAMETERS = ("run_name", "data_root", "labels_csv", "file_col", "label_col", "group_col")
+MAX_LR = 1.0
+MAX_IMAGE_SIZE = 2048
+
+
+def _as_text(name: str, value: object) -> str | None:
+    """A path or column name as text; an int is taken as its digits (a folder named 2024)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{name} must be text (a path or column name), got {value!r}; pass it as a string "
+                     f"(papermill: -r {name} VALUE)")
+
+
 def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
     Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
-    key, backbone, strategy, task or device. ``smoke`` defaults to `is_smoke`.
+    key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
+    finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
+    names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
     """
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -212,6 +238,10 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     p = {**PARAMETERS, **params}
     smoke = is_smoke() if smoke is None else smoke
     user_set = tuple(k for k in PARAMETERS if p[k] != PARAMETERS[k])
+    p.update({name: _as_text(name, p[name]) for name in TEXT_PARAMETERS})
+    for name in ("file_col", "label_col"):
+        if not p[name]:
+            raise ValueError(f"{name} must name a column of the label table, got {p[name]!r}")
 
     backbone = p["backbone"]
     if backbone is not None and not str(backbone).startswith(TIMM_PREFIX):
@@ -221,6 +251,8 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     for name in ("image_size", "epochs", "batch_size"):
         _positive(name, p[name], int)
     _positive("lr", p["lr"], float)
+    _at_most("lr", p["lr"], MAX_LR, "fine-tuning uses about 1e-3")
+    _at_most("image_size", p["image_size"], MAX_IMAGE_SIZE, "backbones are trained at 224 to 600 px")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
     from .training import pick_device
@@ -280,6 +312,9 @@ def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params)
 def label_table(params: Params) -> pd.DataFrame:
     """The validated label table (file, label, group[, stratum]) of the configured dataset."""
     table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col)
+    if table["label"].nunique() < 2:
+        raise ValueError(f"{params.labels_csv or params.data_root}: column {params.label_col!r} has only one "
+                         f"class, {sorted(table['label'].unique())}; a classifier needs at least two")
     if params.stratify_col:
         strata = load_table(params.data_root, params.labels_csv, params.file_col, params.stratify_col,
                             params.group_col)
@@ -313,12 +348,43 @@ def dataset_config(params: Params, classes: list[str]) -> dict:
             "classes": list(classes), "task": params.task, "elpv": params.elpv, "seed": params.seed}
 
 
+def check_dataset_params(params: Params, config: dict) -> None:
+    """Raise when a dataset parameter set now differs from what notebook 02 split (``dataset.json``).
+
+    Notebooks 03-05 read the split 02 wrote, so a new ``data_root`` (or label column, task ...)
+    given to them alone would be shown in the parameter table but not used.
+    """
+    now = {"data_root": str(params.data_root), "labels_csv": str(params.labels_csv) if params.labels_csv else None,
+           "file_col": params.file_col, "label_col": params.label_col, "group_col": params.group_col,
+           "task": params.task}
+    then = {"data_root": config.get("root"), "labels_csv": config.get("labels_csv"),
+            "file_col": config.get("file_col"), "label_col": config.get("label_col"),
+            "group_col": config.get("group_col"), "task": config.get("task")}
+    for name in now:
+        if name not in params.user_set or _same_setting(name, now[name], then[name]):
+            continue
+        raise ValueError(f"{name} is {now[name]!r} now, but notebook 02_prepare_dataset split the data with "
+                         f"{then[name]!r} ({params.run / 'dataset.json'}): rerun notebooks/02_prepare_dataset.ipynb "
+                         f"(and 03-05) with the new value, drop the parameter, or use a new run_name")
+
+
+def _same_setting(name: str, a: object, b: object) -> bool:
+    if name in ("data_root", "labels_csv") and a is not None and b is not None:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    return a == b
+
+
 def load_datasets(params: Params, train_tf, eval_tf) -> dict:
     """The train/val/test ``ImageDataset``s of the split notebook 02 wrote (needs its outputs)."""
     from .data import ImageDataset
 
     config = read_json(params.run / "dataset.json", "02_prepare_dataset")
+    check_dataset_params(params, config)
     splits = load_splits(params.run)
+    shared = overlapping_files(splits, config["root"])
+    if shared:
+        raise ValueError(f"{params.run}: {len(shared)} image(s) occur in more than one split: {shared[:10]}; "
+                         f"rerun notebooks/02_prepare_dataset.ipynb")
     has_group = all(frame["group"].notna().all() for frame in splits.values())
     out = {}
     for name, frame in splits.items():

@@ -273,6 +273,18 @@ def _own_data(root: Path) -> Path:
     return root
 
 
+def test_new_data_root_for_later_notebooks_names_notebook_02(tmp_path):
+    old, new = _own_data(tmp_path / "old"), _own_data(tmp_path / "new")
+    first = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(old)}, smoke=True)
+    workbook.write_json(first.run / "dataset.json", workbook.dataset_config(first, CLASSES))
+    later = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(new)}, smoke=True)
+    with pytest.raises(ValueError, match=r"data_root is '.*new' now, but notebook 02_prepare_dataset split the "
+                                         r"data with '.*old'.*rerun notebooks/02_prepare_dataset\.ipynb"):
+        workbook.load_datasets(later, None, None)
+    same = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(old)}, smoke=True)
+    workbook.check_dataset_params(same, workbook.dataset_config(first, CLASSES))  # the same root is fine
+
+
 # ----------------------------------------------------------------------------------------
 # 6. Decompression bombs
 
@@ -372,6 +384,27 @@ def test_latin1_and_empty_csv_are_named(tmp_path):
         load_table(tmp_path, tmp_path / "empty.csv")
 
 
+def test_column_parameters_that_are_not_names(tmp_path):
+    _own_data(tmp_path)
+    with pytest.raises(ValueError, match=r"group_col 'site' needs a label table"):
+        load_table(tmp_path, None, group_col="site")
+    with pytest.raises(ValueError, match=r"file_col must be a column name \(text\), got None"):
+        load_table(tmp_path, pd.DataFrame({"file": ["cat/0.png"], "label": ["cat"]}), file_col=None)
+    with pytest.raises(ValueError, match=r"file_col must name a column of the label table, got None"):
+        workbook.resolve_params({"data_root": str(tmp_path), "file_col": None}, smoke=True)
+
+
+def test_numeric_paths_and_column_names_stay_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_WORKBOOK_ROOT", str(tmp_path))
+    _own_data(tmp_path / "2024")
+    params = workbook.resolve_params({"data_root": 2024, "run_name": str(tmp_path / "run")}, smoke=True)
+    assert params.data_root == (tmp_path / "2024").resolve()
+    assert course.parse_value("2024", "data_root") == "2024" and course.parse_value("7", "label_col") == "7"
+    assert course.parse_value("7", "epochs") == 7
+    with pytest.raises(ValueError, match=r"data_root must be text \(a path or column name\), got 1000\.0"):
+        workbook.resolve_params({"data_root": 1000.0}, smoke=True)
+
+
 def test_course_argument_mistakes_are_usage_errors(capsys):
     for argv, message in ((["--grid", "lr=,"], "KEY=V1,V2"), (["--notebooks", "7"], "unknown notebook number")):
         with pytest.raises(SystemExit) as caught:
@@ -442,3 +475,12 @@ def test_checkpoint_whose_classes_do_not_match_its_outputs_is_refused(model_file
     folder = _images(tmp_path / "images")
     assert predict_main([str(tmp_path / "bad.pt"), str(folder), "--out", str(tmp_path / "p.csv")]) == 2
     assert "3 class name(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, r"lr must be at most 1\.0 .*got nan"),
+                                          ({"lr": float("inf")}, r"lr must be at most 1\.0 .*got inf"),
+                                          ({"lr": 100}, r"lr must be at most 1\.0 .*got 100"),
+                                          ({"image_size": 100000}, r"image_size must be at most 2048 .*got 100000")])
+def test_absurd_learning_rates_and_image_sizes_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        workbook.resolve_params(bad, smoke=True)
