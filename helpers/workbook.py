@@ -417,6 +417,25 @@ def read_json(path: str | os.PathLike, notebook: str) -> dict:
     return json.loads(require(path, notebook).read_text())
 
 
+def interrupted_training(run: Path) -> bool:
+    """True when notebook 04's training in ``run`` stopped before the end (killed, kernel restarted):
+    ``last.pt`` exists but ``fit.json`` lacks ``train_seconds``, which `fit` writes only when it
+    finishes. Notebook 04 then passes ``resume=True`` to continue from ``last.pt``."""
+    if not (run / "last.pt").is_file():
+        return False
+    summary = json.loads((run / "fit.json").read_text()) if (run / "fit.json").is_file() else {}
+    return "train_seconds" not in summary
+
+
+def finished_fit(run: Path) -> dict:
+    """``fit.json`` of a finished notebook 04; an interrupted or missing one names 04 to run first."""
+    summary = read_json(run / "fit.json", "04_fine_tune")
+    if "train_seconds" not in summary:
+        raise RuntimeError(f"notebook 04_fine_tune did not finish in {run} ({run / 'fit.json'} has no "
+                           f"train_seconds): run notebooks/04_fine_tune.ipynb first; it resumes from last.pt")
+    return summary
+
+
 def save_figure(fig, params: Params, name: str) -> Path:
     """Save a matplotlib figure as ``<run>/figures/<name>.png``."""
     path = params.run / "figures" / f"{name}.png"

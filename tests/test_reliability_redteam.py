@@ -328,9 +328,28 @@ def test_predict_skip_bad_skips_a_bomb(model_files, tmp_path, capsys):
 # 7. Interrupted course
 
 
+def test_interrupted_training_is_detected_and_05_says_run_04_first(tmp_path):
+    run = _run(tmp_path)
+    assert not workbook.interrupted_training(run)  # nothing trained yet: start fresh
+    (run / "last.pt").write_bytes(b"checkpoint")
+    assert workbook.interrupted_training(run)  # killed before the first fit.json
+    workbook.write_json(run / "fit.json", {"best_score": 0.5, "config": {}})  # fit.json of a running epoch
+    assert workbook.interrupted_training(run)
+    with pytest.raises(RuntimeError, match=r"04_fine_tune did not finish.*run notebooks/04_fine_tune\.ipynb first"):
+        workbook.finished_fit(run)
+    workbook.write_json(run / "fit.json", {"best_score": 0.5, "train_seconds": 3.0})
+    assert not workbook.interrupted_training(run) and workbook.finished_fit(run)["train_seconds"] == 3.0
+
+
 def _code(notebook: str) -> str:
     cells = json.loads((workbook.workbook_root() / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
     return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_notebooks_resume_training_and_check_that_04_finished():
+    assert "resume=workbook.interrupted_training(params.run)" in _code("04_fine_tune"), \
+        "notebook 04 must resume an interrupted training (fit(..., resume=...))"
+    assert "workbook.finished_fit(params.run)" in _code("05_evaluate"), "notebook 05 must check that 04 finished"
 
 
 # ----------------------------------------------------------------------------------------
