@@ -92,7 +92,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = _upgrade(ckpt)
     if ckpt["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+    check_classes_match_outputs(ckpt, str(path))
     return ckpt
+
+
+def check_classes_match_outputs(ckpt: dict, source: str = "checkpoint") -> None:
+    """Raise when the class list and the classifier's outputs disagree in length: the
+    predictions would then be labelled with the wrong names (or crash on the last ones)."""
+    if "classes" not in ckpt or "num_classes" not in ckpt:
+        return  # an older or partial dict: the model rebuild reports what is missing
+    outputs = {int(ckpt["num_classes"])}
+    # The classifier group's last linear layer (TransferModel keeps it under groups.classifier).
+    linear = [v for k, v in (ckpt.get("model") or {}).items() if k.startswith("groups.classifier.")
+              and k.endswith(".weight") and getattr(v, "ndim", 0) == 2]
+    if linear:
+        outputs.add(int(linear[-1].shape[0]))
+    if len(outputs) > 1 or len(ckpt["classes"]) not in outputs:
+        raise ValueError(f"{source}: {len(ckpt['classes'])} class name(s) {list(ckpt['classes'])[:10]} but the "
+                         f"classifier has {' or '.join(map(str, sorted(outputs)))} output(s); the checkpoint is "
+                         f"inconsistent")
 
 
 def check_compatible(model: TransferModel, ckpt: dict, source: str = "checkpoint") -> None:
@@ -122,6 +140,7 @@ def model_from_checkpoint(ckpt: dict | str | os.PathLike) -> tuple[TransferModel
 
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
+    check_classes_match_outputs(ckpt)
     model = create_model(ckpt["backbone"], ckpt["num_classes"], pretrained=False)
     model = rebuild_strategy(model, ckpt["strategy"])
     model.load_state_dict(ckpt["model"], strict=True)

@@ -15,6 +15,7 @@ and ``grid.md``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
@@ -26,18 +27,25 @@ from pathlib import Path
 
 import pandas as pd
 
-from .workbook import NOTEBOOKS, run_folder, workbook_root
+from .files import write_text
+from .workbook import NOTEBOOKS, TEXT_PARAMETERS, existing_outputs, run_folder, run_path, workbook_root
 
 SUMMARY_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "ece",
                 "ece_after_temperature", "tta_accuracy", "backbone", "strategy", "image_size", "epochs",
                 "train_seconds")
 
 
-def parse_value(text: str) -> object:
-    """A command-line value as Python: None, bool, int, float, else the string itself."""
+def parse_value(text: str, key: str | None = None) -> object:
+    """A command-line value as Python: None, bool, int, float, else the string itself.
+
+    Paths and column names (`TEXT_PARAMETERS`) stay text, so ``-p data_root 2024`` is the
+    folder 2024 and ``-p label_col 1e3`` the column "1e3".
+    """
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None
+    if key in TEXT_PARAMETERS:
+        return text
     if lowered in ("true", "false"):
         return lowered == "true"
     for kind in (int, float):
@@ -77,35 +85,57 @@ def validate(overrides: dict[str, object], valid: dict[str, object]) -> None:
 
 def expand_grid(specs: list[str]) -> list[dict[str, object]]:
     """``["lr=0.1,0.01", "epochs=3"]`` -> one dict per combination, in order."""
-    axes = []
+    axes, keys = [], []
     for spec in specs:
         key, sep, values = spec.partition("=")
-        if not sep or not key or not values:
+        key = key.strip()
+        texts = [v for v in values.split(",") if v.strip()]
+        if not sep or not key or not texts:
             raise ValueError(f"grid entries look like KEY=V1,V2; got {spec!r}")
-        axes.append([(key.strip(), parse_value(v)) for v in values.split(",") if v.strip()])
-    keys = [axis[0][0] for axis in axes]
+        axis = [(key, parse_value(v, key)) for v in texts]
+        same = [texts[i] for i, (_, v) in enumerate(axis) if [w for _, w in axis].count(v) > 1]
+        if same:  # 0.001 and 1e-3 are one value: two runs of it would share a folder
+            raise ValueError(f"grid key {key!r} lists the same value more than once: {same}")
+        axes.append(axis)
+        keys.append(key)
     if len(set(keys)) != len(keys):
         raise ValueError(f"a grid key appears twice: {keys}")
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
 def grid_run_name(base: str, combo: dict[str, object]) -> str:
-    """A folder name derived from the values, e.g. ``sweep-lr=0.001-image_size=128``."""
-    suffix = "-".join(f"{k}={v}" for k, v in combo.items())
-    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{Path(base).name}-{suffix}")
+    """A folder name derived from the values, e.g. ``sweep-lr=0.001-image_size=128``.
+
+    Characters a folder name should not hold become ``_``; when that loses information
+    (``set(a)`` and ``set[a]``, ``a b`` and ``a_b``), a short hash of the exact combination
+    is appended, so distinct combinations never share a folder.
+    """
+    readable = f"{Path(base).name}-" + "-".join(f"{k}={v}" for k, v in combo.items())
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", readable)
+    if name != readable:
+        exact = json.dumps([[k, v] for k, v in combo.items()], default=repr)
+        name += "-" + hashlib.sha1(exact.encode()).hexdigest()[:8]
     return str(Path(base).parent / name) if Path(base).is_absolute() else name
 
 
 def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bool = False,
-               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True) -> Path:
-    """Execute ``notebooks`` in order with ``parameters``; return the run folder."""
+               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, overwrite: bool = False) -> Path:
+    """Execute ``notebooks`` in order with ``parameters``; return the run folder.
+
+    The folder must be new, empty or one the workbook made (`helpers.workbook.run_folder`);
+    ``overwrite=True`` writes into any folder. Outputs of an earlier run that these notebooks
+    replace are listed first; an interrupted training resumes from ``last.pt`` (notebook 04).
+    """
     import papermill
 
     parameters = dict(parameters or {})
     validate(parameters, notebook_parameters(notebooks))
     if smoke:
         os.environ["TL_SMOKE"] = "1"  # the kernels inherit it
-    run = run_folder(name)
+    run = run_folder(name, overwrite=overwrite)
+    replaced = existing_outputs(run, notebooks)
+    if replaced:
+        print(f"[course] {run} exists: this run replaces {', '.join(replaced)}", flush=True)
     for notebook in notebooks:
         started = time.perf_counter()
         print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
@@ -139,20 +169,26 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, object], smoke: bool,
-             notebooks: tuple[str, ...] = NOTEBOOKS) -> pd.DataFrame:
+             notebooks: tuple[str, ...] = NOTEBOOKS, overwrite: bool = False) -> pd.DataFrame:
     """One course per combination; the metrics of all of them in grid.csv and grid.md."""
-    from .files import write_csv, write_text
+    from .files import write_csv
 
+    if "05_evaluate" not in notebooks:
+        raise ValueError("--grid collects each run's metrics.json, which 05_evaluate writes: include 05 in "
+                         "--notebooks (or run the notebooks without --grid)")
     valid = notebook_parameters(notebooks)
     for combo in grid:
         validate({**parameters, **combo}, valid)
+    names = [grid_run_name(name, combo) for combo in grid]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(f"grid combinations share run folders {clashes}; make their values distinct")
+    out = run_folder(name, overwrite=overwrite)  # checked before hours of runs, not after
     rows = []
-    for combo in grid:
-        sub = grid_run_name(name, combo)
-        run = run_course(sub, {**parameters, **combo}, smoke, notebooks)
+    for combo, sub in zip(grid, names):
+        run = run_course(sub, {**parameters, **combo}, smoke, notebooks, overwrite=overwrite)
         rows.append({"run": Path(sub).name, **combo, **read_metrics(run)})
     frame = pd.DataFrame(rows)
-    out = run_folder(name)
     write_csv(frame, out / "grid.csv")
     write_text(out / "grid.md", markdown_table(frame))
     return frame
@@ -169,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sweep: one run per combination of the values")
     parser.add_argument("--notebooks", nargs="+", default=None, metavar="NN",
                         help="run only these notebooks, by number (e.g. 04 05); earlier outputs must exist")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing folder the workbook did not create (its files may be replaced)")
     return parser
 
 
@@ -183,23 +221,29 @@ def select_notebooks(numbers: list[str] | None) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from .runtime import tune_cpu
 
     tune_cpu()  # this process only; each notebook's setup cell tunes its own kernel
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
     name = args.name or ("smoke" if smoke else "course")
-    parameters = {key: parse_value(value) for key, value in args.parameter}
-    notebooks = select_notebooks(args.notebooks)
+    parameters = {key: parse_value(value, key) for key, value in args.parameter}
+    try:  # mistakes in the arguments themselves: a usage message, not a traceback
+        notebooks = select_notebooks(args.notebooks)
+        grid = expand_grid(args.grid) if args.grid else None
+        run_path(name)
+    except ValueError as err:
+        parser.error(str(err))
     started = time.perf_counter()
     try:
-        if args.grid:
-            frame = run_grid(name, expand_grid(args.grid), parameters, smoke, notebooks)
-            print(f"\n[course] grid results ({run_folder(name) / 'grid.csv'}):\n{markdown_table(frame)}")
+        if grid:
+            frame = run_grid(name, grid, parameters, smoke, notebooks, overwrite=args.overwrite)
+            print(f"\n[course] grid results ({run_path(name) / 'grid.csv'}):\n{markdown_table(frame)}")
         else:
             validate(parameters, notebook_parameters(notebooks))
-            run = run_course(name, parameters, smoke, notebooks)
+            run = run_course(name, parameters, smoke, notebooks, overwrite=args.overwrite)
             if "05_evaluate" in notebooks:
                 summary = pd.Series(read_metrics(run), name=name)
                 print(f"\n[course] results of {run}:\n{summary.to_string()}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,6 +24,11 @@ from torch.utils.data import Dataset
 from .files import write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Largest image (width x height) `read_image` decodes: 100 megapixels, about 300 MB as RGB, more
+# than any camera in common use. A tiny PNG can declare 20000 x 20000 px and take gigabytes once
+# decoded (a "decompression bomb"), so the header is checked first. TL_MAX_IMAGE_PIXELS overrides.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 class ImageReadError(ValueError):
@@ -47,6 +53,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     data = np.fromfile(path, dtype=np.uint8)  # imdecode(fromfile) also handles non-ASCII paths on Windows
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
+    _check_pixel_count(data, path)
     head, tail = data[:8].tobytes(), data[-32:].tobytes()
     is_png, is_jpeg = head.startswith(b"\x89PNG"), head.startswith(b"\xff\xd8")
     # Decoders fill a cut-off file with grey and only print a warning; check the end markers.
@@ -55,10 +62,65 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if is_jpeg and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
         _check_complete(data, path, "JPEG")
 
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # OpenCV's own limits and assertions name no file
+        raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
     return to_rgb_uint8(image, path)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of `read_image`: ``TL_MAX_IMAGE_PIXELS`` if set, else `MAX_IMAGE_PIXELS`."""
+    text = os.environ.get("TL_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(float(text))  # accepts 4e8 as well as 400000000
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"TL_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
+    return value
+
+
+def _declared_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the image header, without decoding; None if it cannot be read.
+
+    PNG's IHDR is read directly (the common case, and free); other formats through
+    ``Image.open``, which parses only the header. Pillow's own bomb error is re-raised.
+    """
+    from PIL import Image
+
+    head = data[:24].tobytes()
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
+            with Image.open(io.BytesIO(data.tobytes())) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise
+    except (OSError, SyntaxError, ValueError):  # not an image Pillow knows: OpenCV will name it if it fails
+        return None
+
+
+def _check_pixel_count(data: np.ndarray, path: Path) -> None:
+    """Raise `ImageReadError` when the header declares more pixels than `max_image_pixels`."""
+    from PIL import Image
+
+    limit = max_image_pixels()
+    hint = "raise the limit with TL_MAX_IMAGE_PIXELS only for files you trust"
+    try:
+        size = _declared_size(data)
+    except Image.DecompressionBombError as err:  # Pillow's hard limit (twice its own warning size)
+        raise ImageReadError(f"{path}: too large to decode safely ({err}); {hint}") from err
+    if size is not None and size[0] * size[1] > limit:
+        width, height = size
+        raise ImageReadError(f"{path}: {width} x {height} = {width * height:,} pixels exceeds the limit of "
+                             f"{limit:,} (helpers.data.MAX_IMAGE_PIXELS); {hint}")
 
 
 def _check_complete(data: np.ndarray, path: Path, kind: str) -> None:
@@ -109,10 +171,16 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    subfolders = sorted(d for d in root.iterdir() if d.is_dir())
+    class_dirs = [d for d in subfolders if not d.name.startswith(".")]
+    hidden = [d.name for d in subfolders if d.name.startswith(".")]
+    skipped = f" (hidden folders are skipped: {hidden})" if hidden else ""
     if not class_dirs:
         raise ValueError(f"{root}: no class subfolders found (expected {root}/<class>/<image>, "
-                         f"or pass a label table)")
+                         f"or pass a label table){skipped}")
+    if len(class_dirs) == 1:
+        raise ValueError(f"{root}: only one class folder, {class_dirs[0].name!r}; a classifier needs at least "
+                         f"two (one subfolder per class){skipped}")
     rows, ignored = [], []
     for class_dir in class_dirs:
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -127,20 +195,100 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["file", "label"])
 
 
+def _read_label_csv(path: Path) -> pd.DataFrame:
+    """A label CSV as strings, with errors that name the file.
+
+    Excel writes a trailing comma on every row; pandas would then take the first column as the
+    row index and shift every column by one, so we read with ``index_col=False`` and make sure
+    any extra fields are empty rather than drop data.
+    """
+    import csv
+
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); "
+                         f"save it as 'CSV UTF-8' (Excel) or convert it, e.g. "
+                         f"iconv -f latin1 -t utf-8 in.csv > out.csv") from err
+    if not text.strip():
+        raise ValueError(f"{path} is empty: a label table needs a header row (e.g. file,label) and one row "
+                         f"per image")
+    reader, header = csv.reader(io.StringIO(text)), None
+    for row in reader:
+        if not row:  # pandas skips blank lines too
+            continue
+        if header is None:
+            header = row
+        elif any(cell.strip() for cell in row[len(header):]):
+            raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
+                             f"{len(header)} ({header}): {row[:len(header) + 3]}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra fields are empty: checked above
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+    # A trailing comma in the header adds an unnamed, empty column: drop it rather than carry it along.
+    unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ") and frame[c].isna().all()]
+    return frame.drop(columns=unnamed)
+
+
+def _check_column_names(file_col: object, label_col: object, group_col: object) -> None:
+    for name, value in (("file_col", file_col), ("label_col", label_col), ("group_col", group_col)):
+        if name == "group_col" and value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a column name (text), got {value!r}")
+
+
+def _outside_root(files: pd.Series) -> list[str]:
+    """Listed paths that are absolute or climb out of the root with ``..`` (judged by spelling,
+    so images that are symbolic links into another folder stay allowed)."""
+    def outside(name: str) -> bool:
+        normal = os.path.normpath(name.replace("\\", "/"))
+        return os.path.isabs(name) or normal == ".." or normal.startswith("../")
+
+    return [f for f in files if outside(f)]
+
+
+def _same_file_twice(files: pd.Series, paths: list[Path]) -> list[str]:
+    """Groups of listed names that are the same file (``img/a.png``, ``./img/a.png``,
+    ``img/../img/a.png`` or a link to it), as ``'a' = 'b'`` strings."""
+    seen: dict[Path, list[str]] = {}
+    for name, path in zip(files, paths):
+        seen.setdefault(path.resolve(), []).append(name)
+    return [" = ".join(repr(n) for n in names) for names in seen.values() if len(names) > 1]
+
+
+def _strip_labels(labels: pd.Series, source: str, label_col: str) -> pd.Series:
+    """Labels without surrounding spaces ('defective ' would otherwise be a class of its own)."""
+    stripped = labels.str.strip()
+    changed = labels[stripped != labels]
+    if len(changed):
+        warnings.warn(f"{source}: stripped surrounding spaces from {len(changed)} {label_col!r} value(s), "
+                      f"e.g. {changed.iloc[0]!r}", stacklevel=3)
+    return stripped
+
+
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
                file_col: str = "file", label_col: str = "label", group_col: str | None = None,
-               check_empty: bool = True) -> pd.DataFrame:
+               check_empty: bool = True, allow_outside_root: bool = False) -> pd.DataFrame:
     """Validated table with columns ``file``, ``label`` (str) and ``group`` (str or None).
 
-    ``table`` is a CSV path, a DataFrame, or None for the class-per-subfolder layout.
-    Fails, naming the culprit, on: missing folder, missing column, empty labels, duplicate
-    file names, files listed but missing, and zero-byte files (unless ``check_empty=False``,
-    which `ImageDataset` uses with ``skip_bad=True`` to skip them with a warning instead).
+    ``table`` is a CSV path (UTF-8), a DataFrame, or None for the class-per-subfolder layout.
+    Fails, naming the culprit, on: missing folder, missing column, empty labels, a file listed
+    twice (also under two spellings of one path, e.g. ``a.png`` and ``./a.png``), files listed
+    but missing, files outside ``root`` (absolute paths, ``../``; allowed with
+    ``allow_outside_root=True``), and zero-byte files (unless ``check_empty=False``, which
+    `ImageDataset` uses with ``skip_bad=True`` to skip them with a warning instead). Labels
+    are stripped of surrounding spaces, with a warning.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
+    _check_column_names(file_col, label_col, group_col)
     if table is None:
+        if group_col is not None:
+            raise ValueError(f"group_col {group_col!r} needs a label table: class folders of {root} give only "
+                             f"file and label (pass labels_csv, or leave group_col unset)")
         frame = scan_class_folders(root)
         file_col, label_col = "file", "label"
         source = f"class folders of {root}"
@@ -149,7 +297,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
         if not isinstance(table, pd.DataFrame):
             if not Path(table).is_file():
                 raise FileNotFoundError(f"label table not found: {table}")
-            table = pd.read_csv(table, dtype=str, keep_default_na=False, na_values=[""])
+            table = _read_label_csv(Path(table))
         frame = table
         for col in (file_col, label_col, group_col):
             if col is not None and col not in frame.columns:
@@ -162,20 +310,43 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     if labels.isna().any():
         bad = out["file"][labels.isna().to_numpy()].tolist()
         raise ValueError(f"{source}: empty {label_col!r} for {len(bad)} file(s): {bad[:10]}")
-    out["label"] = labels.astype(str).to_numpy()
+    out["label"] = _strip_labels(labels.astype(str), source, label_col).to_numpy()
+    if (out["label"] == "").any():
+        bad = out["file"][(out["label"] == "").to_numpy()].tolist()
+        raise ValueError(f"{source}: blank {label_col!r} for {len(bad)} file(s): {bad[:10]}")
     out["group"] = frame[group_col].astype(str).to_numpy() if group_col else None
 
     duplicated = out["file"][out["file"].duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}")
+    outside = _outside_root(out["file"])
+    if outside and not allow_outside_root:
+        raise ValueError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
+                         f"with ..): {outside[:10]}; set data_root to a folder that holds every image, or "
+                         f"pass allow_outside_root=True")
     paths = [root / f for f in out["file"]]
     missing = [f for f, p in zip(out["file"], paths) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}")
+    aliases = _same_file_twice(out["file"], paths)
+    if aliases:
+        raise ValueError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
+                         f"of the same path (they would leak between splits): {aliases[:10]}")
     empty = [f for f, p in zip(out["file"], paths) if check_empty and p.stat().st_size == 0]
     if empty:
         raise ImageReadError(f"{source}: {len(empty)} empty file(s) (0 bytes) under {root}: {empty[:10]}")
     return out
+
+
+def overlapping_files(splits: dict[str, pd.DataFrame], root: str | os.PathLike) -> list[str]:
+    """Files that occur in more than one split, compared as resolved paths (so ``a.png`` in
+    train and ``./a.png`` in test count as the same image), as 'file (train, test)' strings."""
+    where: dict[Path, list[tuple[str, str]]] = {}
+    for split, frame in splits.items():
+        for name in frame["file"]:
+            where.setdefault((Path(root) / name).resolve(), []).append((split, name))
+    shared = [entries for entries in where.values() if len({s for s, _ in entries}) > 1]
+    return [f"{entries[0][1]} ({', '.join(s for s, _ in entries)})" for entries in shared]
 
 
 class ImageDataset(Dataset):
@@ -188,15 +359,17 @@ class ImageDataset(Dataset):
 
     With ``skip_bad=True`` every image is decoded once up front and unreadable ones are
     dropped with a warning that counts and lists them (all of them in ``.skipped``, with the
-    reason); by default they raise.
+    reason); by default they raise. Paths outside ``root`` are refused unless
+    ``allow_outside_root=True`` (see `load_table`).
     """
 
     def __init__(self, root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
                  file_col: str = "file", label_col: str = "label", group_col: str | None = None,
                  classes: Sequence[str] | None = None, transform: Callable | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, allow_outside_root: bool = False):
         self.root = Path(root)
-        frame = load_table(self.root, table, file_col, label_col, group_col, check_empty=not skip_bad)
+        frame = load_table(self.root, table, file_col, label_col, group_col, check_empty=not skip_bad,
+                           allow_outside_root=allow_outside_root)
         if classes is None:
             classes = sorted(frame["label"].unique())
         self.classes = [str(c) for c in classes]

@@ -11,9 +11,13 @@ std, runs the network and returns softmax probabilities. The batch size is free,
 size S is fixed. ``workbook.json`` inside the file holds the classes, the `Preprocessing`
 (``preprocessing``), backbone, strategy and task.
 
-Loading a ``.pt2`` file unpickles parts of it (``torch.export.load`` has no ``weights_only``
-mode), so load only files you made or trust, as with any model file that is not a plain
-``weights_only`` checkpoint.
+``torch.export.load`` has no ``weights_only`` mode: it unpickles entries the archive marks as
+pickled (and falls back to a full unpickle for sample inputs), and a crafted file runs code
+that way. `load_exported` therefore inspects the archive first and refuses anything but what
+`export_model` writes: JSON, raw tensor bytes, and sample inputs that load with
+``weights_only=True``. ``trusted=True`` skips that check for a file you made yourself. To share
+a model with people who should not have to trust you, share the ``weights_only`` checkpoint
+(``best.pt``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import os
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -111,8 +118,109 @@ def is_exported(path: str | os.PathLike) -> bool:
         return any(name.endswith(f"extra/{META_FILE}") for name in archive.namelist())
 
 
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load an `export_model` file onto ``device``: (module returning probabilities, meta dict)."""
+class UnsafeExportError(ValueError):
+    """An exported file that ``torch.export.load`` would unpickle (or run native code from)."""
+
+
+# Archive entries (after the archive's top folder) that `export_model` writes, besides the raw
+# tensor files its two JSON configs list.
+_SAFE_ENTRIES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+                 "models/model.json", "data/weights/model_weights_config.json",
+                 "data/constants/model_constants_config.json", "data/sample_inputs/model.pt"}
+
+
+def _raw_payloads(archive: zipfile.ZipFile, prefix: str, folder: str, config_name: str) -> set[str]:
+    """Entries of ``folder`` that its JSON config lists as raw tensor bytes; any pickled one is refused."""
+    name = f"{prefix}{folder}/{config_name}"
+    if name not in archive.namelist():
+        return set()
+    config = json.loads(archive.read(name)).get("config", {})
+    raw = set()
+    for key, entry in config.items():
+        path_name = str(entry.get("path_name", ""))
+        if entry.get("use_pickle") or (folder == "data/constants" and not path_name.startswith("tensor_")):
+            raise UnsafeExportError(f"{folder}/{path_name} (for {key!r}) is a pickled object")
+        raw.add(f"{folder}/{path_name}")
+    return raw
+
+
+def check_export_safe(path: str | os.PathLike) -> None:
+    """Raise `UnsafeExportError` unless loading ``path`` with ``torch.export.load`` only parses
+    JSON, copies raw tensor bytes and loads sample inputs with ``weights_only=True``.
+
+    Anything else in the archive (pickled weights or constants, legacy ``.pt`` weight files,
+    compiled AOTInductor code, extra programs) could run code while loading.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            prefix = names[0].split("/", 1)[0] + "/" if names else ""
+            raw = (_raw_payloads(archive, prefix, "data/weights", "model_weights_config.json")
+                   | _raw_payloads(archive, prefix, "data/constants", "model_constants_config.json"))
+            for name in names:
+                entry = name[len(prefix):] if name.startswith(prefix) else name
+                if entry.endswith("/") or entry in raw or entry.startswith("extra/"):
+                    continue
+                if entry not in _SAFE_ENTRIES:
+                    raise UnsafeExportError(f"unexpected entry {name!r}")
+            inputs = f"{prefix}data/sample_inputs/model.pt"
+            if inputs in names:
+                # torch.export.load tries weights_only=True first, then unpickles fully: only the first may work.
+                try:
+                    torch.load(io.BytesIO(archive.read(inputs)), weights_only=True)
+                except Exception as err:  # any failure here would send torch to the unsafe fallback
+                    raise UnsafeExportError(f"{inputs} holds Python objects beyond tensors "
+                                            f"({type(err).__name__})") from err
+    except UnsafeExportError as err:
+        raise UnsafeExportError(
+            f"refusing to load {path}: {err}; torch.export.load would unpickle it, which can run code from "
+            f"the file. Share and load the weights_only checkpoint (best.pt) instead; for a file you exported "
+            f"yourself, pass trusted=True (predict: --trust-export)") from None
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError, KeyError, OSError) as err:
+        raise ValueError(f"{path} is damaged or not a helpers export ({type(err).__name__}: {err})") from err
+
+
+class _KeepRecords(logging.Handler):
+    """Collects log records instead of printing them."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def cause(self) -> BaseException | None:
+        """The exception of the last record that carried one."""
+        found = [r.exc_info[1] for r in self.records if r.exc_info and r.exc_info[1] is not None]
+        return found[-1] if found else None
+
+    def replay(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
+
+@contextmanager
+def _torch_export_log_held() -> Iterator[_KeepRecords]:
+    """Hold back what ``torch.export`` logs: on a damaged file it prints a whole traceback through
+    its own handler, then raises a vague error; we report the cause in one line instead."""
+    log = logging.getLogger("torch.export")
+    kept = _KeepRecords()
+    handlers, propagate = list(log.handlers), log.propagate
+    log.handlers, log.propagate = [kept], False
+    try:
+        yield kept
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+
+
+def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
+                  trusted: bool = False) -> tuple[nn.Module, dict]:
+    """Load an `export_model` file onto ``device``: (module returning probabilities, meta dict).
+
+    The archive is checked first (`check_export_safe`): one that would unpickle anything is
+    refused unless ``trusted=True``. A damaged file raises ``ValueError`` naming it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
@@ -120,9 +228,18 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ValueError(f"{path} is not a model exported by helpers.export.export_model "
                          f"(no {META_FILE} inside); a training checkpoint loads with "
                          f"helpers.checkpoint.model_from_checkpoint")
+    if not trusted:
+        check_export_safe(path)
     extra = {META_FILE: ""}  # torch.export.load fills only the keys that are asked for
-    program = torch.export.load(path, extra_files=extra)
-    meta = json.loads(extra[META_FILE])
+    with _torch_export_log_held() as kept:
+        try:
+            program = torch.export.load(path, extra_files=extra)
+            meta = json.loads(extra[META_FILE])
+        except Exception as err:  # torch raises many kinds for a damaged archive; name the file instead
+            cause = kept.cause() or err
+            raise ValueError(f"{path} is damaged or was exported by an incompatible torch "
+                             f"({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})") from err
+    kept.replay()  # the file loaded: torch's warnings, if any, are worth seeing after all
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
     # An exported program's constants are baked into its graph: .to(device) on its module does not

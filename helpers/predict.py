@@ -5,14 +5,19 @@
 
 MODEL is a file from `helpers.export.export_model` (``.pt2``) or a training checkpoint
 (``best.pt``, loaded with ``weights_only=True``). Both apply the preprocessing stored with the
-model. The CSV has one row per image: file (relative to FOLDER), predicted, confidence,
-``prob_<class>``. An existing ``--out`` is never overwritten without ``--overwrite``, and
-unreadable images are errors unless ``--skip-bad``.
+model. An export that would unpickle anything while loading is refused unless
+``--trust-export`` (see `helpers.export.check_export_safe`). The CSV has one row per image:
+file (relative to FOLDER), predicted, confidence, ``prob_<class>``; text cells that a
+spreadsheet would run as a formula (starting with = + - @) get a leading ``'``. ``--out`` is
+checked before any work: an existing file is never overwritten without ``--overwrite``, and
+never when it is the model or one of the images. Unreadable images (including ones larger
+than `helpers.data.MAX_IMAGE_PIXELS`) are errors unless ``--skip-bad``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -47,13 +52,18 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
-def load_model(path: Path, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, dict]:
+def load_model(path: Path, device: torch.device = torch.device("cpu"),
+               trust_export: bool = False) -> tuple[torch.nn.Module, dict]:
     """(module on ``device`` returning probabilities for [0, 1] input, meta with ``classes`` and
-    ``preprocessing``) from an export or a training checkpoint."""
+    ``preprocessing``) from an export or a training checkpoint.
+
+    The loader is picked by content, not by name; an export is checked for pickled entries
+    first unless ``trust_export``.
+    """
     if not path.is_file():
         raise PredictError(f"model file not found: {path}")
     if is_exported(path):
-        return load_exported(path, device)
+        return load_exported(path, device, trusted=trust_export)
     from .checkpoint import model_from_checkpoint
 
     try:
@@ -108,6 +118,58 @@ def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], ro
     return pd.DataFrame(rows, columns=["file", "predicted", "confidence", *[f"prob_{c}" for c in classes]]), errors
 
 
+def check_out_path(out: Path, overwrite: bool) -> None:
+    """Raise `PredictError` unless ``out`` can be written: not a folder, not kept (no ``--overwrite``),
+    and its nearest existing parent a writable folder. Runs before any inference."""
+    if out.is_dir():
+        raise PredictError(f"--out {out} is a folder; give a CSV file name")
+    if out.exists() and not overwrite:
+        raise PredictError(f"{out} exists; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PredictError(f"cannot write --out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PredictError(f"cannot write --out {out}: no permission to write in {parent}")
+
+
+def check_out_is_not_an_input(out: Path, model: Path, files: Sequence[Path]) -> None:
+    """``--overwrite`` replaces an old CSV, never the model or an image being labelled."""
+    if not out.exists():
+        return
+    target = out.resolve()
+    if target == model.resolve():
+        raise PredictError(f"--out {out} is the model file; choose another name for the CSV")
+    if any(target == f.resolve() for f in files):
+        raise PredictError(f"--out {out} is one of the images to label; choose another name for the CSV")
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def escape_formulas(table: pd.DataFrame, columns: Sequence[str] = ("file", "predicted")) -> pd.DataFrame:
+    """Prefix text cells that a spreadsheet would evaluate (``=cmd|...``) with ``'`` (OWASP's advice
+    against CSV injection): file names come from whoever supplied the images, class names from
+    whoever trained the model. Plain numbers such as a class ``-1`` are left as they are."""
+    def escape(value: object) -> object:
+        risky = isinstance(value, str) and value.startswith(_FORMULA_START) and not _is_number(value)
+        return f"'{value}" if risky else value
+
+    out = table.copy()
+    for column in columns:
+        out[column] = [escape(v) for v in out[column]]
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m helpers.predict",
                                      description="Label every image in a folder with a trained model.")
@@ -121,6 +183,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--skip-bad", action="store_true",
                         help="warn about unreadable images and label the rest (default: stop with an error)")
+    parser.add_argument("--trust-export", action="store_true",
+                        help="load a .pt2 export even if it contains pickled entries (only for files you made)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -132,13 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tune_cpu()
     try:
-        if args.out.exists() and not args.overwrite:
-            raise PredictError(f"{args.out} exists; pass --overwrite to replace it")
-        if args.out.exists() and args.out.is_dir():
-            raise PredictError(f"--out {args.out} is a folder; give a CSV file name")
+        check_out_path(args.out, args.overwrite)
         files = list_images(args.folder, args.recursive)
+        check_out_is_not_an_input(args.out, args.model, files)
         device = pick_device(args.device)
-        model, meta = load_model(args.model, device)
+        model, meta = load_model(args.model, device, args.trust_export)
     except (PredictError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -157,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(table) == 0:
         print(f"error: none of the {len(files)} image(s) could be read; nothing written", file=sys.stderr)
         return 1
-    write_csv(table, args.out)
+    write_csv(escape_formulas(table), args.out)
     counts = table["predicted"].value_counts().to_dict()
     print(f"wrote {args.out}: {len(table)} image(s), predicted {counts}")
     return 0

@@ -14,6 +14,7 @@ turns a missing input into an error that names the notebook to run first.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -23,10 +24,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .data import ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, prepare_elpv
+from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, overlapping_files,
+                   prepare_elpv)
 from . import files
 from .freezing import STRATEGIES
 from .models import TIMM_PREFIX, available_backbones, offline_backbones
+from .transforms import MAX_IMAGE_SIZE
 
 # The papermill parameters every notebook declares, with their notebook defaults.
 PARAMETERS: dict[str, object] = {
@@ -72,15 +75,72 @@ def workbook_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def run_folder(run_name: str) -> Path:
-    """``runs/<run_name>`` under the workbook root (created), or ``run_name`` itself if absolute."""
-    path = Path(run_name).expanduser()
+# What each notebook writes into the run folder (besides figures/ and its executed copy).
+NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "01_analyze_approach": ("decision.json",),
+    "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json"),
+    "03_choose_freezing": ("strategy.json",),
+    "04_fine_tune": ("best.pt", "last.pt", "history.csv", "fit.json"),
+    "05_evaluate": ("metrics.json", "model.pt2"),
+}
+# Written into every run folder the workbook creates or takes over: only such folders are written to.
+RUN_MARKER = ".workbook_run.json"
+_WORKBOOK_FILES = {name for outputs in NOTEBOOK_OUTPUTS.values() for name in outputs} | {
+    f"{notebook}.ipynb" for notebook in NOTEBOOKS} | {"figures", "grid.csv", "grid.md", RUN_MARKER}
+
+
+def run_path(run_name: str) -> Path:
+    """Where ``run_name`` lives: ``runs/<run_name>`` under the workbook root, or itself if absolute."""
+    path = Path(str(run_name)).expanduser()
     if not path.is_absolute():
-        if not run_name or any(part in ("", "..") for part in Path(run_name).parts):
+        parts = Path(str(run_name)).parts
+        if not run_name or not parts or any(part in ("", ".", "..") for part in parts):
             raise ValueError(f"run_name must be a plain folder name or an absolute path, got {run_name!r}")
         path = workbook_root() / "runs" / run_name
-    path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def foreign_files(run: Path) -> list[str]:
+    """Entries of an existing ``run`` folder that keep the workbook from writing there.
+
+    None when the folder carries `RUN_MARKER`. A folder under the workbook's own ``runs/`` that
+    holds only workbook outputs (a run made before the marker existed) is accepted too; any
+    other folder must be empty, so a user's own ``train.csv`` is never replaced.
+    """
+    if not run.is_dir() or (run / RUN_MARKER).is_file():
+        return []
+    entries = sorted(p.name for p in run.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    inside_runs = run.resolve().parent == (workbook_root() / "runs").resolve()
+    if inside_runs and set(entries) <= _WORKBOOK_FILES:
+        return []
+    return entries
+
+
+def run_folder(run_name: str, overwrite: bool = False) -> Path:
+    """``runs/<run_name>`` under the workbook root, or ``run_name`` itself if absolute: created
+    and marked as the workbook's (`RUN_MARKER`).
+
+    An existing folder the workbook did not create (see `foreign_files`) is refused, naming
+    what is in it, unless ``overwrite=True`` (``python -m helpers.course --overwrite``).
+    """
+    path = run_path(run_name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run folder {path} is a file; choose another run_name")
+    foreign = foreign_files(path)
+    if foreign and not overwrite:
+        raise ValueError(f"run folder {path} already holds {len(foreign)} file(s) the workbook did not write: "
+                         f"{foreign[:8]}; choose another run_name (a new or empty folder), or write into it "
+                         f"anyway with python -m helpers.course --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / RUN_MARKER).is_file():
+        files.write_json(path / RUN_MARKER, {"created_by": "helpers.workbook", "run_name": str(run_name)})
+    return path
+
+
+def existing_outputs(run: Path, notebooks: tuple[str, ...]) -> list[str]:
+    """The files in ``run`` that running ``notebooks`` again will replace."""
+    names = [name for notebook in notebooks for name in (*NOTEBOOK_OUTPUTS.get(notebook, ()), f"{notebook}.ipynb")]
+    return [name for name in names if (run / name).exists()]
 
 
 @dataclass(frozen=True)
@@ -143,11 +203,34 @@ def _positive(name: str, value: object, kind: type) -> None:
         raise ValueError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
+def _at_most(name: str, value: object, limit: float, why: str) -> None:
+    """Refuse nan, infinity and values above ``limit`` (``value`` already passed `_positive`)."""
+    if value is not None and not (math.isfinite(value) and value <= limit):
+        raise ValueError(f"{name} must be at most {limit} ({why}), got {value!r}")
+
+
+# Parameters that name a path or a column: papermill and the command line turn "2024" into an int.
+TEXT_PARAMETERS = ("run_name", "data_root", "labels_csv", "file_col", "label_col", "group_col")
+MAX_LR = 1.0
+
+
+def _as_text(name: str, value: object) -> str | None:
+    """A path or column name as text; an int is taken as its digits (a folder named 2024)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{name} must be text (a path or column name), got {value!r}; pass it as a string "
+                     f"(papermill: -r {name} VALUE)")
+
+
 def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
     Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
-    key, backbone, strategy, task or device. ``smoke`` defaults to `is_smoke`.
+    key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
+    finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
+    names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
     """
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -155,6 +238,10 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     p = {**PARAMETERS, **params}
     smoke = is_smoke() if smoke is None else smoke
     user_set = tuple(k for k in PARAMETERS if p[k] != PARAMETERS[k])
+    p.update({name: _as_text(name, p[name]) for name in TEXT_PARAMETERS})
+    for name in ("file_col", "label_col"):
+        if not p[name]:
+            raise ValueError(f"{name} must name a column of the label table, got {p[name]!r}")
 
     backbone = p["backbone"]
     if backbone is not None and not str(backbone).startswith(TIMM_PREFIX):
@@ -164,6 +251,8 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
     for name in ("image_size", "epochs", "batch_size"):
         _positive(name, p[name], int)
     _positive("lr", p["lr"], float)
+    _at_most("lr", p["lr"], MAX_LR, "fine-tuning uses about 1e-3")
+    _at_most("image_size", p["image_size"], MAX_IMAGE_SIZE, "backbones are trained at 224 to 600 px")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
     from .runtime import pick_device
@@ -223,6 +312,9 @@ def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params)
 def label_table(params: Params) -> pd.DataFrame:
     """The validated label table (file, label, group[, stratum]) of the configured dataset."""
     table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col)
+    if table["label"].nunique() < 2:
+        raise ValueError(f"{params.labels_csv or params.data_root}: column {params.label_col!r} has only one "
+                         f"class, {sorted(table['label'].unique())}; a classifier needs at least two")
     if params.stratify_col:
         strata = load_table(params.data_root, params.labels_csv, params.file_col, params.stratify_col,
                             params.group_col)
@@ -256,12 +348,43 @@ def dataset_config(params: Params, classes: list[str]) -> dict:
             "classes": list(classes), "task": params.task, "elpv": params.elpv, "seed": params.seed}
 
 
+def check_dataset_params(params: Params, config: dict) -> None:
+    """Raise when a dataset parameter set now differs from what notebook 02 split (``dataset.json``).
+
+    Notebooks 03-05 read the split 02 wrote, so a new ``data_root`` (or label column, task ...)
+    given to them alone would be shown in the parameter table but not used.
+    """
+    now = {"data_root": str(params.data_root), "labels_csv": str(params.labels_csv) if params.labels_csv else None,
+           "file_col": params.file_col, "label_col": params.label_col, "group_col": params.group_col,
+           "task": params.task}
+    then = {"data_root": config.get("root"), "labels_csv": config.get("labels_csv"),
+            "file_col": config.get("file_col"), "label_col": config.get("label_col"),
+            "group_col": config.get("group_col"), "task": config.get("task")}
+    for name in now:
+        if name not in params.user_set or _same_setting(name, now[name], then[name]):
+            continue
+        raise ValueError(f"{name} is {now[name]!r} now, but notebook 02_prepare_dataset split the data with "
+                         f"{then[name]!r} ({params.run / 'dataset.json'}): rerun notebooks/02_prepare_dataset.ipynb "
+                         f"(and 03-05) with the new value, drop the parameter, or use a new run_name")
+
+
+def _same_setting(name: str, a: object, b: object) -> bool:
+    if name in ("data_root", "labels_csv") and a is not None and b is not None:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    return a == b
+
+
 def load_datasets(params: Params, train_tf, eval_tf) -> dict:
     """The train/val/test ``ImageDataset``s of the split notebook 02 wrote (needs its outputs)."""
     from .data import ImageDataset
 
     config = read_json(params.run / "dataset.json", "02_prepare_dataset")
+    check_dataset_params(params, config)
     splits = load_splits(params.run)
+    shared = overlapping_files(splits, config["root"])
+    if shared:
+        raise ValueError(f"{params.run}: {len(shared)} image(s) occur in more than one split: {shared[:10]}; "
+                         f"rerun notebooks/02_prepare_dataset.ipynb")
     has_group = all(frame["group"].notna().all() for frame in splits.values())
     out = {}
     for name, frame in splits.items():
@@ -287,6 +410,25 @@ def require(path: str | os.PathLike, notebook: str) -> Path:
 def read_json(path: str | os.PathLike, notebook: str) -> dict:
     """Read a JSON file another notebook wrote; a missing one names that notebook."""
     return json.loads(require(path, notebook).read_text())
+
+
+def interrupted_training(run: Path) -> bool:
+    """True when notebook 04's training in ``run`` stopped before the end (killed, kernel restarted):
+    ``last.pt`` exists but ``fit.json`` does not say ``finished``, which `fit` sets only at the end.
+    Notebook 04 then passes ``resume=True`` to continue from ``last.pt``."""
+    if not (run / "last.pt").is_file():
+        return False
+    summary = json.loads((run / "fit.json").read_text()) if (run / "fit.json").is_file() else {}
+    return summary.get("finished") is not True
+
+
+def finished_fit(run: Path) -> dict:
+    """``fit.json`` of a finished notebook 04; an interrupted or missing one names 04 to run first."""
+    summary = read_json(run / "fit.json", "04_fine_tune")
+    if summary.get("finished") is not True:
+        raise RuntimeError(f"notebook 04_fine_tune did not finish in {run} ({run / 'fit.json'} does not say "
+                           f"finished): run notebooks/04_fine_tune.ipynb first; it resumes from last.pt")
+    return summary
 
 
 def save_figure(fig, params: Params, name: str) -> Path:

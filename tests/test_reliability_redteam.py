@@ -1,0 +1,507 @@
+"""Issue 14, the red-team findings: each test reproduces one way a hostile or careless user broke
+the workbook (crafted model files, odd CSVs, odd parameters, interruptions) and checks the fix.
+
+Everything runs on tiny generated images and an untrained EfficientNet-Lite0 at 32 px.
+"""
+
+import io
+import json
+import os
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import course, workbook
+from helpers.checkpoint import describe_model, load_checkpoint
+from helpers.data import (ImageDataset, ImageReadError, load_table, overlapping_files, read_image,
+                          scan_class_folders)
+from helpers.export import UnsafeExportError, check_export_safe, export_model, load_exported
+from helpers.freezing import apply_strategy
+from helpers.models import create_model
+from helpers.predict import escape_formulas
+from helpers.predict import main as predict_main
+from helpers.files import write_json
+from helpers.transforms import resolve_preprocessing
+
+SIZE = 32
+CLASSES = ["cat", "dog"]
+
+
+class _Payload:
+    """Pickles to ``os.system("touch MARKER")``: harmless proof that unpickling ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _image(path: Path, value: int = 0, size: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((size, size, 3), value, np.uint8))
+    return path
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A well-formed PNG that *declares* width x height (8-bit gray) but carries only 4 rows."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _bmp_header(width: int, height: int) -> bytes:
+    """A 24-bit BMP that declares width x height but holds almost no pixel data (read by Pillow)."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 54 + 16, 0, 0, 54) + info + b"\x00" * 16
+
+
+def _run(folder: Path, run_name: str = "run") -> Path:
+    return workbook.run_folder(str(folder / run_name))
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """An untrained 2-class model as a weights_only checkpoint and as a legitimate export."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "head").eval()
+    prep = resolve_preprocessing(model, SIZE, crop_pct=1.0)
+    ckpt = {**describe_model(model, CLASSES, prep), "meta": {"task": "custom"}, "epoch": 1,
+            "score": 0.5, "metric": "accuracy", "model": model.state_dict()}
+    torch.save(ckpt, folder / "best.pt")
+    export_model(model, ckpt, folder / "model.pt2")
+    return folder / "best.pt", folder / "model.pt2"
+
+
+def _images(folder: Path, names=("a.png", "b.png")) -> Path:
+    for i, name in enumerate(names):
+        _image(folder / name, 40 * i)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Code execution through predict: a crafted .pt2
+
+
+def _rewrite_zip(source: Path, target: Path, change) -> Path:
+    """Copy an archive entry by entry; ``change(name, data)`` returns new data, or None to keep it."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            new.writestr(name, change(name, data) or data)
+    return target
+
+
+def _booby_trap(export: Path, target: Path, kind: str, marker: Path) -> Path:
+    """``export`` with a payload where torch.export.load unpickles: a weight marked as pickled, or
+    sample inputs that weights_only refuses (torch then falls back to a full unpickle)."""
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    config_name = "archive/data/weights/model_weights_config.json"
+    with zipfile.ZipFile(export) as archive:
+        config = json.loads(archive.read(config_name))
+    first = next(iter(config["config"].values()))
+    first["use_pickle"] = True
+    replace = ({config_name: json.dumps(config).encode(), f"archive/data/weights/{first['path_name']}": payload.getvalue()}
+               if kind == "pickled weight" else {"archive/data/sample_inputs/model.pt": payload.getvalue()})
+    return _rewrite_zip(export, target, lambda name, data: replace.get(name))
+
+
+@pytest.mark.parametrize("kind", ["pickled weight", "sample inputs"])
+def test_predict_refuses_an_export_that_would_unpickle_code(model_files, tmp_path, kind, capsys):
+    _, export = model_files
+    marker = tmp_path / "code_ran"
+    # Named best.pt on purpose: predict picks the loader by content, not by name.
+    trap = _booby_trap(export, tmp_path / "best.pt", kind, marker)
+    folder = _images(tmp_path / "images")
+    status = predict_main([str(trap), str(folder), "--out", str(tmp_path / "p.csv"), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "refusing to load" in err and "best.pt" in err and "--trust-export" in err
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+    with pytest.raises(UnsafeExportError, match="weights_only checkpoint"):
+        load_exported(trap)
+    assert not marker.exists()
+    # The file is a live attack: the explicit escape hatch does run the payload.
+    with pytest.raises(ValueError):
+        load_exported(trap, trusted=True)
+    assert marker.exists()
+
+
+def test_export_with_extra_entries_is_refused_and_a_real_one_loads(model_files, tmp_path):
+    _, export = model_files
+    check_export_safe(export)  # what export_model writes passes the check
+    module, meta = load_exported(export)
+    assert meta["classes"] == CLASSES and module(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 2)
+    legacy = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(export) as old, zipfile.ZipFile(legacy, "w") as new:
+        for name in old.namelist():
+            new.writestr(name, old.read(name))
+        new.writestr("archive/data/weights/model.pt", b"\x80\x02}q\x00.")  # legacy weights: a pickle
+    with pytest.raises(UnsafeExportError, match=r"unexpected entry 'archive/data/weights/model\.pt'"):
+        load_exported(legacy)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Silent overwrites
+
+
+def test_run_folder_with_foreign_files_is_refused(tmp_path):
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "train.csv").write_text("my,own\n1,2\n")
+    with pytest.raises(ValueError, match=r"my_project already holds 1 file\(s\) the workbook did not write: "
+                                         r"\['train\.csv'\].*--overwrite"):
+        workbook.run_folder(str(mine))
+    assert (mine / "train.csv").read_text() == "my,own\n1,2\n"
+    with pytest.raises(ValueError, match="did not write"):
+        course.run_course(str(mine), {}, smoke=True, notebooks=("02_prepare_dataset",))
+    assert workbook.run_folder(str(mine), overwrite=True) == mine and (mine / workbook.RUN_MARKER).is_file()
+    workbook.run_folder(str(mine))  # taken over: from now on it is the workbook's folder
+    fresh = workbook.run_folder(str(tmp_path / "new"))
+    (fresh / "notes.txt").write_text("mine")
+    assert workbook.run_folder(str(fresh)) == fresh  # a folder the workbook created stays usable
+
+
+@pytest.mark.parametrize("name", [".", "./", "a/../..", ""])
+def test_run_name_must_not_resolve_to_runs_itself(name, capsys):
+    with pytest.raises(ValueError, match="run_name must be a plain folder name"):
+        workbook.run_path(name)
+    if name:
+        with pytest.raises(SystemExit) as caught:
+            course.main(["--name", name, "--notebooks", "01"])
+        assert caught.value.code == 2 and "plain folder name" in capsys.readouterr().err
+
+
+def test_rerunning_a_run_says_what_it_replaces(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    run = _run(tmp_path)
+    for name in ("best.pt", "fit.json", "dataset.json"):
+        (run / name).write_text("{}")
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda src, dst, **kw: executed.append(Path(dst).name))
+    course.run_course(str(run), {}, smoke=True, notebooks=("04_fine_tune", "05_evaluate"), progress=False)
+    out = capsys.readouterr().out
+    assert f"{run} exists: this run replaces best.pt, fit.json" in out and "dataset.json" not in out
+    assert executed == ["04_fine_tune.ipynb", "05_evaluate.ipynb"]
+
+
+def test_predict_never_overwrites_the_model_or_an_input(model_files, tmp_path, capsys):
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images")
+    image_bytes = (folder / "a.png").read_bytes()
+    status = predict_main([str(ckpt), str(folder), "--out", str(folder / "a.png"), "--overwrite",
+                           "--num-workers", "0"])
+    assert status == 2 and "is one of the images to label" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes() == image_bytes
+    model_copy = tmp_path / "copy.pt"
+    model_copy.write_bytes(ckpt.read_bytes())
+    status = predict_main([str(model_copy), str(folder), "--out", str(model_copy), "--overwrite",
+                           "--num-workers", "0"])
+    assert status == 2 and "is the model file" in capsys.readouterr().err
+    assert model_copy.read_bytes() == ckpt.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Test leakage through path spellings
+
+
+@pytest.mark.parametrize("first, second", [("img/x.png", "./img/x.png"), ("img/x.png", "img/../img/x.png"),
+                                           ("img/x.png", "img//x.png")])
+def test_one_image_under_two_spellings_is_refused(tmp_path, first, second):
+    _image(tmp_path / "img" / "x.png")
+    _image(tmp_path / "img" / "y.png")
+    table = pd.DataFrame({"file": [first, "img/y.png", second], "label": ["cat", "dog", "dog"]})
+    with pytest.raises(ValueError, match=r"1 file\(s\) listed more than once under different spellings.*"
+                                         + f"'{first}' = '{second}'".replace(".", r"\.")):
+        load_table(tmp_path, table)
+
+
+def test_splits_are_compared_by_resolved_path(tmp_path):
+    _image(tmp_path / "img" / "x.png")
+    _image(tmp_path / "img" / "y.png")
+    splits = {"train": pd.DataFrame({"file": ["img/x.png"]}), "val": pd.DataFrame({"file": ["img/y.png"]}),
+              "test": pd.DataFrame({"file": ["./img/x.png"]})}
+    assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
+    splits["test"] = pd.DataFrame({"file": ["img/y.png"]})
+    assert overlapping_files({k: v for k, v in splits.items() if k != "val"}, tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Grid collisions
+
+
+def test_grid_folder_names_are_injective():
+    pairs = [({"strategy": "set(a)"}, {"strategy": "set[a]"}), ({"backbone": "a b"}, {"backbone": "a_b"}),
+             ({"data_root": "x/y"}, {"data_root": "x_y"})]
+    for one, other in pairs:
+        assert course.grid_run_name("sweep", one) != course.grid_run_name("sweep", other)
+    assert course.grid_run_name("sweep", {"lr": 0.001, "image_size": 128}) == "sweep-lr=0.001-image_size=128"
+    with pytest.raises(ValueError, match=r"grid key 'lr' lists the same value more than once: \['0\.001', '1e-3'\]"):
+        course.expand_grid(["lr=0.001,1e-3"])
+
+
+def test_grid_without_notebook_05_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    import papermill
+
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **kw: executed.append(a))
+    with pytest.raises(ValueError, match="include 05 in --notebooks"):
+        course.run_grid(str(tmp_path / "sweep"), course.expand_grid(["strategy=head,full"]), {}, True,
+                        ("04_fine_tune",))
+    assert course.main(["--name", str(tmp_path / "s"), "--grid", "strategy=head,full", "--notebooks", "04"]) == 2
+    assert "include 05" in capsys.readouterr().err and executed == []
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Parameters that conflict with what notebook 02 wrote
+
+
+def _own_data(root: Path) -> Path:
+    for label in CLASSES:
+        for i in range(4):
+            _image(root / label / f"{i}.png", 30 * i)
+    return root
+
+
+def test_new_data_root_for_later_notebooks_names_notebook_02(tmp_path):
+    old, new = _own_data(tmp_path / "old"), _own_data(tmp_path / "new")
+    first = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(old)}, smoke=True)
+    write_json(first.run / "dataset.json", workbook.dataset_config(first, CLASSES))
+    later = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(new)}, smoke=True)
+    with pytest.raises(ValueError, match=r"data_root is '.*new' now, but notebook 02_prepare_dataset split the "
+                                         r"data with '.*old'.*rerun notebooks/02_prepare_dataset\.ipynb"):
+        workbook.load_datasets(later, None, None)
+    same = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(old)}, smoke=True)
+    workbook.check_dataset_params(same, workbook.dataset_config(first, CLASSES))  # the same root is fine
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Decompression bombs
+
+
+@pytest.mark.parametrize("name, header, message", [
+    ("big.png", _png_header(12000, 12000), "12000 x 12000 = 144,000,000 pixels exceeds the limit of 100,000,000"),
+    ("huge.png", _png_header(40000, 40000), "40000 x 40000 = 1,600,000,000 pixels exceeds"),  # OpenCV asserted
+    ("big.bmp", _bmp_header(12000, 12000), "12000 x 12000 = 144,000,000 pixels exceeds"),
+    ("huge.bmp", _bmp_header(40000, 40000), r"too large to decode safely \(Image size"),  # Pillow's hard limit
+])
+def test_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, name, header, message):
+    (tmp_path / name).write_bytes(header)  # a few hundred bytes that would take gigabytes once decoded
+    with pytest.raises(ImageReadError, match=name.replace(".", r"\.") + ": " + message):
+        read_image(tmp_path / name)
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    _image(tmp_path / "forty.png", size=40)
+    assert read_image(tmp_path / "forty.png").shape == (40, 40, 3)
+    monkeypatch.setenv("TL_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ImageReadError, match=r"forty\.png: 40 x 40 = 1,600 pixels exceeds the limit of 1,000"):
+        read_image(tmp_path / "forty.png")
+    monkeypatch.setenv("TL_MAX_IMAGE_PIXELS", "many")
+    with pytest.raises(ValueError, match="TL_MAX_IMAGE_PIXELS must be a positive number of pixels, got 'many'"):
+        read_image(tmp_path / "forty.png")
+
+
+def test_predict_skip_bad_skips_a_bomb(model_files, tmp_path, capsys):
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images", ("good.png",))
+    (folder / "bomb.png").write_bytes(_png_header(40000, 40000))
+    out = tmp_path / "p.csv"
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0"]) == 1
+    assert "bomb.png" in capsys.readouterr().err and not out.exists()
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0", "--skip-bad"]) == 0
+    assert "bomb.png: 40000 x 40000" in capsys.readouterr().err
+    assert pd.read_csv(out)["file"].tolist() == ["good.png"]
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Interrupted course
+
+
+def test_interrupted_training_is_detected_and_05_says_run_04_first(tmp_path):
+    run = _run(tmp_path)
+    assert not workbook.interrupted_training(run)  # nothing trained yet: start fresh
+    (run / "last.pt").write_bytes(b"checkpoint")
+    assert workbook.interrupted_training(run)  # killed before the first fit.json
+    write_json(run / "fit.json", {"best_score": 0.5, "config": {}, "finished": False})  # during an epoch
+    assert workbook.interrupted_training(run)
+    with pytest.raises(RuntimeError, match=r"04_fine_tune did not finish.*run notebooks/04_fine_tune\.ipynb first"):
+        workbook.finished_fit(run)
+    write_json(run / "fit.json", {"best_score": 0.5, "train_seconds": 3.0, "finished": True})
+    assert not workbook.interrupted_training(run) and workbook.finished_fit(run)["train_seconds"] == 3.0
+
+
+def _code(notebook: str) -> str:
+    cells = json.loads((workbook.workbook_root() / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def test_notebooks_resume_training_and_check_that_04_finished():
+    assert "resume=workbook.interrupted_training(params.run)" in _code("04_fine_tune"), \
+        "notebook 04 must resume an interrupted training (fit(..., resume=...))"
+    assert "workbook.finished_fit(params.run)" in _code("05_evaluate"), "notebook 05 must check that 04 finished"
+
+
+# ----------------------------------------------------------------------------------------
+# 8. predict checks --out before any work
+
+
+def test_predict_checks_out_before_loading_anything(model_files, tmp_path, monkeypatch, capsys):
+    import helpers.predict
+
+    ckpt, _ = model_files
+    folder = _images(tmp_path / "images")
+    (tmp_path / "plain_file").write_text("x")
+    loaded = []
+    monkeypatch.setattr(helpers.predict, "load_model", lambda *a, **kw: loaded.append(a) or (None, None))
+    status = predict_main([str(ckpt), str(folder), "--out", str(tmp_path / "plain_file" / "sub" / "p.csv")])
+    assert status == 2 and "plain_file is a file, not a folder" in capsys.readouterr().err
+    assert loaded == []
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Unclear crashes become one line naming the file, column or value
+
+
+def test_hidden_folder_leaving_one_class_is_named(tmp_path):
+    _image(tmp_path / "cat" / "1.png")
+    _image(tmp_path / ".hidden" / "1.png")
+    with pytest.raises(ValueError, match=r"only one class folder, 'cat'.*hidden folders are skipped: \['\.hidden'\]"):
+        scan_class_folders(tmp_path)
+
+
+def test_excel_trailing_commas_do_not_shift_columns(tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    # Data rows one field wider than the header: pandas would take the file column as the row index.
+    for header in ("file,label", "file,label,"):
+        (tmp_path / "labels.csv").write_text(f"{header}\r\na.png,cat,\r\nb.png,dog,\r\n")
+        table = load_table(tmp_path, tmp_path / "labels.csv")
+        assert table["file"].tolist() == ["a.png", "b.png"] and table["label"].tolist() == ["cat", "dog"]
+    (tmp_path / "extra.csv").write_text("file,label\na.png,cat\nb.png,dog,surprise\n")
+    with pytest.raises(ValueError, match=r"extra\.csv: line 3 has 3 fields but the header has 2"):
+        load_table(tmp_path, tmp_path / "extra.csv")
+
+
+def test_latin1_and_empty_csv_are_named(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "latin.csv").write_bytes("file,label\na.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not UTF-8 text \(byte 0xe9"):
+        load_table(tmp_path, tmp_path / "latin.csv")
+    (tmp_path / "empty.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.csv is empty"):
+        load_table(tmp_path, tmp_path / "empty.csv")
+
+
+def test_column_parameters_that_are_not_names(tmp_path):
+    _own_data(tmp_path)
+    with pytest.raises(ValueError, match=r"group_col 'site' needs a label table"):
+        load_table(tmp_path, None, group_col="site")
+    with pytest.raises(ValueError, match=r"file_col must be a column name \(text\), got None"):
+        load_table(tmp_path, pd.DataFrame({"file": ["cat/0.png"], "label": ["cat"]}), file_col=None)
+    with pytest.raises(ValueError, match=r"file_col must name a column of the label table, got None"):
+        workbook.resolve_params({"data_root": str(tmp_path), "file_col": None}, smoke=True)
+
+
+def test_numeric_paths_and_column_names_stay_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("TL_WORKBOOK_ROOT", str(tmp_path))
+    _own_data(tmp_path / "2024")
+    params = workbook.resolve_params({"data_root": 2024, "run_name": str(tmp_path / "run")}, smoke=True)
+    assert params.data_root == (tmp_path / "2024").resolve()
+    assert course.parse_value("2024", "data_root") == "2024" and course.parse_value("7", "label_col") == "7"
+    assert course.parse_value("7", "epochs") == 7
+    with pytest.raises(ValueError, match=r"data_root must be text \(a path or column name\), got 1000\.0"):
+        workbook.resolve_params({"data_root": 1000.0}, smoke=True)
+
+
+def test_course_argument_mistakes_are_usage_errors(capsys):
+    for argv, message in ((["--grid", "lr=,"], "KEY=V1,V2"), (["--notebooks", "7"], "unknown notebook number")):
+        with pytest.raises(SystemExit) as caught:
+            course.main(argv)
+        assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["cut program", "lost entry"])
+def test_damaged_export_is_one_line_naming_the_file(model_files, tmp_path, damage, capsys):
+    _, export = model_files
+    damaged = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(export) as old, zipfile.ZipFile(damaged, "w") as new:
+        for name in old.namelist():
+            data = old.read(name)
+            if name.endswith("models/model.json") and damage == "cut program":
+                data = data[: len(data) // 2]
+            if not (name.endswith("data/sample_inputs/model.pt") and damage == "lost entry"):
+                new.writestr(name, data)
+    folder = _images(tmp_path / "images")
+    assert predict_main([str(damaged), str(folder), "--out", str(tmp_path / "p.csv"), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.pt2 is damaged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_labels_with_surrounding_spaces_are_stripped_with_a_warning(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / name)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,defective \nb.png,defective\nc.png, ok\n")
+    with pytest.warns(UserWarning, match=r"stripped surrounding spaces from 2 'label' value\(s\)"):
+        dataset = ImageDataset(tmp_path, tmp_path / "labels.csv")
+    assert dataset.classes == ["defective", "ok"]
+
+
+# ----------------------------------------------------------------------------------------
+# 10. Low: paths outside data_root, formula injection, inconsistent checkpoints, absurd parameters
+
+
+def test_paths_outside_data_root_are_refused_unless_allowed(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    outside = _image(tmp_path / "secret.png")
+    for name in ("../secret.png", str(outside)):
+        table = pd.DataFrame({"file": ["a.png", name], "label": ["cat", "dog"]})
+        with pytest.raises(ValueError, match=r"1 path\(s\) point outside .*data.*allow_outside_root=True"):
+            load_table(root, table)
+        assert len(ImageDataset(root, table, allow_outside_root=True)) == 2
+
+
+def test_predictions_csv_escapes_spreadsheet_formulas(model_files, tmp_path):
+    ckpt, _ = model_files
+    names = ("=HYPERLINK(1).png", "+a.png", "-b.png", "@c.png", "plain.png")
+    folder = _images(tmp_path / "images", names)
+    out = tmp_path / "p.csv"
+    assert predict_main([str(ckpt), str(folder), "--out", str(out), "--num-workers", "0"]) == 0
+    files = pd.read_csv(out, dtype=str)["file"].tolist()
+    assert sorted(files) == sorted(["'=HYPERLINK(1).png", "'+a.png", "'-b.png", "'@c.png", "plain.png"])
+    kept = escape_formulas(pd.DataFrame({"file": ["-1"], "predicted": ["=1+1"]}))
+    assert kept.iloc[0].tolist() == ["-1", "'=1+1"]  # plain numbers are not formulas
+
+
+def test_checkpoint_whose_classes_do_not_match_its_outputs_is_refused(model_files, tmp_path, capsys):
+    ckpt_path, _ = model_files
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save({**ckpt, "classes": ["cat", "dog", "bird"]}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: 3 class name\(s\) \['cat', 'dog', 'bird'\] but the classifier "
+                                         r"has 2 output\(s\)"):
+        load_checkpoint(tmp_path / "bad.pt")
+    folder = _images(tmp_path / "images")
+    assert predict_main([str(tmp_path / "bad.pt"), str(folder), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "3 class name(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [({"lr": float("nan")}, r"lr must be at most 1\.0 .*got nan"),
+                                          ({"lr": float("inf")}, r"lr must be at most 1\.0 .*got inf"),
+                                          ({"lr": 100}, r"lr must be at most 1\.0 .*got 100"),
+                                          ({"image_size": 100000}, r"image_size must be at most 2048 .*got 100000")])
+def test_absurd_learning_rates_and_image_sizes_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        workbook.resolve_params(bad, smoke=True)
