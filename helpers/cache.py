@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import runtime
 from .freezing import frozen_prefix_length
@@ -84,7 +83,7 @@ def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: 
     loader = runtime.make_loader(dataset, batch_size, shuffle=False, device=device, seed=seed,
                                  num_workers=num_workers)
     outputs, targets = [], []
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in runtime.with_progress(loader, desc, progress):
         with runtime.autocast(device, dtype):
             out = model.forward_groups(runtime.to_device(x, device, channels_last), 0, stop)
         outputs.append(out.float().contiguous().cpu())

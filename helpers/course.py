@@ -30,7 +30,8 @@ import pandas as pd
 from .files import write_text
 from .workbook import NOTEBOOKS, TEXT_PARAMETERS, existing_outputs, run_folder, run_path, workbook_root
 
-SUMMARY_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "ece",
+SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "test_balanced_accuracy",
+                "test_macro_f1", "test_roc_auc", "ece",
                 "ece_after_temperature", "tta_accuracy", "backbone", "strategy", "image_size", "epochs",
                 "train_seconds")
 

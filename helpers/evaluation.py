@@ -12,6 +12,11 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``: on the held-out test split;
 - ``test_roc_auc``: binary: AUC of the last (positive) class; multi-class: one-vs-rest macro;
   None when the test split lacks a class;
+- ``baseline_majority``: test accuracy of always answering the most frequent training class;
+  ``baseline_probe`` (and ``_balanced_accuracy``): the linear probe on the frozen backbone (logistic
+  regression, C by cross-validation on train) on test; ``baseline_scratch_val`` and
+  ``pretrained_val_same_budget``: the from-scratch control and the best pretrained strategy on
+  validation under notebook 03's budget (None when not run); ``final_model``: "fine-tuned" or "probe";
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
@@ -43,7 +48,9 @@ from .runtime import amp_dtype, autocast, make_loader, pick_device, to_device
 
 TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra views: flips of these dims
 
-METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "per_group",
+METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "baseline_majority",
+                "baseline_probe", "baseline_probe_balanced_accuracy", "baseline_scratch_val",
+                "pretrained_val_same_budget", "final_model", "per_group",
                 "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "tta", "backbone",
                 "strategy", "image_size", "epochs", "train_seconds", "task", "classes", "n_test")
 
@@ -567,7 +574,7 @@ def _fit_epochs(fit_summary: dict) -> int:
 
 def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_summary: dict, ece: float,
                   ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None,
-                  tta: str | None = None) -> dict:
+                  tta: str | None = None, baselines: dict | None = None, final: str | None = None) -> dict:
     """The ``metrics.json`` of notebook 05 (keys listed in this module's docstring).
 
     ``ckpt`` is the loaded best checkpoint, ``fit_summary`` the run's ``fit.json`` (or
@@ -585,11 +592,19 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         raise ValueError(f"classes {classes} differ from the checkpoint's {ckpt['classes']}")
     m = compute_metrics(pred, classes)
     meta = ckpt.get("meta") or {}
+    baselines = baselines or {}
+    scratch = baselines.get("scratch") or {}
     summary = {
         "test_accuracy": m["accuracy"],
         "test_balanced_accuracy": m["balanced_accuracy"],
         "test_macro_f1": m["macro_f1"],
         "test_roc_auc": m["roc_auc"],
+        "baseline_majority": (baselines.get("majority") or {}).get("accuracy"),
+        "baseline_probe": (baselines.get("probe") or {}).get("accuracy"),
+        "baseline_probe_balanced_accuracy": (baselines.get("probe") or {}).get("balanced_accuracy"),
+        "baseline_scratch_val": scratch.get("score"),
+        "pretrained_val_same_budget": scratch.get("pretrained_score"),
+        "final_model": final,
         "per_group": m["per_group"],
         "per_class": m["per_class"],
         "ece": float(ece),

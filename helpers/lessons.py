@@ -7,6 +7,7 @@ a matplotlib figure, so the notebook cell is one line and the explanation sits a
 
 from __future__ import annotations
 
+import math
 import time
 
 import matplotlib.pyplot as plt
@@ -17,7 +18,7 @@ from torch import nn
 
 from .data import ImageDataset
 from .transforms import eval_transform
-from .freezing import STRATEGIES, apply_strategy, trainable_summary
+from .freezing import STRATEGIES, trainable_summary
 from .models import TransferModel, create_model, offline_backbones
 
 # ----------------------------------------------------------------------------------------
@@ -152,26 +153,25 @@ def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], i
     """Cross-validated logistic regression on a frozen backbone's pooled features.
 
     A cheap stand-in for fine-tuning: how linearly separable are the classes in this
-    backbone's feature space? ``frame`` is a label table (file, label[, group]).
+    backbone's feature space? ``frame`` is a label table (file, label[, group]). The same
+    lines as notebook 01 writes by hand: standardize, ``LogisticRegression(C=0.1)``,
+    stratified k-fold (k = ``folds``, at most the smallest class's count).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_validate
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .cache import extract_features
-    from .runtime import pick_device
+    from .probe import pooled_features
 
     started = time.perf_counter()
     model = create_model(backbone, len(classes))
     dataset = ImageDataset(root, frame[["file", "label"]], classes=classes,
                            transform=eval_transform(model, image_size, crop_pct))
-    features, targets = extract_features(model, dataset, len(model.group_names) - 1, pick_device(device),
-                                         num_workers=0 if len(dataset) < 256 else None, progress=False)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
-    folds = min(folds, int(np.bincount(targets.numpy()).min()))
-    scores = cross_validate(probe, features.numpy(), targets.numpy(),
-                            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+    features, targets = pooled_features(model, dataset, device)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+    folds = min(folds, int(np.bincount(targets).min()))
+    scores = cross_validate(probe, features, targets, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                             scoring=("accuracy", "balanced_accuracy"))
     return {"backbone": backbone, "images": len(dataset), "image_size": image_size, "features": features.shape[1],
             "accuracy": float(scores["test_accuracy"].mean()),
@@ -268,24 +268,27 @@ def plot_intensity(dataset: ImageDataset, n: int = 200, seed: int = 0) -> plt.Fi
 
 
 def plot_pipeline(image: torch.Tensor, spec, image_size: int, crop_pct: float | None = None) -> plt.Figure:
-    """The eval transform step by step on one uint8 image: raw, SquarePad, Resize, CenterCrop, Normalize."""
+    """The eval transform step by step on one uint8 image: raw, SquarePad, Resize, CenterCrop, Normalize.
+
+    The normalized tensor is shown mapped back to colours (x * std + mean), not stretched to its own
+    min and max (which would make every image look equally bright); its title gives the real range.
+    """
     transform = eval_transform(spec, image_size, crop_pct)
+    prep = transform.preprocessing
     steps, x = [("raw", image)], image
     for t in transform.transforms:
         x = t(x)
         steps.append((type(t).__name__, x))
     steps = [s for s in steps if s[0] != "ToDtype"]
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.9))
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
     for ax, (name, x) in zip(axes, steps):
-        shown = x.float()
-        if name == "Normalize":
-            shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-8)
-        elif shown.max() > 1.5:
-            shown = shown / 255
+        shown = x * std + mean if name == "Normalize" else x.float() / 255
         ax.imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
-        extra = f"\n[{x.min():.2f}, {x.max():.2f}]" if name == "Normalize" else ""
+        extra = f"\nvalues in [{x.min():.2f}, {x.max():.2f}]" if name == "Normalize" else ""
         ax.set_title(f"{name}\n{tuple(x.shape[-2:])}{extra}", fontsize=9)
         ax.axis("off")
+    fig.tight_layout()
     return fig
 
 
@@ -302,95 +305,189 @@ def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------
-# 03: strategies, their cost, and the BatchNorm lesson
-
-
-def strategy_options(strategy: str) -> dict:
-    """The options the course uses for each strategy (n groups for last_n / initial / truncate)."""
-    return {"last_n": {"n": 2}, "initial": {"n": 2}, "truncate": {"n": 1}}.get(strategy, {})
+# 03: strategies, the BatchNorm trap, the comparison
 
 
 def strategy_table(backbone: str, num_classes: int) -> pd.DataFrame:
     """Trainable parameters of every strategy on ``backbone`` (one row per strategy)."""
+    from .selection import build_model, strategy_options
+
     rows = []
     for strategy in STRATEGIES:
-        model = apply_strategy(create_model(backbone, num_classes, pretrained=False), strategy,
-                               **strategy_options(strategy))
+        model = build_model(backbone, num_classes, strategy, pretrained=False)
         summary = trainable_summary(model).set_index("group")
         trains = summary.index[(summary["state"] == "train")].tolist()
         rows.append({"strategy": strategy, "parameters": int(summary.loc["total", "parameters"]),
                      "trainable": int(summary.loc["total", "trainable"]),
                      "trainable_share": summary.loc["total", "trainable"] / summary.loc["total", "parameters"],
-                     "groups_trained": ", ".join(trains), "options": strategy_options(strategy)})
+                     "groups_trained": ", ".join(trains), "options": strategy_options(strategy, model)})
     return pd.DataFrame(rows).round({"trainable_share": 4})
 
 
-def compare_strategies(backbone: str, train_set, val_set, strategies: list[str], *, epochs: int, lr: float,
-                       batch_size: int, seed: int = 0, device=None) -> pd.DataFrame:
-    """Train each strategy briefly on the same data; return best validation accuracy and time.
-
-    With a deterministic training transform, fit() caches the frozen prefix once, so the
-    strategies that freeze early layers (head, last_n, truncate) pay for one forward pass
-    and then train in seconds: part of their appeal on a CPU.
-    """
-    from .runtime import seed_everything
-    from .training import fit
-
-    rows = []
-    for strategy in strategies:
-        seed_everything(seed)
-        model = apply_strategy(create_model(backbone, len(train_set.classes)), strategy,
-                               **strategy_options(strategy))
-        history = fit(model, train_set, val_set, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                      device=device, warmup_epochs=0.3, progress=False)
-        rows.append({"strategy": strategy, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     "val_accuracy": float(history["val_accuracy"].max()),
-                     "final_train_loss": float(history["train_loss"].iloc[-1]),
-                     "final_val_loss": float(history["val_loss"].iloc[-1]),
-                     "cached": bool(history.attrs["cached"]), "seconds": float(history.attrs["train_seconds"])})
-    return pd.DataFrame(rows)
+def subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
+    """At most ``n`` items of ``dataset``, drawn at random (seeded)."""
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False))
+    return torch.utils.data.Subset(dataset, picks.tolist())
 
 
-def choose_strategy(results: pd.DataFrame, tolerance: float = 0.01) -> str:
-    """Best validation accuracy; within ``tolerance`` of it, the one that trains fewest parameters."""
-    best = results["val_accuracy"].max()
-    close = results[results["val_accuracy"] >= best - tolerance]
-    return str(close.sort_values(["trainable", "seconds"])["strategy"].iloc[0])
+def score_of(model: nn.Module, dataset, device=None, metric: str = "accuracy") -> float:
+    """``metric`` of ``model`` on an `ImageDataset` (eval mode)."""
+    from .evaluation import predict
+    from .metrics import score
 
-
-def plot_tradeoff(results: pd.DataFrame) -> plt.Figure:
-    """Validation accuracy against training time, one point per strategy."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.scatter(results["seconds"], results["val_accuracy"], s=60)
-    for _, row in results.iterrows():
-        ax.annotate(row["strategy"], (row["seconds"], row["val_accuracy"]), textcoords="offset points",
-                    xytext=(5, 5))
-    ax.set_xlabel("training time (s, including the feature cache)")
-    ax.set_ylabel("best validation accuracy")
-    ax.grid(alpha=0.3)
-    return fig
+    pred = predict(model, dataset, device=device)
+    return score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy())
 
 
 def first_batchnorm(model: TransferModel) -> nn.modules.batchnorm._BatchNorm:
     return next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def batchnorm_drift(model: TransferModel, batches: list[torch.Tensor], keep_frozen_eval: bool) -> pd.DataFrame:
-    """Run ``batches`` through ``model`` in training mode; track the first BatchNorm's running mean.
+def batchnorm_trap(make_head_model, batches: list[torch.Tensor], val_set, device=None) -> pd.DataFrame:
+    """What training mode does to a frozen network, with and without `keep_frozen_eval`.
 
-    ``model`` should be frozen by a strategy (e.g. head): its first BatchNorm has no trainable
-    parameters. Returns per step the distance of the running mean from its pretrained value.
+    ``make_head_model()`` returns a ``head`` model whose classifier was fitted on the frozen features.
+    Each way, the ``batches`` run through it in training mode (no weight is updated); we record how far
+    the first BatchNorm's running mean moved and the validation accuracy before and after.
     """
-    model.keep_frozen_eval = keep_frozen_eval
-    bn = first_batchnorm(model)
-    start = bn.running_mean.clone()
     rows = []
-    model.train()
-    with torch.no_grad():
-        for step, x in enumerate(batches, 1):
-            model(x)
-            rows.append({"step": step, "keep_frozen_eval": keep_frozen_eval,
-                         "running_mean_change": float((bn.running_mean - start).norm() / start.norm())})
-    model.keep_frozen_eval = True
+    for keep in (True, False):
+        model = make_head_model()
+        before = score_of(model, val_set, device)
+        bn = first_batchnorm(model)
+        start = bn.running_mean.clone()
+        model.keep_frozen_eval = keep
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x.to(next(model.parameters()).device))
+        model.keep_frozen_eval = True
+        rows.append({"keep_frozen_eval": keep, "running_mean_change": float((bn.running_mean - start).norm()
+                                                                            / start.norm()),
+                     "val_accuracy_before": before, "val_accuracy_after": score_of(model, val_set, device)})
     return pd.DataFrame(rows)
 
+
+def majority_share(train: pd.DataFrame, scored: list[pd.DataFrame]) -> float:
+    """Accuracy of always answering the most frequent training label, on the ``scored`` tables together."""
+    majority = train["label"].value_counts().index[0]
+    labels = pd.concat(scored)["label"]
+    return float((labels == majority).mean())
+
+
+def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | None = None) -> plt.Figure:
+    """Score ± one standard error per strategy, with the majority baseline, the linear probe (``head``) and
+    the guide's pick marked; the from-scratch control in grey."""
+    from .selection import CONTROL
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    order = results.sort_values("score")
+    colors = ["grey" if s == CONTROL else ("darkorange" if s == guide_pick else "steelblue") for s in order["strategy"]]
+    ax.barh(order["strategy"], order["score"], xerr=order["se"], color=colors, capsize=3)
+    ax.axvline(majority, color="black", ls="--", lw=1, label=f"majority class ({majority:.3f})")
+    probe = results.set_index("strategy").loc["head", "score"]
+    ax.axvline(probe, color="seagreen", ls=":", lw=1.5, label=f"linear probe = head ({probe:.3f})")
+    low = max(0.0, min(majority, order["score"].min()) - 0.05)
+    ax.set_xlim(low, min(1.0, order["score"].max() + order["se"].max() + 0.05))
+    ax.set_xlabel("validation score (mean ± 1 standard error)")
+    ax.set_title("Strategies under one recipe and budget" + (f"; orange: the guide's pick ({guide_pick})"
+                                                             if guide_pick else ""), fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# 04: speed of a training step on this device
+
+
+def training_step_speed(backbone: str, device, image_size: int, batch_size: int, steps: int = 3) -> pd.DataFrame:
+    """Images per second of full training steps (forward, backward, AdamW) for each precision and memory
+    layout this device supports, measured side by side; the median of ``steps`` timed steps after one warm-up."""
+    import statistics
+
+    from .runtime import amp_dtype, autocast
+
+    device = torch.device(device)
+    settings = [("fp32", None)] + ([(str(amp_dtype(device)).replace("torch.", ""), amp_dtype(device))]
+                                    if amp_dtype(device) is not None else [])
+    if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:
+        settings.append(("float16", torch.float16))
+    rows = []
+    for name, dtype in settings:
+        for channels_last in (False, True):
+            torch.manual_seed(0)
+            model = create_model(backbone, 2, pretrained=False).to(device).train()
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            model.to(memory_format=layout)
+            x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+            y = torch.randint(0, 2, (batch_size,), device=device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+            times = []
+            for step in range(steps + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                with autocast(device, dtype):
+                    loss = nn.functional.cross_entropy(model(x).float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step:  # the first step allocates memory and picks kernels
+                    times.append(time.perf_counter() - started)
+            rows.append({"precision": name, "channels_last": channels_last,
+                         "images_per_second": batch_size / statistics.median(times)})
+    table = pd.DataFrame(rows)
+    table["speedup"] = table["images_per_second"] / table.loc[0, "images_per_second"]
+    return table.round({"images_per_second": 1, "speedup": 2})
+
+
+# ----------------------------------------------------------------------------------------
+# 05: the final model beside its baselines
+
+
+def results_table(metrics: dict, baselines: dict) -> pd.DataFrame:
+    """The final model's test scores beside the majority class, the linear probe and the from-scratch control."""
+    rows = [{"model": "majority class", "split": "test", "accuracy": baselines["majority"]["accuracy"],
+             "balanced_accuracy": 1 / baselines["majority"]["classes"], "macro_f1": None},
+            {"model": "linear probe", "split": "test", **{k: baselines["probe"][k] for k in
+                                                           ("accuracy", "balanced_accuracy", "macro_f1")}}]
+    if baselines.get("scratch"):
+        rows.append({"model": "from scratch (03's budget)", "split": "validation",
+                     "accuracy": baselines["scratch"]["score"], "balanced_accuracy": None, "macro_f1": None})
+        rows.append({"model": "best pretrained (03's budget)", "split": "validation",
+                     "accuracy": baselines["scratch"]["pretrained_score"], "balanced_accuracy": None,
+                     "macro_f1": None})
+    rows.append({"model": "final model", "split": "test", **{k: metrics[k] for k in
+                                                              ("accuracy", "balanced_accuracy", "macro_f1")}})
+    return pd.DataFrame(rows)
+
+
+def plot_baselines(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
+    """``metric`` of each row of `results_table`; validation rows hatched."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    values = table[metric].astype(float)
+    bars = ax.barh(table["model"], values, color=["grey", "seagreen", *(["lightgrey"] * (len(table) - 3)),
+                                                  "steelblue"][:len(table)])
+    for bar, split in zip(bars, table["split"]):
+        if split != "test":
+            bar.set_hatch("//")
+    for y, v in enumerate(values):
+        ax.text(v + 0.005, y, f"{v:.3f}", va="center", fontsize=8)
+    ax.set_xlim(max(0.0, values.min() - 0.1), 1.0)
+    ax.set_xlabel(f"{metric.replace('_', ' ')} (hatched: validation under 03's budget)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def noise_note(n: int, accuracy: float = 0.85) -> str:
+    """One sentence on how large a difference ``n`` test images can resolve."""
+    margin = 2 * math.sqrt(accuracy * (1 - accuracy) / n)
+    return (f"With {n} test images, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}: "
+            f"smaller differences are within the noise of the split.")

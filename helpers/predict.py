@@ -26,12 +26,11 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .data import IMAGE_EXTENSIONS, ImageReadError, read_image
 from .export import ProbabilityModel, export_transform, is_exported, load_exported
 from .files import write_csv
-from .runtime import make_loader, pick_device, tune_cpu
+from .runtime import make_loader, pick_device, tune_cpu, with_progress
 
 
 class PredictError(Exception):
@@ -104,7 +103,7 @@ def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], ro
     rows, errors = [], []
     loader = make_loader(FolderImages(files, meta), batch_size, False, device, num_workers=num_workers)
     start = 0
-    for x, problems in tqdm(loader, desc="predicting", unit="batch", disable=None):
+    for x, problems in with_progress(loader, "predicting", enabled=sys.stderr.isatty()):
         probs = model(x.to(device)).float().cpu()
         for offset, (p, problem) in enumerate(zip(probs, problems)):
             name = files[start + offset].relative_to(root).as_posix()

@@ -12,11 +12,12 @@ import ctypes
 import os
 import platform
 import random
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
@@ -97,6 +98,22 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.
                       sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       generator=generator, worker_init_fn=_worker_init if workers else None,
                       drop_last=False, persistent_workers=False)
+
+
+def with_progress(batches: Iterable, desc: str, enabled: bool) -> Iterator:
+    """Yield from ``batches`` (a DataLoader), with a progress bar when ``enabled``.
+
+    The loader is iterated exactly once: ``tqdm.auto``'s bar, handed the loader itself, creates a
+    second iterator, which draws from the loader's random generator (so the shuffled order would
+    depend on whether a bar is shown) and starts worker processes twice.
+    """
+    if not enabled:
+        yield from batches
+        return
+    with tqdm(total=len(batches), desc=desc, leave=False) as bar:
+        for batch in batches:
+            yield batch
+            bar.update()
 
 
 def available_memory_bytes() -> int | None:

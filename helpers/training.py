@@ -35,7 +35,7 @@ from .files import write_csv, write_json
 from .freezing import param_groups, unfreeze_last
 from .metrics import METRICS, score
 from .models import TransferModel
-from .runtime import amp_dtype, autocast, make_loader, pick_device, seed_everything, to_device
+from .runtime import amp_dtype, autocast, make_loader, pick_device, seed_everything, to_device, with_progress
 from .transforms import Preprocessing, preprocessing_of
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -130,7 +130,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # fp16 needs one; else a no-op
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for x, y in with_progress(loader, desc, progress):
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)

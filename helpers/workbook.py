@@ -431,12 +431,12 @@ def finished_fit(run: Path) -> dict:
     return summary
 
 
-def save_figure(fig, params: Params, name: str) -> Path:
-    """Save a matplotlib figure as ``<run>/figures/<name>.png``."""
+def save_figure(fig, params: Params, name: str) -> None:
+    """Save a matplotlib figure as ``<run>/figures/<name>.png``. Returns nothing, so that a notebook
+    cell ending with this call shows the figure and not a file name."""
     path = params.run / "figures" / f"{name}.png"
     with files.atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,38 +460,137 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# Budgets
+# Budgets: what a notebook can afford on this machine (every value the user set wins)
 
 CACHEABLE = ("head", "last_n", "truncate")  # strategies whose frozen prefix fit() can cache
+CPU_UNCACHED_MAX_SIZE = 160  # backpropagating through the whole network at more pixels takes too long on a CPU
+CPU_COMPARISON_SIZE, CPU_COMPARISON_IMAGES = 128, 600
 
 
-def training_budget(params: Params, strategy: str, input_size: int) -> dict:
-    """Image size, epochs, batch size, learning rate and augmentation for notebook 04, with the reason.
+def selection_metric(params: Params) -> str:
+    """What selects models: macro-F1 for ELPV's four classes (rare classes would be ignored), else accuracy."""
+    return "macro_f1" if params.task == "4class" else "accuracy"
 
-    GPU: the backbone's native size, 15 epochs, augmentation on. CPU: a budget of minutes on the
-    full ELPV set; strategies with a frozen prefix train on cached features at full size
-    (augmentation off, since a cached view is fixed), the others at 128 px for 5 epochs.
-    Smoke: 64 px, 2 epochs. Any value set in the parameters wins.
+
+def _native_size(backbone: str) -> int:
+    from .models import BACKBONES, create_model
+
+    return BACKBONES[backbone].input_size if backbone in BACKBONES else create_model(
+        backbone, 2, pretrained=False).spec.input_size
+
+
+def comparison_budget(params: Params, backbone: str):
+    """Notebook 03's budget: the same for every strategy. GPU: the backbone's native size and all images;
+    CPU: a subset at a reduced size, cached where the strategy allows; smoke: the tiny data."""
+    from .selection import Budget
+
+    native = _native_size(backbone)
+    return Budget(
+        image_size=pick(params.image_size, SMOKE_IMAGE_SIZE, min(native, CPU_COMPARISON_SIZE), native, params),
+        epochs=pick(params.epochs, 1, 3, 5, params), batch_size=pick(params.batch_size, 16, 32, 64, params),
+        lr=pick(params.lr, 1e-3, 1e-3, 1e-3, params),
+        max_train=pick(None, None, CPU_COMPARISON_IMAGES, None, params),
+        augment=pick(None, "none", "none", params.augment, params))
+
+
+def training_budget(params: Params, strategy: str, backbone: str) -> dict:
+    """Notebook 04's budget for ``strategy``, with the reason.
+
+    GPU: native size, 15 epochs, the data's augmentation, fresh every epoch. CPU: strategies that freeze
+    the early layers train at native size on cached features of a few augmented views; the others at
+    most ``CPU_UNCACHED_MAX_SIZE`` px. Early stopping everywhere. Smoke: 64 px, 2 epochs.
     """
+    native = _native_size(backbone)
     cached_cpu = strategy in CACHEABLE and params.device.type != "cuda" and not params.smoke
     budget = {
-        "image_size": pick(params.image_size, SMOKE_IMAGE_SIZE, input_size if cached_cpu else 128, input_size,
-                           params),
-        "epochs": pick(params.epochs, 2, 12 if cached_cpu else 5, 15, params),
+        "image_size": pick(params.image_size, SMOKE_IMAGE_SIZE, native if strategy in CACHEABLE
+                           else min(native, CPU_UNCACHED_MAX_SIZE), native, params),
+        "epochs": pick(params.epochs, 2, 10, 15, params),
         "batch_size": pick(params.batch_size, 16, 32, 64, params),
-        "lr": pick(params.lr, 1e-3, 1e-3, 1e-3, params),
-        "augment": "none" if (cached_cpu or params.smoke) else params.augment,
+        "lr": pick(params.lr, 1e-3, 5e-4, 5e-4, params),
+        "augment": params.augment,
+        "cache": True if cached_cpu or params.smoke else "auto",
+        "cache_views": 2 if cached_cpu else 1,
+        "patience": pick(None, None, 3, 4, params),
+        "metric": selection_metric(params),
     }
     if params.smoke:
-        budget["why"] = "TL_SMOKE=1: the 64-image subset at 64 px for 2 epochs, to check the code runs"
+        budget["why"] = "TL_SMOKE=1: the 64-image subset at 64 px for 2 epochs, to check that the code runs"
     elif params.device.type == "cuda":
-        budget["why"] = (f"GPU ({params.device}): mixed precision, native {input_size} px, "
-                         f"{budget['epochs']} epochs with {params.augment!r} augmentation")
+        budget["why"] = (f"GPU ({params.device}): mixed precision, native {native} px, up to {budget['epochs']} "
+                         f"epochs with fresh {params.augment!r} augmentation every epoch")
     elif cached_cpu:
-        budget["why"] = (f"CPU: {strategy!r} freezes the early layers, so their features are computed once and "
-                         f"cached; epochs then take seconds, even at {budget['image_size']} px. The cache needs "
-                         f"a fixed input, so augmentation is off")
+        budget["why"] = (f"CPU: {strategy!r} freezes the early layers, so their outputs for {budget['cache_views']} "
+                         f"augmented views of each image are computed once and cached; epochs then take seconds "
+                         f"even at the native {budget['image_size']} px")
     else:
-        budget["why"] = (f"CPU: {strategy!r} backpropagates through the whole network, so we train at "
-                         f"{budget['image_size']} px for {budget['epochs']} epochs to finish in minutes")
+        budget["why"] = (f"CPU: {strategy!r} backpropagates through the whole network, so it trains at "
+                         f"{budget['image_size']} px to finish in minutes")
     return budget
+
+
+# ----------------------------------------------------------------------------------------
+# The final model and its baselines
+
+
+def load_split_tables(params: Params) -> dict[str, pd.DataFrame]:
+    """The train / val / test tables notebook 02 wrote."""
+    read_json(params.run / "dataset.json", "02_prepare_dataset")
+    return load_splits(params.run)
+
+
+def choose_final(params: Params, history: pd.DataFrame | None, probe_score: float, metric: str,
+                 probe_seconds: float) -> dict:
+    """Write ``final.pt``: the fine-tuned model (``best.pt``) if it beats the phase-1 probe (``probe.pt``) on
+    validation, else the probe; and ``final.json`` saying which, why and at what cost."""
+    import shutil
+
+    tuned = float(history[f"val_{metric}"].max()) if history is not None and len(history) else None
+    use_tuned = tuned is not None and tuned > probe_score
+    source = params.run / ("best.pt" if use_tuned else "probe.pt")
+    tmp = params.run / ".final.pt.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, params.run / "final.pt")
+    name = metric.replace("_", " ")
+    if tuned is None:
+        explanation = "The strategy trains only the classifier, so the phase-1 probe is the final model."
+    elif use_tuned:
+        explanation = (f"Fine-tuning reached validation {name} {tuned:.3f}, above the probe's {probe_score:.3f}: "
+                       f"the fine-tuned model is the final one.")
+    else:
+        explanation = (f"Fine-tuning reached validation {name} {tuned:.3f}, not above the probe's "
+                       f"{probe_score:.3f}: the course keeps the probe (the classifier on the frozen backbone) as "
+                       f"the final model rather than ship something worse than its own baseline.")
+    info = {"model": "fine-tuned" if use_tuned else "probe", "metric": metric, "val_probe": probe_score,
+            "val_fine_tuned": tuned, "explanation": explanation, "epochs": int(len(history)) if history is not None
+            else 0, "train_seconds": round(probe_seconds + (history.attrs["train_seconds"] if history is not None
+                                                            else 0.0), 2), "finished": True}
+    files.write_json(params.run / "final.json", info)
+    return info
+
+
+def finished_final(run: Path) -> dict:
+    """``final.json`` of a finished notebook 04; a missing one names 04 to run first."""
+    return read_json(run / "final.json", "04_fine_tune")
+
+
+def baselines(params: Params, sets: dict, device=None) -> dict:
+    """The majority class and the linear probe on the test split, and notebook 03's from-scratch control."""
+    from .checkpoint import model_from_checkpoint
+    from .evaluation import compute_metrics, predict
+
+    train_labels = sets["train"].frame["label"]
+    majority = train_labels.value_counts().index[0]
+    test_labels = sets["test"].frame["label"]
+    probe, _ = model_from_checkpoint(require(params.run / "probe.pt", "04_fine_tune"))
+    probe_metrics = compute_metrics(predict(probe, sets["test"], device=device), sets["test"].classes)
+    out = {"majority": {"class": majority, "accuracy": float((test_labels == majority).mean()),
+                        "classes": len(sets["test"].classes)},
+           "probe": {k: probe_metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
+    comparison = read_json(params.run / "strategy.json", "03_choose_freezing").get("comparison") or []
+    by_name = {row["strategy"]: row for row in comparison}
+    if "scratch" in by_name:
+        pretrained = max(row["score"] for name, row in by_name.items() if name != "scratch")
+        out["scratch"] = {"score": by_name["scratch"]["score"], "pretrained_score": pretrained,
+                          "split": "validation (notebook 03's budget)"}
+    return out

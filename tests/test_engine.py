@@ -125,6 +125,16 @@ def test_train_one_epoch_and_evaluate_are_the_loop_fit_runs(tiny_sets):
     assert result["targets"].tolist() == val.targets and len(result["predictions"]) == len(val)
 
 
+def test_a_progress_bar_does_not_change_the_shuffled_order():
+    # tqdm.auto, handed a DataLoader, creates a second iterator that draws from the loader's generator.
+    data = TensorDataset(torch.arange(40), torch.arange(40))
+    orders = [[b[0].tolist() for b in runtime.with_progress(runtime.make_loader(data, 16, True, CPU, seed=0,
+                                                                                num_workers=0), "x", shown)]
+              for shown in (False, True)]
+    assert orders[0] == orders[1]
+    assert orders[0] == [b[0].tolist() for b in runtime.make_loader(data, 16, True, CPU, seed=0, num_workers=0)]
+
+
 # ----------------------------------------------------------------------------------------
 # One preprocessing spec
 

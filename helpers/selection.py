@@ -1,0 +1,220 @@
+"""Choosing what to fine-tune, honestly: every strategy under one recipe and one budget, with its noise.
+
+The recipe is the two-phase one every anchor course teaches (Keras's guide, fastai's ``fine_tune``,
+Deitsch et al. 2019 on ELPV): phase 1 trains the new classifier on the frozen backbone, here to
+convergence with a convex solver (`helpers.probe`); phase 2 unfreezes the strategy's groups and
+trains them with a lower learning rate for earlier layers. ``head`` is phase 1 alone (the linear
+probe); ``truncate`` is phase 1 on the pooled features of a later stage ("keep the early layers,
+put a new head on them"); ``scratch`` is the control: the whole network from random weights, with
+the same budget, to show what the pretrained start is worth.
+
+Scores come with their noise. With a validation split of at least ``MIN_HOLDOUT`` images we
+score on it (paired standard errors of the differences); with fewer, k-fold cross-validation on
+train + validation. A strategy within two standard errors of the best (``TIE_SE``) counts as a
+tie, and ties go to the cheaper strategy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold
+
+from .data import ImageDataset
+from .freezing import STRATEGIES, apply_strategy
+from .metrics import score
+from .models import TransferModel, create_model
+from .probe import Probe, fit_probe, install_probe, pooled_features
+from .runtime import seed_everything
+from .transforms import eval_transform, train_transform
+
+# Validation images below which one split is too noisy to rank strategies: with 250 images the standard
+# error of an accuracy near 0.85 is 2.3 points, and cross-validation (which scores every train + validation
+# image once) costs k times as much.
+MIN_HOLDOUT = 250
+TIE_SE = 2.0  # a difference smaller than this many standard errors is within the noise
+CONTROL = "scratch"
+CANDIDATES = (*STRATEGIES, CONTROL)
+# Cost order for ties: what trains least and runs fastest first.
+COST_ORDER = ("head", "truncate", "last_n", "initial", "full", CONTROL)
+STRATEGY_OPTIONS = {"last_n": {"n": 2}, "initial": {"n": 2}, "truncate": {"n": 1}}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How each candidate trains in a comparison (phase 2; phase 1 is solved exactly)."""
+
+    image_size: int
+    epochs: int
+    batch_size: int = 32
+    lr: float = 1e-3
+    layer_decay: float = 0.8
+    label_smoothing: float = 0.1
+    augment: str = "none"
+    cache: str | bool = "auto"  # True also caches augmented views (fixed ones, cycled through)
+    cache_views: int = 1
+    max_train: int | None = None  # subsample the training part of each fold to at most this many images
+    patience: int | None = None  # early stopping
+
+
+def truncation_point(model: TransferModel) -> str:
+    """Where ``truncate`` cuts: the stage at two thirds of the depth, whose features are past the
+    generic edges and textures but before the most ImageNet-specific late stages."""
+    stages = [g for g in model.group_names if g.startswith("stage")]
+    return stages[max(0, round(2 * len(stages) / 3) - 1)]
+
+
+def strategy_options(strategy: str, model: TransferModel | None = None) -> dict:
+    """The options the course uses for each strategy (and where truncate cuts, given the model)."""
+    options = dict(STRATEGY_OPTIONS.get(strategy, {}))
+    if strategy == "truncate" and model is not None:
+        options["after"] = truncation_point(model)
+    return options
+
+
+def build_model(backbone: str, num_classes: int, strategy: str, pretrained: bool = True) -> TransferModel:
+    """A fresh model frozen for ``strategy`` (``scratch``: random weights, everything trains)."""
+    if strategy == CONTROL:
+        return apply_strategy(create_model(backbone, num_classes, pretrained=False), "full")
+    model = create_model(backbone, num_classes, pretrained=pretrained)
+    return apply_strategy(model, strategy, **strategy_options(strategy, model))
+
+
+def trains_beyond_classifier(model: TransferModel) -> bool:
+    """Whether phase 2 has anything to train besides the (already solved) classifier."""
+    return any(p.requires_grad for name, g in model.groups.items() if name != "classifier" for p in g.parameters())
+
+
+def protocol(n_val: int, min_holdout: int = MIN_HOLDOUT, folds: int = 3) -> dict:
+    """Holdout on the validation split when it is large enough, else k-fold on train + validation."""
+    if n_val >= min_holdout:
+        return {"name": "holdout", "folds": 1, "why": f"{n_val} validation images (>= {min_holdout})"}
+    return {"name": "k-fold", "folds": folds,
+            "why": f"only {n_val} validation images (< {min_holdout}): {folds}-fold cross-validation on "
+                   f"train + validation instead of one noisy split"}
+
+
+def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict, seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(fit part, score part) per fold: the given split, or stratified folds of train + val."""
+    if plan["name"] == "holdout":
+        return [(train, val)]
+    pool = pd.concat([train, val], ignore_index=True)
+    labels = pool["label"].to_numpy()
+    folds = min(plan["folds"], int(pd.Series(labels).value_counts().min()))
+    if folds < 2:
+        raise ValueError(f"cannot cross-validate: a class has fewer than 2 images among {len(pool)}")
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True))
+            for a, b in splitter.split(pool, labels)]
+
+
+def _subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or len(frame) <= n:
+        return frame
+    from sklearn.model_selection import train_test_split
+
+    part, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
+    return part.reset_index(drop=True)
+
+
+def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, classes: list[str], model: TransferModel,
+              budget: Budget, crop_pct: float | None) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """(plain train, augmented train, validation) datasets of one fold."""
+    plain = eval_transform(model, budget.image_size, crop_pct)
+    augmented = train_transform(model, budget.image_size, budget.augment, crop_pct)
+    make = lambda frame, tf: ImageDataset(root, frame[["file", "label"]], classes=classes, transform=tf)  # noqa: E731
+    return make(fit_part, plain), make(fit_part, augmented), make(score_part, plain)
+
+
+def phase_one(model: TransferModel, train: ImageDataset, device, seed: int) -> Probe:
+    """Fit the classifier on the frozen features exactly (convex) and put it into ``model``."""
+    started = time.perf_counter()
+    probe = fit_probe(*pooled_features(model, train, device), seed=seed)
+    install_probe(model, probe)
+    probe.seconds = time.perf_counter() - started
+    return probe
+
+
+def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budget: Budget, seed: int, device,
+              **fit_options) -> pd.DataFrame:
+    """Fine-tune the strategy's groups from the phase-1 classifier (see `helpers.training.fit`)."""
+    from .training import fit
+
+    cache = budget.cache
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="caching .* augmented view")  # chosen deliberately here
+        return fit(model, train, val, epochs=budget.epochs, lr=budget.lr, batch_size=budget.batch_size,
+                   layer_decay=budget.layer_decay, label_smoothing=budget.label_smoothing, warmup_epochs=0.5,
+                   cache=cache, cache_views=budget.cache_views, seed=seed, device=device,
+                   **{"patience": budget.patience, **fit_options})
+
+
+def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, score_part: pd.DataFrame,
+                       classes: list[str], root: Path, budget: Budget, crop_pct: float | None, seed: int,
+                       device, metric: str = "accuracy") -> dict:
+    """Train ``strategy`` on one fold with the two-phase recipe; its validation score and predictions."""
+    from .evaluation import predict
+
+    started = time.perf_counter()
+    seed_everything(seed)
+    model = build_model(backbone, len(classes), strategy)
+    fit_part = _subsample(fit_part, budget.max_train, seed)
+    plain, augmented, val = _datasets(root, fit_part, score_part, classes, model, budget, crop_pct)
+    if strategy != CONTROL:
+        phase_one(model, plain, device, seed)
+    if trains_beyond_classifier(model):
+        phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric)
+    pred = predict(model, val, device=device)
+    return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
+            "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "seconds": time.perf_counter() - started}
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of the difference in accuracy of two models scored on the same images."""
+    diff = a.astype(float) - b.astype(float)
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+
+
+def summarize(runs: list[dict], guide_pick: str | None = None) -> pd.DataFrame:
+    """One row per strategy: mean score over folds, its standard error, the paired standard error of its
+    difference to the best, cost, and its rank (1 = best)."""
+    frame = pd.DataFrame(runs)
+    table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
+                                          trainable=("trainable", "first"), seconds=("seconds", "sum"))
+    fold_se = frame.groupby("strategy")["score"].agg(lambda s: s.std(ddof=1) / math.sqrt(len(s)) if len(s) > 1
+                                                     else np.nan)
+    correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
+    best = table["score"].idxmax()
+    table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else
+                   math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))
+                   for s in table.index]
+    table["se_vs_best"] = [paired_se(correct[best], correct[s]) if s != best else 0.0 for s in table.index]
+    table = table.sort_values("score", ascending=False)
+    table["rank"] = np.arange(1, len(table) + 1)
+    table["guide_pick"] = table.index == guide_pick
+    return table.reset_index()
+
+
+def choose(table: pd.DataFrame) -> tuple[str, str]:
+    """The best pretrained strategy; within ``TIE_SE`` standard errors of it, the cheapest."""
+    pretrained = table[table["strategy"] != CONTROL]
+    best = pretrained.iloc[0]
+    ties = pretrained[pretrained["score"] >= best["score"] - TIE_SE * pretrained["se_vs_best"]]
+    cheapest = min(ties["strategy"], key=COST_ORDER.index)
+    if cheapest == best["strategy"]:
+        return cheapest, f"{cheapest} scored best ({best['score']:.3f})"
+    gap = best["score"] - float(pretrained.set_index("strategy").loc[cheapest, "score"])
+    return cheapest, (f"{best['strategy']} scored best ({best['score']:.3f}), but {cheapest} is only {gap:.3f} "
+                      f"behind, within the noise of the comparison, and cheaper")
+
+
+def budget_dict(budget: Budget) -> dict:
+    return asdict(budget)

@@ -1,0 +1,182 @@
+"""The linear probe, the baselines, the strategy comparison and the floor (the final model never ships
+below the probe on validation)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import selection, workbook
+from helpers.checkpoint import load_checkpoint, model_from_checkpoint, save_model
+from helpers.freezing import apply_strategy
+from helpers.models import create_model
+from helpers.probe import fit_probe, install_probe, majority_baseline, pooled_features, probe_linear
+from helpers.runtime import seed_everything
+from helpers.transforms import resolve_preprocessing
+
+
+def blobs(n_classes: int, per_class: int = 30, dim: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_classes, dim))
+    x = np.concatenate([c + rng.normal(0, 1.0, (per_class, dim)) * rng.uniform(0.5, 2, dim) + 5 for c in centres])
+    return x, np.repeat(np.arange(n_classes), per_class)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_probe_folds_into_one_linear_layer_with_the_same_probabilities(n_classes):
+    x, y = blobs(n_classes)
+    probe = fit_probe(x, y, folds=3)
+    assert probe.C in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) and probe.folds == 3 and probe.cv_accuracy > 0.5
+    weight, bias = probe_linear(probe, n_classes)
+    logits = torch.tensor(x, dtype=torch.float32) @ weight.T + bias
+    np.testing.assert_allclose(logits.softmax(1).numpy(), probe.pipeline.predict_proba(x), atol=1e-4)
+    assert (logits.argmax(1).numpy() == probe.predict(x)).all()
+
+
+def test_a_class_absent_from_training_is_never_predicted():
+    x, y = blobs(3)
+    keep = y != 1
+    probe = fit_probe(x[keep], np.where(y[keep] == 2, 2, 0), folds=3)
+    weight, bias = probe_linear(probe, 3)
+    logits = torch.tensor(x, dtype=torch.float32) @ weight.T + bias
+    assert not (logits.argmax(1) == 1).any()
+
+
+def test_probe_without_enough_images_to_cross_validate_uses_a_default():
+    x, y = blobs(2, per_class=5)
+    y[0] = 2  # a class with a single image
+    probe = fit_probe(x, y)
+    assert probe.cv_accuracy is None and probe.C == 0.1 and probe.folds == 0
+    with pytest.raises(ValueError, match="at least two classes"):
+        fit_probe(x[:3], np.zeros(3, dtype=int))
+
+
+def test_installed_probe_is_the_models_classifier(tiny_sets):
+    train, val = tiny_sets
+    seed_everything(0)
+    model = apply_strategy(create_model("efficientnet_lite0", 2), "head")
+    features, targets = pooled_features(model, train, "cpu", num_workers=0)
+    probe = fit_probe(features, targets)
+    install_probe(model.eval(), probe)
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        by_model = model(images).softmax(1).numpy()
+    val_features, _ = pooled_features(model, val, "cpu", num_workers=0)
+    np.testing.assert_allclose(by_model, probe.pipeline.predict_proba(val_features), atol=1e-4)
+    other = apply_strategy(create_model("efficientnet_lite0", 2), "truncate", n=1)
+    with pytest.raises(ValueError, match="fitted on 1280 features"):
+        install_probe(other, probe)
+
+
+def test_majority_baseline_counts_the_training_labels():
+    result = majority_baseline(np.array([0, 1, 1, 1]), np.array([1, 0, 0, 1, 1]))
+    assert result == {"class_index": 1, "accuracy": 0.6}
+
+
+# ----------------------------------------------------------------------------------------
+# The comparison
+
+
+def test_protocol_cross_validates_small_validation_splits():
+    assert selection.protocol(250)["name"] == "holdout" and selection.protocol(249)["name"] == "k-fold"
+    small = selection.protocol(68)
+    assert small["name"] == "k-fold" and "68 validation images" in small["why"]
+
+
+def test_folds_cover_train_and_validation_once_each():
+    train = pd.DataFrame({"file": [f"t{i}" for i in range(30)], "label": ["a", "b", "c"] * 10})
+    val = pd.DataFrame({"file": [f"v{i}" for i in range(9)], "label": ["a", "b", "c"] * 3})
+    folds = selection.make_folds(train, val, {"name": "k-fold", "folds": 3}, seed=0)
+    scored = pd.concat([s for _, s in folds])
+    assert sorted(scored["file"]) == sorted(train["file"].tolist() + val["file"].tolist())
+    for fit_part, score_part in folds:
+        assert not set(fit_part["file"]) & set(score_part["file"])
+        assert score_part["label"].value_counts().min() >= 3  # stratified
+    assert selection.make_folds(train, val, {"name": "holdout", "folds": 1}, 0)[0][1] is val
+
+
+def _run(strategy, correct, fold=0, trainable=10):
+    return {"strategy": strategy, "score": float(np.mean(correct)), "correct": np.array(correct, dtype=bool),
+            "files": list(range(len(correct))), "trainable": trainable, "seconds": 1.0, "fold": fold}
+
+
+def test_a_strategy_within_the_noise_goes_to_the_cheaper_one():
+    rng = np.random.default_rng(0)
+    base = rng.random(200) < 0.80
+    almost = base.copy()
+    almost[np.flatnonzero(base)[:2]] = False  # two fewer right: within the noise
+    clearly = base.copy()
+    clearly[np.flatnonzero(base)[:40]] = False  # forty fewer: not
+    table = selection.summarize([_run("full", base), _run("head", almost), _run("last_n", clearly),
+                                 _run("scratch", clearly)], guide_pick="last_n")
+    assert list(table["strategy"][:2]) == ["full", "head"] and table.set_index("strategy").loc["last_n", "rank"] == 3
+    assert table.set_index("strategy").loc["last_n", "guide_pick"]
+    chosen, reason = selection.choose(table)
+    assert chosen == "head" and "within the noise" in reason
+    chosen, _ = selection.choose(selection.summarize([_run("full", base), _run("head", clearly)]))
+    assert chosen == "full"
+
+
+def test_the_control_is_never_chosen():
+    best = np.ones(50, dtype=bool)
+    worse = np.r_[np.ones(25), np.zeros(25)].astype(bool)
+    table = selection.summarize([_run("scratch", best), _run("head", worse)])
+    assert table.iloc[0]["strategy"] == "scratch" and selection.choose(table)[0] == "head"
+
+
+def test_truncate_cuts_at_two_thirds_of_the_depth():
+    model = create_model("efficientnet_lite0", 2, pretrained=False)
+    assert selection.truncation_point(model) == "stage5"
+    built = selection.build_model("efficientnet_lite0", 2, "truncate", pretrained=False)
+    assert built.group_names[-3] == "stage5" and built.strategy == {"name": "truncate", "after": "stage5", "n": 1}
+    scratch = selection.build_model("efficientnet_lite0", 2, "scratch")
+    assert scratch.weight_source == "random" and all(p.requires_grad for p in scratch.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# The floor
+
+
+@pytest.fixture()
+def run_with_two_models(tmp_path):
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run")}, smoke=True)
+    model = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "head")
+    prep = resolve_preprocessing(model, 64, 1.0)
+    save_model(model, ["functional", "defective"], prep, params.run / "probe.pt", meta={"phase": 1})
+    with torch.no_grad():
+        model.classifier[1].weight.add_(1.0)
+    save_model(model, ["functional", "defective"], prep, params.run / "best.pt", meta={"phase": 2})
+    return params
+
+
+def _history(scores):
+    frame = pd.DataFrame({"epoch": range(1, len(scores) + 1), "val_accuracy": scores})
+    frame.attrs["train_seconds"] = 12.0
+    return frame
+
+
+@pytest.mark.parametrize("scores, probe, kept", [([0.70, 0.86, 0.84], 0.85, "fine-tuned"),
+                                                 ([0.70, 0.85, 0.84], 0.85, "probe"),
+                                                 ([0.60], 0.85, "probe")])
+def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe(run_with_two_models, scores, probe,
+                                                                            kept):
+    params = run_with_two_models
+    info = workbook.choose_final(params, _history(scores), probe, "accuracy", probe_seconds=3.0)
+    assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == len(scores)
+    source = "best.pt" if kept == "fine-tuned" else "probe.pt"
+    assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
+    assert json.loads((params.run / "final.json").read_text())["model"] == kept
+    assert load_checkpoint(params.run / "final.pt")["meta"]["phase"] == (2 if kept == "fine-tuned" else 1)
+    model_from_checkpoint(params.run / "final.pt")  # loads like any checkpoint
+
+
+def test_a_strategy_without_phase_two_keeps_the_probe(run_with_two_models):
+    info = workbook.choose_final(run_with_two_models, None, 0.8, "accuracy", probe_seconds=2.0)
+    assert info["model"] == "probe" and info["epochs"] == 0 and info["val_fine_tuned"] is None
+
+
+def test_notebook_05_needs_notebook_04_to_have_chosen(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run notebooks/04_fine_tune.ipynb first"):
+        workbook.finished_final(tmp_path)
