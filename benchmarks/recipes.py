@@ -16,7 +16,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from helpers.data import ImageDataset
 from helpers.evaluation import compute_metrics, predict
