@@ -8,3 +8,5 @@ import os
 
 os.environ.setdefault("TL_SMOKE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# No progress bars in the kernels nbval starts: each update would be an output to compare and keep.
+os.environ.setdefault("TL_PROGRESS", "0")

@@ -5,7 +5,8 @@ its transforms), `data` (reading images, label tables, splits, ELPV), `freezing`
 the size x similarity guide), `runtime` (device, precision, loaders, seeds, CPU tuning),
 `training` (the loop and `fit`), `cache` (the frozen-prefix cache), `metrics`, `checkpoint`
 (safe save/load), `files` (atomic writes), `evaluation`, `export`, `predict` (CLI), `workbook`
-and `lessons` (notebook glue), `course` (papermill runner).
+and `lessons` (notebook glue), `course` (papermill runner), `notebook_cells` (the setup cell and Colab
+badge every notebook shares).
 
 Importing the package changes nothing in the process; `helpers.runtime.tune_cpu()` is the one
 explicit call that tunes memory allocation and OpenCV threads for CPU work.

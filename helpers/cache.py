@@ -74,7 +74,7 @@ def plan(model: TransferModel, train_set: Dataset, cache: str | bool, views: int
 @torch.inference_mode()
 def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: torch.device,
                      batch_size: int = 64, num_workers: int | None = None, desc: str = "features",
-                     progress: bool = True, seed: int = 0, dtype: torch.dtype | None = None,
+                     progress: bool | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                      channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first ``stop`` groups over ``dataset`` once, in order; return (outputs, targets) on
     the CPU. ``seed`` fixes the augmentation drawn, in this process and in the loader's workers."""
@@ -83,6 +83,7 @@ def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: 
     loader = runtime.make_loader(dataset, batch_size, shuffle=False, device=device, seed=seed,
                                  num_workers=num_workers)
     outputs, targets = [], []
+    progress = runtime.progress_default() if progress is None else progress  # None: on, unless TL_PROGRESS=0
     for x, y in runtime.with_progress(loader, desc, progress):
         with runtime.autocast(device, dtype):
             out = model.forward_groups(runtime.to_device(x, device, channels_last), 0, stop)

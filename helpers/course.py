@@ -119,6 +119,23 @@ def grid_run_name(base: str, combo: dict[str, object]) -> str:
     return str(Path(base).parent / name) if Path(base).is_absolute() else name
 
 
+def kernel_config() -> dict:
+    """Keyword arguments for papermill that encrypt the traffic to the notebook kernel.
+
+    Without them, ipykernel 7 warns "Kernel is running over TCP without encryption" on every start.
+    jupyter_client (8.10+) gives the kernel CurveZMQ keys when its kernelspec says it supports them
+    ("auto"). With an older jupyter_client, or pyzmq built without Curve, the connection stays plain
+    local TCP, as before.
+    """
+    import zmq
+    from jupyter_client import KernelManager
+    from traitlets.config import Config
+
+    if "transport_encryption" not in KernelManager.class_trait_names() or not zmq.has("curve"):
+        return {}
+    return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
+
+
 def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bool = False,
                notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, overwrite: bool = False) -> Path:
     """Execute ``notebooks`` in order with ``parameters``; return the run folder.
@@ -133,6 +150,9 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
     validate(parameters, notebook_parameters(notebooks))
     if smoke:
         os.environ["TL_SMOKE"] = "1"  # the kernels inherit it
+    # No progress bars in the kernels (TL_PROGRESS=1 brings them back): the executed copy would
+    # keep every update of every bar as an output.
+    os.environ.setdefault("TL_PROGRESS", "0")
     run = run_folder(name, overwrite=overwrite)
     replaced = existing_outputs(run, notebooks)
     if replaced:
@@ -142,7 +162,8 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
         print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
         papermill.execute_notebook(str(notebooks_dir() / f"{notebook}.ipynb"), str(run / f"{notebook}.ipynb"),
                                    parameters={"run_name": name, **parameters}, kernel_name="python3",
-                                   cwd=str(notebooks_dir()), log_output=True, progress_bar=progress)
+                                   cwd=str(notebooks_dir()), log_output=True, progress_bar=progress,
+                                   **kernel_config())
         print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
     return run
 

@@ -116,6 +116,16 @@ def with_progress(batches: Iterable, desc: str, enabled: bool) -> Iterator:
             bar.update()
 
 
+def progress_default() -> bool:
+    """Whether progress bars are drawn when a caller does not say: yes, unless ``TL_PROGRESS=0``.
+
+    The course runner and the test suite set it: in a notebook executed by papermill or nbval every
+    bar update is saved as an output (thousands per training cell), while a person at the notebook
+    wants the bars. ``fit`` and the feature cache use this default.
+    """
+    return os.environ.get("TL_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def available_memory_bytes() -> int | None:
     """Memory the OS can still give this process (Linux: MemAvailable), or None where unknown."""
     if os.path.isfile("/proc/meminfo"):

@@ -35,7 +35,8 @@ from .files import write_csv, write_json
 from .freezing import param_groups, unfreeze_last
 from .metrics import METRICS, score
 from .models import TransferModel
-from .runtime import amp_dtype, autocast, make_loader, pick_device, seed_everything, to_device, with_progress
+from .runtime import (amp_dtype, autocast, make_loader, pick_device, progress_default, seed_everything,
+                      to_device, with_progress)
 from .transforms import Preprocessing, preprocessing_of
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -389,7 +390,7 @@ def _out_of_memory(batch_size: int, image_size: int) -> RuntimeError:
 
 def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig | None = None, *,
         out_dir: str | os.PathLike | None = None, resume: bool = False, device: str | torch.device | None = None,
-        progress: bool = True, restore_best: bool = True, meta: dict | None = None,
+        progress: bool | None = None, restore_best: bool = True, meta: dict | None = None,
         preprocessing: Preprocessing | None = None, **settings) -> pd.DataFrame:
     """Train ``model`` (already frozen by `apply_strategy`) and return the history, one row per epoch.
 
@@ -405,6 +406,7 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
         raise TypeError(f"fit got unknown setting(s) {unknown}; the settings are TrainConfig's fields: "
                         f"{[f.name for f in fields(TrainConfig)]}")
     config = replace(config or TrainConfig(), **settings)
+    progress = progress_default() if progress is None else progress  # None: on, unless TL_PROGRESS=0
     meta = dict(meta or {})
     _check_inputs(model, train_set, val_set, config, meta)
     if resume and out_dir is None:

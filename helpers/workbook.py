@@ -296,6 +296,16 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
                   stratify_col=stratify_col, user_set=user_set)
 
 
+def start(namespace: dict) -> Params:
+    """The notebook's parameters from its ``globals()``, checked and completed (`resolve_params`), and
+    shown as a table: the one line after every notebook's parameters cell."""
+    from IPython.display import display
+
+    params = resolve_params(collect(namespace))
+    display(params.report())
+    return params
+
+
 def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params) -> object:
     """``value`` when the user set it, else the default for this budget (smoke, CPU or GPU)."""
     if value is not None:
