@@ -1,85 +1,117 @@
-"""Which CPU recipe beats the linear probe, and at what cost? One ELPV split, recipes side by side.
+"""Which phase-2 recipe beats the linear probe on a CPU, and at what cost? One split, recipes side by side.
 
-Each recipe starts from the probe (logistic regression on the frozen backbone's pooled features,
-folded into the classifier) and fine-tunes the last groups on cached, augmented views of the
-frozen prefix (the two-phase recipe). Numbers: validation and test accuracy of the best epoch,
-wall time of each phase.
+Phase 1 is the probe (logistic regression on the frozen backbone's pooled features, folded into
+the classifier). Phase 2 fine-tunes the last ``n`` groups on cached outputs of the frozen prefix
+(augmented views for training, plain ones for validation and test), computed once per ``n`` and
+shared by every learning rate and BatchNorm setting, so the recipes differ only in what they set.
+Per recipe: validation accuracy per epoch, and test accuracy at the best validation epoch.
 
-    python benchmarks/recipes.py                                   # defaults below
-    python benchmarks/recipes.py --sizes 224 --groups 2 3 --views 2 --epochs 8
+    python benchmarks/recipes.py                          # ELPV binary, seed 0, the defaults below
+    python benchmarks/recipes.py --groups 2 3 --lrs 2e-4 5e-4 --views 2 --epochs 8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import numpy as np
+import torch
+from torch.utils.data import TensorDataset
 
+from helpers import cache
 from helpers.data import ImageDataset
-from helpers.evaluation import compute_metrics, predict
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
 from helpers.probe import fit_probe, install_probe, pooled_features
-from helpers.runtime import seed_everything, tune_cpu
-from helpers.training import fit
+from helpers.runtime import make_loader, seed_everything, tune_cpu
+from helpers.training import TrainConfig, evaluate, make_criterion, make_optimizer, make_scheduler, train_one_epoch
 from helpers.transforms import eval_transform, train_transform
 
 from elpv import elpv_splits  # noqa: E402  (benchmarks/elpv.py, the same folder)
+
+CPU = torch.device("cpu")
+
+
+def run_recipe(model, cached, config: TrainConfig, train_targets) -> dict:
+    """Phase 2 on cached tensors: the per-epoch validation accuracy and the test accuracy of the best epoch."""
+    seed_everything(config.seed)
+    model.freeze_batchnorm = config.freeze_batchnorm
+    net = model.tail(cached["prefix"])
+    steps = int(np.ceil(len(cached["views"][0][0]) / config.batch_size))
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps)
+    criterion = make_criterion(config, model, type("T", (), {"targets": train_targets})(), CPU)
+    plain = torch.nn.CrossEntropyLoss()
+    val_curve, best = [], (-1.0, None)
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        seed_everything(config.seed * 1000 + epoch)
+        x, y = cached["views"][(epoch - 1) % len(cached["views"])]
+        loader = make_loader(TensorDataset(x, y), config.batch_size, True, CPU, seed=config.seed * 1000 + epoch,
+                             num_workers=0)
+        train_one_epoch(net, loader, optimizer, criterion, CPU, scheduler=scheduler)
+        scores = {}
+        for split in ("val", "test"):
+            result = evaluate(net, make_loader(TensorDataset(*cached[split]), 128, False, CPU, num_workers=0),
+                              plain, CPU)
+            scores[split] = float((result["targets"] == result["predictions"]).mean())
+        val_curve.append(round(scores["val"], 3))
+        if scores["val"] > best[0]:
+            best = (scores["val"], scores["test"], epoch)
+    model.freeze_batchnorm = False
+    return {"val": best[0], "test": best[1], "best_epoch": best[2], "val_curve": val_curve,
+            "train_seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="binary")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224])
+    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--views", type=int, nargs="+", default=[2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-4, 5e-4])
+    parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--augment", default="cells")
     args = parser.parse_args()
     tune_cpu()
     params, splits, classes = elpv_splits(args.task, args.seed, "cpu")
-    for size in args.sizes:
-        base = create_model("efficientnet_lite0", len(classes))
-        ev = eval_transform(base, size, crop_pct=1.0)
-        sets = {k: ImageDataset(params.data_root, v, group_col="group", classes=classes, transform=ev)
-                for k, v in splits.items()}
+    base = create_model("efficientnet_lite0", len(classes))
+    plain = eval_transform(base, args.size, crop_pct=1.0)
+    sets = {k: ImageDataset(params.data_root, v, group_col="group", classes=classes, transform=plain)
+            for k, v in splits.items()}
+    started = time.perf_counter()
+    train_features = pooled_features(base, sets["train"], CPU)
+    probe = fit_probe(*train_features, seed=args.seed)
+    seconds = time.perf_counter() - started
+    for split in ("val", "test"):
+        print(json.dumps({"recipe": "probe", "split": split, "C": probe.C,
+                          "accuracy": round(probe.accuracy(*pooled_features(base, sets[split], CPU)), 4),
+                          "phase1_seconds": round(seconds, 1)}), flush=True)
+    augmented = ImageDataset(params.data_root, splits["train"], group_col="group", classes=classes,
+                             transform=train_transform(base, args.size, augment=args.augment, crop_pct=1.0))
+    for n in args.groups:
+        seed_everything(args.seed)
+        model = install_probe(apply_strategy(create_model("efficientnet_lite0", len(classes)), "last_n", n=n), probe)
+        prefix = len(model.group_names) - 1 - n
         started = time.perf_counter()
-        feats = {k: pooled_features(base, s, "cpu") for k, s in sets.items()}
-        feature_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        probe = fit_probe(*feats["train"], seed=args.seed)
-        probe_row = {"recipe": "probe", "size": size, "C": probe.C, "cv": probe.cv_accuracy,
-                     "val": probe.accuracy(*feats["val"]), "test": probe.accuracy(*feats["test"]),
-                     "seconds": round(feature_seconds + time.perf_counter() - started, 1)}
-        print(json.dumps(probe_row), flush=True)
-        for n in args.groups:
-            for views in args.views:
-                seed_everything(args.seed)
-                model = apply_strategy(create_model("efficientnet_lite0", len(classes)), "last_n", n=n)
-                install_probe(model, probe)
-                tr = train_transform(model, size, augment=args.augment, crop_pct=1.0)
-                train = ImageDataset(params.data_root, splits["train"], group_col="group", classes=classes,
-                                     transform=tr)
-                started = time.perf_counter()
-                import warnings
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    history = fit(model, train, sets["val"], epochs=args.epochs, lr=args.lr, batch_size=32,
-                                  cache=True, cache_views=views, layer_decay=0.8, label_smoothing=0.1,
-                                  warmup_epochs=0.5, seed=args.seed, progress=False, device="cpu")
-                seconds = time.perf_counter() - started
-                test = compute_metrics(predict(model, sets["test"], device="cpu"), classes)
-                print(json.dumps({"recipe": f"last_n n={n} views={views}", "size": size,
-                                  "val": round(float(history["val_accuracy"].max()), 4),
-                                  "best_epoch": int(np.argmax(history["val_accuracy"].to_numpy()) + 1),
-                                  "test": round(test["accuracy"], 4),
-                                  "cache_seconds": history.attrs["cache_seconds"],
-                                  "seconds": round(seconds, 1),
-                                  "val_curve": [round(v, 3) for v in history["val_accuracy"]]}), flush=True)
+        built = cache.build(model, augmented, sets["val"], prefix, args.views, seed=args.seed, batch_size=32,
+                            device=CPU, dtype=None, channels_last=True, num_workers=None, progress=False)
+        test = cache.extract_features(model, sets["test"], prefix, CPU, 64, None, "test", False)
+        cached = {"prefix": prefix, "views": built.train_views, "val": built.val, "test": test}
+        cache_seconds = round(time.perf_counter() - started, 1)
+        start = copy.deepcopy(model.state_dict())
+        for lr in args.lrs:
+            for frozen_bn in (True, False):
+                model.load_state_dict(start)
+                config = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, layer_decay=0.8, label_smoothing=0.1,
+                                     warmup_epochs=0.5, seed=args.seed, freeze_batchnorm=frozen_bn)
+                result = run_recipe(model, cached, config, splits["train"]["label"].map(classes.index).to_numpy())
+                print(json.dumps({"recipe": f"last_n n={n}", "lr": lr, "freeze_batchnorm": frozen_bn,
+                                  "views": args.views, "cache_seconds": cache_seconds, **result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,9 @@ class TransferModel(nn.Module):
         self.spec = spec
         self.weight_source = weight_source
         self.keep_frozen_eval = True
+        # Every BatchNorm in inference mode while training, trainable ones too (set by fit's
+        # freeze_batchnorm): Keras's advice for fine-tuning, see `train`.
+        self.freeze_batchnorm = False
         # True only for create_model(name, None) with pretrained weights: the 1000 ImageNet outputs.
         self.imagenet_classifier = False
         # How the model was adapted (set by helpers.freezing.apply_strategy); saved in checkpoints.
@@ -147,17 +150,23 @@ class TransferModel(nn.Module):
         stochastic depth stay off. Otherwise the "frozen" features would still drift with
         every batch, and the cached features of the frozen prefix would no longer match
         what the network computes. Set ``keep_frozen_eval = False`` to see the drift.
+
+        With ``freeze_batchnorm``, trainable BatchNorm layers stay in inference mode too: they keep
+        normalizing with the stored statistics while their scale and shift train. Small batches of
+        new data give noisy statistics, and changing them moves every feature the classifier was
+        fitted on (the Keras guide's advice for fine-tuning).
         """
         super().train(mode)
-        if mode and self.keep_frozen_eval:
-            for group in self.groups.values():
-                if not any(p.requires_grad for p in group.parameters()):
-                    group.eval()
-                    continue
-                for m in group.modules():  # a frozen BatchNorm inside a partly trainable group
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                            p.requires_grad for p in m.parameters(recurse=False)):
-                        m.eval()
+        if not mode or not (self.keep_frozen_eval or self.freeze_batchnorm):
+            return self
+        for group in self.groups.values():
+            if self.keep_frozen_eval and not any(p.requires_grad for p in group.parameters()):
+                group.eval()
+                continue
+            for m in group.modules():  # a BatchNorm inside a (partly) trainable group
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (self.freeze_batchnorm or (
+                        self.keep_frozen_eval and not any(p.requires_grad for p in m.parameters(recurse=False)))):
+                    m.eval()
         return self
 
     def forward_groups(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -80,6 +80,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     ema_decay: float | None = None
     num_workers: int | None = None
+    freeze_batchnorm: bool = False  # all BatchNorm layers keep their stored statistics (inference mode)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "cache_views"):
@@ -420,11 +421,14 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
         model.to(memory_format=torch.channels_last)
     image_size = train_set[0][0].shape[-1]
     state = _check_resumable(out / "last.pt", identity, config) if resume and (out / "last.pt").is_file() else None
+    model.freeze_batchnorm = config.freeze_batchnorm
     try:
         return _fit(model, train_set, val_set, config, out, state, device, dtype, progress, restore_best,
                     meta, identity)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(config.batch_size, image_size) from err
+    finally:
+        model.freeze_batchnorm = False
 
 
 def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig, out: Path | None,

@@ -80,8 +80,8 @@ NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "01_analyze_approach": ("decision.json",),
     "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json"),
     "03_choose_freezing": ("strategy.json",),
-    "04_fine_tune": ("best.pt", "last.pt", "history.csv", "fit.json"),
-    "05_evaluate": ("metrics.json", "model.pt2"),
+    "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json"),
+    "05_evaluate": ("metrics.json", "model.pt2", "predictions.csv", "my_images"),
 }
 # Written into every run folder the workbook creates or takes over: only such folders are written to.
 RUN_MARKER = ".workbook_run.json"

@@ -113,9 +113,17 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
         assert problems == [], notebook
     dataset = json.loads((run / "dataset.json").read_text())
     assert dataset["classes"] == ["chelsea", "coffee", "rocket"] and dataset["task"] == "custom"
-    assert {"train.csv", "val.csv", "test.csv", "best.pt", "decision.json", "strategy.json"} <= {
-        p.name for p in run.iterdir()}
+    assert {"train.csv", "val.csv", "test.csv", "probe.pt", "final.pt", "final.json", "decision.json",
+            "strategy.json"} <= {p.name for p in run.iterdir()}
     row = course.read_metrics(run)
     assert 0.0 <= row["test_accuracy"] <= 1.0 and row["image_size"] == 64
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["classes"] == dataset["classes"] and metrics["n_test"] == 9
+    # The floor: the final model is the probe, or beat the probe on validation.
+    final = json.loads((run / "final.json").read_text())
+    assert metrics["final_model"] == final["model"]
+    if final["model"] == "probe":
+        assert metrics["test_accuracy"] == metrics["baseline_probe"]
+    else:
+        assert final["val_fine_tuned"] > final["val_probe"] and (run / "best.pt").is_file()
+    assert 0.0 <= metrics["baseline_majority"] <= 1.0

@@ -35,7 +35,7 @@ CHANGED = {"epochs": 2, "lr": 2e-3, "batch_size": 8, "optimizer": "sgd", "weight
            "warmup_epochs": 0.5, "label_smoothing": 0.1, "class_weights": "balanced", "metric": "macro_f1",
            "patience": 3, "seed": 1, "amp": False, "channels_last": False, "cache": "auto", "cache_views": 2,
            "layer_decay": 0.8, "unfreeze_schedule": {1: 2}, "max_grad_norm": 1.0, "ema_decay": 0.9,
-           "num_workers": 1}
+           "num_workers": 1, "freeze_batchnorm": True}
 BASE = dict(epochs=1, lr=1e-3, cache=False, num_workers=0)
 
 
@@ -221,6 +221,18 @@ def test_cache_refuses_what_would_not_fit_in_memory(tiny_sets, monkeypatch):
 
 # ----------------------------------------------------------------------------------------
 # Fixes found in review
+
+
+def test_freeze_batchnorm_keeps_trainable_batchnorm_statistics_but_trains_their_weights(tiny_sets):
+    train, val = tiny_sets
+    model = fresh("last_n", n=1)
+    bn = model.groups["head"][1]  # conv_head's BatchNorm: trainable under last_n n=1
+    stats, weight = bn.running_mean.clone(), bn.weight.detach().clone()
+    fit(model, train, val, epochs=1, lr=1e-2, cache=False, freeze_batchnorm=True, progress=False, num_workers=0)
+    assert torch.equal(bn.running_mean, stats) and not torch.equal(bn.weight, weight)
+    assert not model.freeze_batchnorm  # the setting belongs to the run, not to the model
+    fit(model, train, val, epochs=1, lr=1e-2, cache=False, progress=False, num_workers=0)
+    assert not torch.equal(bn.running_mean, stats)  # by default trainable BatchNorm layers update
 
 
 def test_gradual_unfreezing_adds_groups():

@@ -1,0 +1,96 @@
+"""Bring your own data: the course's default run on datasets it was not tuned on, beside its baselines.
+
+Each dataset runs the whole course (notebooks 01 -> 05, all defaults, only the data and the seed set
+as parameters) for each seed, and one row records the final model's test accuracy beside the
+majority class and the linear probe, which strategy the comparison chose, where the guide's pick
+ranked, and the wall time. ELPV runs through the course's own data; the others are built offline by
+`benchmarks/datasets.py` (class folders under data/byod/).
+
+    python benchmarks/byod.py                                  # the default set, seeds 0 and 1
+    python benchmarks/byod.py --datasets elpv_binary digits --seeds 0
+
+Writes runs/byod/byod.csv and prints a markdown table (the rows of benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.course import markdown_table, run_course
+from helpers.files import write_csv
+from helpers.runtime import tune_cpu
+from helpers.workbook import workbook_root
+
+import datasets  # noqa: E402  (benchmarks/datasets.py, the same folder)
+
+# name -> notebook parameters; "data" means: built by datasets.py into data/byod/<name>
+ELPV = {"elpv_binary": {"task": "binary"}, "elpv_4class": {"task": "4class"}}
+DEFAULT = ["elpv_binary", "elpv_4class", "elpv", "photos_small", "digits", "textures"]
+
+
+def data_root(name: str) -> Path:
+    """The class-folder dataset ``name`` (built once, seed 0, on first use)."""
+    root = workbook_root() / "data" / "byod" / name
+    if not root.is_dir():
+        print(f"[byod] building {name} into {root}", flush=True)
+        datasets.build(name, root, seed=0)
+    return root
+
+
+def one_run(name: str, seed: int) -> dict:
+    """Run the course on dataset ``name`` with ``seed``; one row of results."""
+    parameters = dict(ELPV[name]) if name in ELPV else {"data_root": str(data_root(name))}
+    parameters["seed"] = seed
+    run_name = f"byod-{name}-seed{seed}"
+    started = time.perf_counter()
+    run = run_course(run_name, parameters, smoke=False, progress=False)
+    seconds = time.perf_counter() - started
+    metrics = json.loads((run / "metrics.json").read_text())
+    strategy = json.loads((run / "strategy.json").read_text())
+    decision = json.loads((run / "decision.json").read_text())
+    final = json.loads((run / "final.json").read_text())
+    return {"dataset": name, "seed": seed, "n_train": decision["n_train"], "classes": len(decision["classes"]),
+            "similarity": decision["similarity"], "guide_pick": strategy["recommended_by_guide"],
+            "guide_rank": f"{strategy['guide_rank']}/{strategy['candidates']}", "chosen": strategy["strategy"],
+            "final": final["model"], "test_accuracy": metrics["test_accuracy"],
+            "probe": metrics["baseline_probe"], "majority": metrics["baseline_majority"],
+            "final_minus_probe": metrics["test_accuracy"] - metrics["baseline_probe"],
+            "macro_f1": metrics["test_macro_f1"], "minutes": round(seconds / 60, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=DEFAULT,
+                        help=f"from {list(ELPV) + list(datasets.DATASETS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args(argv)
+    unknown = [d for d in args.datasets if d not in ELPV and d not in datasets.DATASETS]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {list(ELPV) + list(datasets.DATASETS)}")
+    if os.environ.get("TL_SMOKE", "0") == "1":
+        parser.error("TL_SMOKE=1 is set: the benchmark measures the real budget; unset it")
+    tune_cpu()
+    rows = []
+    for name in args.datasets:
+        for seed in args.seeds:
+            rows.append(one_run(name, seed))
+            print(json.dumps(rows[-1]), flush=True)
+    frame = pd.DataFrame(rows)
+    out = workbook_root() / "runs" / "byod"
+    write_csv(frame, out / "byod.csv")
+    print(markdown_table(frame))
+    means = frame.groupby("dataset")[["test_accuracy", "probe", "final_minus_probe", "minutes"]].mean()
+    print(markdown_table(means.reset_index()))
+    print("command:", "python benchmarks/byod.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
