@@ -495,3 +495,58 @@ def training_budget(params: Params, strategy: str, input_size: int) -> dict:
         budget["why"] = (f"CPU: {strategy!r} backpropagates through the whole network, so we train at "
                          f"{budget['image_size']} px for {budget['epochs']} epochs to finish in minutes")
     return budget
+
+
+# ----------------------------------------------------------------------------------------
+# Notebook 04's setup as functions, shared with the command line (python -m helpers.train)
+
+
+def prepare_split(params: Params) -> dict:
+    """Notebook 02's split without its figures: the seeded, stratified ``train.csv``, ``val.csv``,
+    ``test.csv`` and ``dataset.json`` in the run folder; returns what ``dataset.json`` holds."""
+    from .data import save_splits
+
+    table = label_table(params)
+    config = dataset_config(params, classes_of(params, table))
+    save_splits(split_table(params, table), params.run)
+    files.write_json(params.run / "dataset.json", config)
+    return config
+
+
+def fine_tune_model(params: Params):
+    """Notebook 04's model and budget: ``(model, training_budget(...))``.
+
+    The backbone is the ``backbone`` parameter, else notebook 01's choice (``decision.json``); the
+    strategy is the ``strategy`` parameter, else notebook 03's (``strategy.json``); the classes are
+    notebook 02's (``dataset.json``). The new classifier's weights are seeded from ``params.seed``.
+    """
+    from .freezing import apply_strategy
+    from .models import create_model
+    from .runtime import seed_everything
+
+    backbone = params.backbone or read_json(params.run / "decision.json", "01_analyze_approach")["backbone"]
+    classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
+    chosen = ({"strategy": params.strategy, "options": {}} if params.strategy
+              else read_json(params.run / "strategy.json", "03_choose_freezing"))
+    seed_everything(params.seed)  # the new classifier's initial weights depend on it
+    model = apply_strategy(create_model(backbone, len(classes)), chosen["strategy"], **(chosen["options"] or {}))
+    return model, training_budget(params, chosen["strategy"], model.spec.input_size)
+
+
+def fine_tune_datasets(params: Params, model, budget: dict) -> dict:
+    """Notebook 04's train/val/test datasets: the budget's image size and augmentation for training,
+    the backbone's evaluation transform for the others."""
+    from .transforms import eval_transform, train_transform
+
+    size = budget["image_size"]
+    return load_datasets(params, train_transform(model, size, augment=budget["augment"], crop_pct=params.crop_pct),
+                         eval_transform(model, size, params.crop_pct))
+
+
+def fine_tune_settings(params: Params, budget: dict) -> dict:
+    """Notebook 04's keyword arguments for `helpers.training.fit`: the budget, the run folder as
+    ``out_dir``, and ``resume=True`` when a training there was interrupted."""
+    return {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"], "seed": params.seed,
+            "device": params.device, "out_dir": params.run,
+            "metric": "macro_f1" if params.task == "4class" else "accuracy", "label_smoothing": 0.1,
+            "layer_decay": 0.8, "meta": {"task": params.task}, "resume": interrupted_training(params.run)}
