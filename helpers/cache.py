@@ -9,6 +9,10 @@ With random augmentation the outputs are no longer fixed: caching then means tra
 fixed number of augmented *views* per image (``views``), which is faster but augments less.
 Each view is drawn with its own seed, which also reaches the DataLoader's worker processes.
 A dataset whose transform cannot be inspected counts as random.
+
+Under torchrun, `fit` passes each process its own fixed share of the images (``Subset``s from
+`helpers.distributed.Distributed.shard`): every process computes and keeps only its share, so the
+feature pass is W times faster and takes 1/W of the memory per process.
 """
 
 from __future__ import annotations
@@ -100,25 +104,27 @@ def bytes_per_image(model: TransferModel, sample: torch.Tensor, prefix: int) -> 
     return out[0].numel() * 4
 
 
-def check_memory(needed: int, views: int, images: int, image_size: int) -> None:
-    """Refuse, with advice, a cache that would take more than ``MEMORY_SHARE`` of free memory."""
+def check_memory(needed: int, views: int, images: int, image_size: int, processes: int = 1) -> None:
+    """Refuse, with advice, a cache that would take more than ``MEMORY_SHARE`` of free memory;
+    ``processes`` on this machine each build one of this size at the same time."""
     free = runtime.available_memory_bytes()
-    if free is None or needed <= MEMORY_SHARE * free:
+    if free is None or needed * processes <= MEMORY_SHARE * free:
         return
+    each = f", in each of {processes} processes" if processes > 1 else ""
     raise MemoryError(
-        f"the feature cache would need {needed / 2**30:.1f} GiB ({views} view(s) of {images} images at "
+        f"the feature cache would need {needed / 2**30:.1f} GiB{each} ({views} view(s) of {images} images at "
         f"{image_size} px) but only {free / 2**30:.1f} GiB of memory are free: use a smaller image_size, "
         f"fewer cache_views, a strategy that freezes more groups, or cache=False")
 
 
 def build(model: TransferModel, train_set: Dataset, val_set: Dataset, prefix: int, views: int, *, seed: int,
           batch_size: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
-          num_workers: int | None, progress: bool) -> FeatureCache:
+          num_workers: int | None, progress: bool, processes: int = 1) -> FeatureCache:
     """Compute the cache: ``views`` passes over ``train_set`` (view v seeded from ``seed`` and v),
-    one over ``val_set``. Checks the memory it needs first."""
+    one over ``val_set``. Checks the memory it needs first (for ``processes`` such caches)."""
     sample = train_set[0][0]
     needed = bytes_per_image(model, sample, prefix) * (views * len(train_set) + len(val_set))
-    check_memory(needed, views, len(train_set), sample.shape[-1])
+    check_memory(needed, views, len(train_set), sample.shape[-1], processes)
     started = time.perf_counter()
     train_views = [extract_features(model, train_set, prefix, device, 2 * batch_size, num_workers,
                                     f"caching train view {v + 1}/{views}", progress, seed * 1000 + 777 + v,

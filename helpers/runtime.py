@@ -71,13 +71,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's RANK, WORLD_SIZE ...), ``default`` when unset."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {text!r}") from None
+
+
 def default_num_workers() -> int:
-    """Loader processes: on Linux one per spare core (up to 4). On macOS and Windows worker
+    """Loader processes: on Linux one per spare core (up to 4), the cores shared among the training
+    processes torchrun starts on this machine (``LOCAL_WORLD_SIZE``). On macOS and Windows worker
     processes are spawned and re-import the notebook's code, which is slow and fragile in
     Jupyter, so images are read in the main process there."""
     if platform.system() != "Linux":
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    local_processes = max(1, env_int("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(4, (os.cpu_count() or 1) // local_processes - 1))
 
 
 def _worker_init(worker_id: int) -> None:

@@ -5,7 +5,8 @@ Read it top to bottom:
 - `train_one_epoch` and `evaluate`: the loop you would write by hand (notebook 04 does);
 - `fit`: runs that loop for a number of epochs and adds what a real run needs: the learning-rate
   schedule, the frozen-prefix cache (`helpers.cache`), early stopping, an optional weight average,
-  the best and the last checkpoint after every epoch, and exact resume.
+  the best and the last checkpoint after every epoch, and exact resume. Under ``torchrun`` it
+  trains in several processes (`helpers.distributed`); the loop itself does not change.
 
 Determinism: every epoch reseeds all random number generators from (seed, epoch), so an epoch's
 shuffling, augmentation and dropout do not depend on what ran before it. That is what lets a run
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from . import cache as feature_cache
+from . import distributed
 from .checkpoint import atomic_save, describe_model, load_checkpoint
 from .files import write_csv, write_json
 from .freezing import param_groups, unfreeze_last
@@ -61,7 +63,7 @@ class TrainConfig:
 
     epochs: int = 5
     lr: float = 1e-3  # of the classifier; earlier groups get lr * layer_decay ** depth
-    batch_size: int = 32
+    batch_size: int = 32  # per process under torchrun: the effective batch is world_size * batch_size
     optimizer: str = "adamw"
     weight_decay: float = 0.01
     schedule: str = "cosine"  # linear warm-up, then cosine decay to 0 ("constant": warm-up, then flat)
@@ -81,6 +83,7 @@ class TrainConfig:
     ema_decay: float | None = None
     num_workers: int | None = None
     freeze_batchnorm: bool = False  # all BatchNorm layers keep their stored statistics (inference mode)
+    sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over all processes' batches
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "cache_views"):
@@ -100,6 +103,7 @@ class TrainConfig:
                   ("ema_decay", self.ema_decay is None or (isinstance(self.ema_decay, float)
                                                            and 0.0 < self.ema_decay < 1.0), "None or in (0, 1)"),
                   ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
+                  ("sync_batchnorm", isinstance(self.sync_batchnorm, bool), "True or False"),
                   ("num_workers", self.num_workers is None or (isinstance(self.num_workers, int)
                                                                and self.num_workers >= 0), "None or >= 0"))
         for name, ok, rule in checks:
@@ -190,6 +194,7 @@ class WeightAverage:
 
     def update(self, model: nn.Module) -> None:
         self.steps += 1
+        model = distributed.Distributed.unwrap(model)  # under torchrun fit trains a DDP wrapper
         self.average.update(getattr(model, "model", model), step=self.steps)  # GroupsFrom wraps the model
 
 
@@ -309,9 +314,15 @@ class _Run:
     best_state: dict | None = None  # best weights in memory, when there is no out_dir
 
 
-def _check_resumable(path: Path, identity: dict, config: TrainConfig) -> dict:
-    """``last.pt``'s state, if its model, preprocessing and every training setting match this run."""
+def _check_resumable(path: Path, identity: dict, config: TrainConfig, world_size: int) -> dict:
+    """``last.pt``'s state, if its model, preprocessing, every training setting and the number of
+    processes match this run."""
     state = load_checkpoint(path)
+    then = state.get("world_size", 1)
+    if then != world_size:  # the shares, batches and steps per epoch all depend on it
+        raise ValueError(f"cannot resume from {path}: it was trained by {then} process(es), this run has "
+                         f"{world_size}; resume with the same number (torchrun --nnodes x --nproc_per_node), "
+                         f"or use a new out_dir to start over")
     differences = []
     for key in (k for k in identity if k != "format_version"):
         if key == "preprocessing":  # name the setting inside it (image_size, crop_pct, ...)
@@ -322,8 +333,10 @@ def _check_resumable(path: Path, identity: dict, config: TrainConfig) -> dict:
     if differences:
         name, then, now = differences[0]
         raise ValueError(f"cannot resume from {path}: {name} is {then!r} there but {now!r} now")
-    saved, current = state["config"], asdict(config)
-    changed = [f"{k} is {saved.get(k)!r} there but {v!r} now" for k, v in current.items() if saved.get(k) != v]
+    # A setting added after the checkpoint was written had its default value there.
+    saved = {**asdict(TrainConfig()), **state["config"]}
+    changed = [f"{k} is {saved.get(k)!r} there but {v!r} now" for k, v in asdict(config).items()
+               if saved.get(k) != v]
     if changed:
         raise ValueError(f"cannot resume from {path}: training settings differ: " + ", ".join(changed)
                          + " (use the same settings, or a new out_dir to start over)")
@@ -347,16 +360,17 @@ def _resume(state: dict, run: _Run, config: TrainConfig, model: TransferModel, p
 
 
 def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoader, config: TrainConfig,
-              device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Validation scores of the weights we keep (the average, if any) and, beside them, the raw ones."""
+              device: torch.device, dtype: torch.dtype | None, ctx: distributed.Distributed) -> dict:
+    """Validation scores of the weights we keep (the average, if any) and, beside them, the raw ones.
+    Under torchrun each process evaluates its share and the scores are computed from all of them."""
     row = {}
     start = getattr(net, "start", 0)  # net is the model, or its groups after the cached prefix
     candidates = [("val", parts["ema"].module.tail(start) if parts["ema"] is not None else net)]
     if parts["ema"] is not None:
         candidates.append(("raw_val", net))
     for prefix, candidate in candidates:
-        result = evaluate(candidate, loader, parts["criterion"], device, dtype=dtype,
-                          channels_last=config.channels_last)
+        result = ctx.gather(evaluate(candidate, loader, parts["criterion"], device, dtype=dtype,
+                                     channels_last=config.channels_last))
         if not math.isfinite(result["loss"]):  # e.g. weights blown up by the last step: never save them
             raise NonFiniteLossError(f"validation loss became {result['loss']}")
         row[f"{prefix}_loss"] = result["loss"]
@@ -378,7 +392,8 @@ def _save(out: Path, run: _Run, epoch: int, improved: bool, identity: dict, meta
                  **({"ema": parts["ema"].module.state_dict()} if parts["ema"] is not None else {}),
                  "config": asdict(config), "optimizer": parts["optimizer"].state_dict(),
                  "scheduler": parts["scheduler"].state_dict(), "scaler": parts["scaler"].state_dict(),
-                 "history": run.history, "best_score": run.best_score, "bad_epochs": run.bad_epochs}, out / "last.pt")
+                 "history": run.history, "best_score": run.best_score, "bad_epochs": run.bad_epochs,
+                 **({"world_size": summary["processes"]} if "processes" in summary else {})}, out / "last.pt")
     write_csv(pd.DataFrame(run.history), out / "history.csv")
     write_json(out / "fit.json", {**summary, "best_score": run.best_score, "config": asdict(config)})
 
@@ -401,6 +416,10 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
     the validation set's transform (or ``preprocessing``). ``meta`` (plain values) is stored too.
     Columns: epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy[, val_<metric>][, raw_val_*
     under ``ema_decay``], seconds; ``history.attrs`` holds the run's summary (device, cache, times).
+
+    Under ``torchrun`` every process calls fit with the same arguments; ``batch_size`` is then per
+    process, rank 0 alone writes files and shows progress, and ``out_dir`` must be a folder every
+    process can read (``helpers.distributed`` says what else changes).
     """
     unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
     if unknown:
@@ -412,19 +431,24 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
     _check_inputs(model, train_set, val_set, config, meta)
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where last.pt is)")
+    ctx = distributed.context()
+    if len(val_set) < ctx.world_size:
+        raise ValueError(f"{ctx.world_size} processes need at least as many validation images (one share each), "
+                         f"got {len(val_set)}")
     out = Path(out_dir) if out_dir is not None else None
     identity = _identity(model, train_set, val_set, preprocessing) if out is not None else {}
-    device = pick_device(device)
+    device = ctx.device(pick_device(device))
     dtype = amp_dtype(device) if config.amp else None
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     image_size = train_set[0][0].shape[-1]
-    state = _check_resumable(out / "last.pt", identity, config) if resume and (out / "last.pt").is_file() else None
+    state = (_check_resumable(out / "last.pt", identity, config, ctx.world_size)
+             if resume and (out / "last.pt").is_file() else None)
     model.freeze_batchnorm = config.freeze_batchnorm
     try:
-        return _fit(model, train_set, val_set, config, out, state, device, dtype, progress, restore_best,
-                    meta, identity)
+        return _fit(model, train_set, val_set, config, out, state, device, dtype, progress and ctx.is_main,
+                    restore_best, meta, identity, ctx)
     except torch.cuda.OutOfMemoryError as err:
         raise _out_of_memory(config.batch_size, image_size) from err
     finally:
@@ -433,22 +457,29 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
 
 def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: TrainConfig, out: Path | None,
          state: dict | None, device: torch.device, dtype: torch.dtype | None, progress: bool, restore_best: bool,
-         meta: dict, identity: dict) -> pd.DataFrame:
+         meta: dict, identity: dict, ctx: distributed.Distributed) -> pd.DataFrame:
     prefix, views = feature_cache.plan(model, train_set, config.cache, config.cache_views, config.unfreeze_schedule)
-    cached = feature_cache.build(model, train_set, val_set, prefix, views, seed=config.seed,
+    # Under torchrun each process caches, and validates on, its own fixed share (the whole set otherwise).
+    train_share, val_share = ctx.shard(train_set, pad=True), ctx.shard(val_set, pad=False)
+    cached = feature_cache.build(model, train_share, val_share, prefix, views, seed=ctx.seed(config.seed),
                                  batch_size=config.batch_size, device=device, dtype=dtype,
                                  channels_last=config.channels_last, num_workers=config.num_workers,
-                                 progress=progress) if prefix else None
+                                 progress=progress, processes=ctx.local_world_size) if prefix else None
     net = model.tail(prefix)  # the groups that train: all of them, or those after the cached prefix
+    if config.sync_batchnorm:
+        ctx.sync_batchnorm(net, device)
 
     def train_loader(epoch: int) -> DataLoader:  # reshuffled from (seed, epoch): the same after a resume
-        data, workers = (TensorDataset(*cached.train_view(epoch)), 0) if cached else (train_set, config.num_workers)
-        return make_loader(data, config.batch_size, True, device, seed=config.seed * 1000 + epoch,
-                           num_workers=workers)
+        seed = config.seed * 1000 + epoch
+        if cached:
+            return make_loader(TensorDataset(*cached.train_view(epoch)), config.batch_size, True, device, seed=seed,
+                               num_workers=0)
+        return make_loader(train_set, config.batch_size, True, device, seed=ctx.seed(seed),
+                           num_workers=config.num_workers, sampler=ctx.sampler(train_set, config.seed * 1000, epoch))
 
-    val_loader = make_loader(TensorDataset(*cached.val) if cached else val_set, 2 * config.batch_size, False,
+    val_loader = make_loader(TensorDataset(*cached.val) if cached else val_share, 2 * config.batch_size, False,
                              device, num_workers=0 if cached else config.num_workers)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train_share) / config.batch_size)
     optimizer = make_optimizer(model, config)
     parts = {"criterion": make_criterion(config, model, train_set, device), "optimizer": optimizer,
              "scheduler": make_scheduler(optimizer, config, steps_per_epoch),
@@ -457,11 +488,13 @@ def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Tra
     run = _Run()
     if state is not None:
         _resume(state, run, config, model, parts, steps_per_epoch)
+    wrapped = ctx.wrap(net, device)  # after resume, which may have unfrozen groups
     summary = {"device": str(device), "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
                "channels_last": config.channels_last, "cached": cached is not None,
                "cached_groups": model.group_names[:prefix], "cache_views": views or 1,
                "cache_seconds": round(cached.seconds, 2) if cached else 0.0,
-               "train_images": len(train_set), "val_images": len(val_set), "finished": False}
+               "train_images": len(train_set), "val_images": len(val_set), "finished": False,
+               **({"processes": ctx.world_size} if ctx.enabled else {})}
     bar = tqdm(range(run.start_epoch, config.epochs + 1), desc="epochs", disable=not progress,
                initial=run.start_epoch - 1, total=config.epochs)
     for epoch in bar:
@@ -469,8 +502,9 @@ def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Tra
             break
         if epoch in config.unfreeze_schedule:
             unfreeze_last(model, config.unfreeze_schedule[epoch])
-        row = _epoch(epoch, model, net, train_loader(epoch), val_loader, parts, config, device, dtype, progress,
-                     out)
+            wrapped = ctx.wrap(net, device)  # DDP averages only the parameters that trained when it was built
+        row = _epoch(epoch, model, wrapped, train_loader(epoch), val_loader, parts, config, device, dtype, progress,
+                     out, ctx)
         run.history.append(row)
         current = row[f"val_{config.metric}"]
         improved = current > run.best_score
@@ -479,17 +513,18 @@ def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Tra
             kept = parts["ema"].module if parts["ema"] is not None else model
             run.best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         bar.set_postfix({"train_loss": f"{row['train_loss']:.4f}", f"val_{config.metric}": f"{current:.3f}"})
-        if out is not None:
+        if out is not None and ctx.is_main:
             _save(out, run, epoch, improved, identity, meta, config, model, parts, summary)
-    return _finish(model, run, parts, config, out, restore_best, summary, cached)
+        ctx.barrier()  # the others read rank 0's checkpoints (restore_best), so they wait for them
+    return _finish(model, run, parts, config, out, restore_best, summary, cached, ctx)
 
 
 def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader, val_loader: DataLoader,
            parts: dict, config: TrainConfig, device: torch.device, dtype: torch.dtype | None, progress: bool,
-           out: Path | None) -> dict:
-    """Train one epoch, validate, and return the history row."""
+           out: Path | None, ctx: distributed.Distributed) -> dict:
+    """Train one epoch, validate, and return the history row (the same in every process)."""
     started = time.perf_counter()
-    seed_everything(config.seed * 1000 + epoch)
+    seed_everything(ctx.seed(config.seed * 1000 + epoch))
     optimizer = parts["optimizer"]
     lr = optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1].get("lr_scale", 1.0)
     try:
@@ -497,8 +532,10 @@ def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader,
                                   scheduler=parts["scheduler"], dtype=dtype, channels_last=config.channels_last,
                                   max_grad_norm=config.max_grad_norm, ema=parts["ema"], progress=progress,
                                   desc=f"epoch {epoch}")
+        trained = ctx.mean(trained, len(loader.sampler))
+        ctx.sync_buffers(model, *([parts["ema"].module] if parts["ema"] is not None else []))
         row = {"epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
-               **_validate(model, net, parts, val_loader, config, device, dtype)}
+               **_validate(model, ctx.unwrap(net), parts, val_loader, config, device, dtype, ctx)}
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err} in epoch {epoch}; lower the learning rate (now {config.lr}) or set "
                                  f"max_grad_norm. The last good checkpoint is unchanged"
@@ -508,7 +545,7 @@ def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader,
 
 
 def _finish(model: TransferModel, run: _Run, parts: dict, config: TrainConfig, out: Path | None,
-            restore_best: bool, summary: dict, cached) -> pd.DataFrame:
+            restore_best: bool, summary: dict, cached, ctx: distributed.Distributed) -> pd.DataFrame:
     """Hand back the best weights (or the average), write the final summary, return the history."""
     if restore_best and out is not None and (out / "best.pt").is_file():
         model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
@@ -523,7 +560,7 @@ def _finish(model: TransferModel, run: _Run, parts: dict, config: TrainConfig, o
                    stopped_early=len(frame) < config.epochs,
                    train_seconds=round(float(frame["seconds"].sum()) + (cached.seconds if cached else 0.0), 2)
                    if len(frame) else 0.0)
-    if out is not None:
+    if out is not None and ctx.is_main:
         write_csv(frame, out / "history.csv")
         write_json(out / "fit.json", {**summary, "config": asdict(config)})
     frame.attrs.update(summary)

@@ -523,6 +523,7 @@ def training_budget(params: Params, strategy: str, backbone: str) -> dict:
         "cache_views": 2 if cached_cpu else 1,
         "patience": pick(None, None, 3, 4, params),
         "metric": selection_metric(params),
+        "freeze_batchnorm": True,
     }
     if params.smoke:
         budget["why"] = "TL_SMOKE=1: the 64-image subset at 64 px for 2 epochs, to check that the code runs"
@@ -604,3 +605,60 @@ def baselines(params: Params, sets: dict, device=None) -> dict:
         out["scratch"] = {"score": by_name["scratch"]["score"], "pretrained_score": pretrained,
                           "split": "validation (notebook 03's budget)"}
     return out
+
+
+# Notebook 04's setup as functions, shared with the command line (python -m helpers.train)
+
+
+def prepare_split(params: Params) -> dict:
+    """Notebook 02's split without its figures: the seeded, stratified ``train.csv``, ``val.csv``,
+    ``test.csv`` and ``dataset.json`` in the run folder; returns what ``dataset.json`` holds."""
+    from .data import save_splits
+
+    table = label_table(params)
+    config = dataset_config(params, classes_of(params, table))
+    save_splits(split_table(params, table), params.run)
+    files.write_json(params.run / "dataset.json", config)
+    return config
+
+
+def fine_tune_model(params: Params):
+    """Notebook 04's model and budget: ``(model, training_budget(...))``.
+
+    The backbone is the ``backbone`` parameter, else notebook 01's choice (``decision.json``); the
+    strategy is the ``strategy`` parameter, else notebook 03's (``strategy.json``); the classes are
+    notebook 02's (``dataset.json``). The new classifier's weights are seeded from ``params.seed``.
+    """
+    from .runtime import seed_everything
+    from .selection import build_model
+
+    backbone = params.backbone or read_json(params.run / "decision.json", "01_analyze_approach")["backbone"]
+    classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
+    strategy = params.strategy or read_json(params.run / "strategy.json", "03_choose_freezing")["strategy"]
+    seed_everything(params.seed)  # the new classifier's initial weights depend on it
+    model = build_model(backbone, len(classes), strategy)
+    return model, training_budget(params, strategy, backbone)
+
+
+def fine_tune_datasets(params: Params, model, budget: dict) -> dict:
+    """Notebook 04's datasets at the budget's image size: ``train`` with the budget's augmentation (phase
+    2), ``train_plain`` without (phase 1, the probe), ``val`` and ``test`` with the evaluation transform."""
+    from .transforms import eval_transform, train_transform
+
+    size = budget["image_size"]
+    plain = eval_transform(model, size, params.crop_pct)
+    sets = load_datasets(params, train_transform(model, size, augment=budget["augment"], crop_pct=params.crop_pct),
+                         plain)
+    sets["train_plain"] = load_datasets(params, plain, plain)["train"]
+    return sets
+
+
+def fine_tune_settings(params: Params, budget: dict) -> dict:
+    """Notebook 04's keyword arguments for phase 2's `helpers.training.fit`: the budget, the recipe
+    (warm-up, layer decay, label smoothing, BatchNorm statistics kept), the run folder as ``out_dir``,
+    and ``resume=True`` when a training there was interrupted."""
+    return {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"], "seed": params.seed,
+            "device": params.device, "out_dir": params.run, "metric": budget["metric"], "label_smoothing": 0.1,
+            "layer_decay": 0.8, "warmup_epochs": 0.5, "patience": budget["patience"], "cache": budget["cache"],
+            "cache_views": budget["cache_views"], "freeze_batchnorm": budget["freeze_batchnorm"],
+            "meta": {"task": params.task, "phase": 2}, "resume": interrupted_training(params.run)}

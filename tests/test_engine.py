@@ -35,7 +35,7 @@ CHANGED = {"epochs": 2, "lr": 2e-3, "batch_size": 8, "optimizer": "sgd", "weight
            "warmup_epochs": 0.5, "label_smoothing": 0.1, "class_weights": "balanced", "metric": "macro_f1",
            "patience": 3, "seed": 1, "amp": False, "channels_last": False, "cache": "auto", "cache_views": 2,
            "layer_decay": 0.8, "unfreeze_schedule": {1: 2}, "max_grad_norm": 1.0, "ema_decay": 0.9,
-           "num_workers": 1, "freeze_batchnorm": True}
+           "num_workers": 1, "freeze_batchnorm": True, "sync_batchnorm": True}
 BASE = dict(epochs=1, lr=1e-3, cache=False, num_workers=0)
 
 

@@ -1,0 +1,140 @@
+"""Notebook 04's training from the command line, in one process or many (torchrun).
+
+    python -m helpers.train --run-name big --backbone efficientnet_lite0 --strategy last_n
+    torchrun --nproc_per_node=4 -m helpers.train --run-name big --epochs 20        # 4 GPUs
+    TL_SMOKE=1 torchrun --nproc_per_node=2 -m helpers.train --run-name ddp-smoke \\
+        --backbone efficientnet_lite0 --strategy head --device cpu                  # 2 CPU processes, tiny data
+
+Takes the notebooks' parameters (``--run-name``, ``--data-root``, ``--labels-csv``, ``--backbone``,
+``--strategy``, ``--image-size``, ``--epochs``, ``--batch-size``, ``--lr``, ``--seed`` ...; see
+`helpers.workbook.PARAMETERS`), fills the unset ones as notebook 04 does, and trains as it does:
+phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt``, ``history.csv``,
+``fit.json``), and the floor (``final.pt``, ``final.json``: the fine-tuned model only if it beats the
+probe on validation) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from
+the run folder; without notebook 02's split there, it makes the same split first. An interrupted
+run continues from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
+
+Under torchrun, ``--batch-size`` is per process: W processes train with an effective batch of
+W x batch size, and the learning rate is scaled for it (``--lr-scaling``: square root by
+default, the rule for Adam-type optimizers; ``linear`` is Goyal et al.'s rule for SGD), with
+fit's one-epoch linear warm-up. Rank 0 prepares the run folder and writes every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Sequence
+
+import torch.distributed as dist
+
+from . import distributed, workbook
+from .course import parse_value
+from .selection import trains_beyond_classifier
+
+LR_SCALING = {"sqrt": math.sqrt, "linear": float, "none": lambda processes: 1.0}
+
+
+def scaled_lr(lr: float, processes: int, rule: str) -> float:
+    """The learning rate for ``processes`` times the batch: ``lr`` x sqrt(W), x W or x 1."""
+    if rule not in LR_SCALING:
+        raise ValueError(f"unknown lr scaling {rule!r}; choose one of {list(LR_SCALING)}")
+    return lr * LR_SCALING[rule](processes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in workbook.PARAMETERS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, metavar="VALUE",
+                            type=lambda text, key=name: parse_value(text, key),
+                            help=f"notebook parameter {name} (default: {default})")
+    parser.add_argument("--smoke", action="store_true", help="TL_SMOKE=1: the 64-image ELPV subset, 64 px, 2 epochs")
+    parser.add_argument("--lr-scaling", choices=list(LR_SCALING), default="sqrt",
+                        help="how the learning rate grows with the number of processes (default: sqrt)")
+    parser.add_argument("--sync-batchnorm", action="store_true",
+                        help="BatchNorm statistics over all processes' batches (GPUs only)")
+    parser.add_argument("--num-workers", type=int, default=None, help="loader processes per training process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve(values: dict, ctx: distributed.Distributed) -> workbook.Params:
+    """`workbook.resolve_params` with rank 0 first: it creates the run folder, copies ELPV if needed
+    and makes notebook 02's split if missing, while the others wait; they then find it all in place."""
+    params = None
+    if ctx.is_main:
+        params = workbook.resolve_params(values)
+        if not (params.run / "dataset.json").is_file():
+            print(f"[train] no split in {params.run}: making notebook 02's split", flush=True)
+            workbook.prepare_split(params)
+    ctx.barrier()
+    return params if params is not None else workbook.resolve_params(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train; returns the exit status (0 done, 2 bad parameters or missing inputs)."""
+    args = build_parser().parse_args(argv)
+    from .runtime import tune_cpu
+    from .training import fit
+
+    tune_cpu()
+    if args.smoke:
+        os.environ["TL_SMOKE"] = "1"
+    values = {name: getattr(args, name) for name in workbook.PARAMETERS}
+    joined = dist.is_available() and dist.is_initialized()  # by a caller: leave the process group open
+    ctx = distributed.context()
+    try:
+        params = resolve(values, ctx)
+        model, budget = workbook.fine_tune_model(params)
+        sets = workbook.fine_tune_datasets(params, model, budget)
+        settings = workbook.fine_tune_settings(params, budget)
+        settings["lr"] = scaled_lr(settings["lr"], ctx.world_size, args.lr_scaling)
+        if ctx.is_main:
+            print(f"[train] {params.run}: {model.spec.name}, strategy {model.strategy}, {ctx.world_size} process(es) "
+                  f"x batch {settings['batch_size']}, lr {settings['lr']:.3g}"
+                  + (" (resuming)" if settings["resume"] else "") + f"\n[train] {budget['why']}", flush=True)
+        probe_score, probe_seconds = phase_one(params, model, sets, budget, ctx)
+        history = None
+        if trains_beyond_classifier(model):
+            history = fit(model, sets["train"], sets["val"], sync_batchnorm=args.sync_batchnorm,
+                          num_workers=args.num_workers, progress=not args.no_progress, **settings)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if not joined:
+            ctx.close()
+    if ctx.is_main:
+        if history is not None:
+            print(history.to_string(index=False))
+        final = workbook.choose_final(params, history, probe_score, budget["metric"], probe_seconds)
+        print(f"[train] {final['explanation']} Checkpoints in {params.run}")
+    return 0
+
+
+def phase_one(params: workbook.Params, model, sets: dict, budget: dict, ctx: distributed.Distributed) -> tuple:
+    """The probe (notebook 04's phase 1): rank 0 fits it and writes ``probe.pt``; every process then
+    loads that classifier, so all start phase 2 from the same weights. Returns (validation score, seconds)."""
+    from .checkpoint import load_checkpoint, save_model
+    from .lessons import score_of
+    from .selection import phase_one as fit_probe_into
+
+    path = params.run / "probe.pt"
+    score, seconds = None, 0.0
+    if ctx.is_main:
+        probe = fit_probe_into(model, sets["train_plain"], params.device, params.seed)
+        score = score_of(model, sets["val"], params.device, budget["metric"])
+        save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing, path,
+                   meta={"task": params.task, "phase": 1}, score=score, metric=budget["metric"])
+        seconds = probe.seconds
+    ctx.barrier()
+    if not ctx.is_main:
+        model.load_state_dict(load_checkpoint(path)["model"])
+    return score, seconds
+
+
+if __name__ == "__main__":
+    sys.exit(main())
