@@ -72,7 +72,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-4, 5e-4])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4])
+    parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[1e-3, 1e-2])
+    parser.add_argument("--batchnorm", choices=["frozen", "train", "both"], default="frozen")
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--augment", default="cells")
@@ -104,14 +106,17 @@ def main() -> None:
         cached = {"prefix": prefix, "views": built.train_views, "val": built.val, "test": test}
         cache_seconds = round(time.perf_counter() - started, 1)
         start = copy.deepcopy(model.state_dict())
-        for lr in args.lrs:
-            for frozen_bn in (True, False):
+        batchnorm = {"frozen": [True], "train": [False], "both": [True, False]}[args.batchnorm]
+        for optimizer, lr in [("adamw", lr) for lr in args.lrs] + [("sgd", lr) for lr in args.sgd_lrs]:
+            for frozen_bn in batchnorm:
                 model.load_state_dict(start)
-                config = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, layer_decay=0.8, label_smoothing=0.1,
-                                     warmup_epochs=0.5, seed=args.seed, freeze_batchnorm=frozen_bn)
+                config = TrainConfig(epochs=args.epochs, lr=lr, batch_size=32, optimizer=optimizer, layer_decay=0.8,
+                                     label_smoothing=0.1, warmup_epochs=0.5, seed=args.seed,
+                                     freeze_batchnorm=frozen_bn)
                 result = run_recipe(model, cached, config, splits["train"]["label"].map(classes.index).to_numpy())
-                print(json.dumps({"recipe": f"last_n n={n}", "lr": lr, "freeze_batchnorm": frozen_bn,
-                                  "views": args.views, "cache_seconds": cache_seconds, **result}), flush=True)
+                print(json.dumps({"recipe": f"last_n n={n}", "optimizer": optimizer, "lr": lr,
+                                  "freeze_batchnorm": frozen_bn, "views": args.views, "cache_seconds": cache_seconds,
+                                  **result}), flush=True)
 
 
 if __name__ == "__main__":

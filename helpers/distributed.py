@@ -38,7 +38,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Subset
-from tqdm.auto import tqdm
 
 from .runtime import env_int, make_loader
 
@@ -199,14 +198,12 @@ def single_process_order(n: int, seed: int) -> list[int]:
     """The order in which one process's `train_one_epoch` reads ``n`` items from
     ``make_loader(dataset, ..., shuffle=True, seed=seed, num_workers=0)``.
 
-    Read off such a loader, iterated the way `train_one_epoch` iterates it: through ``tqdm.auto``,
-    whose constructor starts (and drops) an iterator of its own, which draws from the loader's
-    generator before the shuffle does (tqdm issue #1598). With loader workers that dropped iterator
-    also shuffles once, so one process with workers reads another order (still fixed by the seed).
+    Read off such a loader, iterated once, as `train_one_epoch` does (`helpers.runtime.with_progress`;
+    a progress bar does not change the order).
     """
     loader = make_loader(range(n), batch_size=max(n, 1), shuffle=True, device=torch.device("cpu"), seed=seed,
                          num_workers=0)
-    return next(iter(tqdm(loader, disable=True))).tolist()
+    return next(iter(loader)).tolist()
 
 
 class GlobalOrderSampler(DistributedSampler):
