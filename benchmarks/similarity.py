@@ -78,7 +78,7 @@ def side(similar: bool | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=ROOT / "data" / "similarity",
-                        help="where the datasets are built (reused if already there: delete it after changing a builder)")
+                        help="where the datasets are built (reused if there: delete it after changing a builder)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="dataset and sample seeds")
     parser.add_argument("--n", type=int, default=160, help="images scored per dataset (a random sample)")
     parser.add_argument("--datasets", nargs="+", default=[n for n in DATASETS if n != "elpv4"],
