@@ -276,10 +276,11 @@ def recommend(n_train: int, n_classes: int, similarity: float | str) -> tuple[st
                "try last_n next if the budget allows.")
     elif small:
         strategy = "truncate"
-        why = ("late layers hold ImageNet-specific features that fit this data poorly, and there are too "
-               "few images to retrain them: keep the generic early layers (edges, textures), cut the "
-               "network there and train a new head; compare with 'initial' (train the early groups) and "
-               "with 'full' at a low learning rate, which often wins when the budget allows.")
+        why = ("the last stages hold the most ImageNet-specific features, which fit this data poorly, and "
+               "there are too few images to retrain them: keep the earlier layers (edges, textures, simple "
+               "parts), cut the network after the stage at two thirds of its depth and fit a new head there; "
+               "notebook 03 tests this against 'initial' (the article's 'fine-tune the initial layers' read "
+               "literally) and the other strategies.")
     elif similar:
         strategy = "last_n"
         why = ("with plenty of similar data, the late layers can be adapted safely: fine-tune the last "

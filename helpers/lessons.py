@@ -116,35 +116,24 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label")
     return part.reset_index(drop=True)
 
 
-REFERENCE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "horse")
-
-
-def reference_photos(transform) -> dict[str, torch.Tensor]:
-    """A few everyday photos from scikit-image, preprocessed with ``transform``."""
-    import skimage.data
-    from skimage.color import gray2rgb
-    from skimage.util import img_as_ubyte
-
-    photos = {}
-    for name in REFERENCE_PHOTOS:
-        image = img_as_ubyte(getattr(skimage.data, name)())
-        image = gray2rgb(image) if image.ndim == 2 else image[..., :3]
-        photos[name] = transform(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-    return photos
-
-
-def plot_similarity(per_image: np.ndarray, photos: dict[str, float], threshold: float,
-                    label: str = "this dataset") -> plt.Figure:
-    """Histogram of per-image similarity, with the reference photos and the threshold marked."""
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.hist(per_image, bins=30, range=(0, 1), color="steelblue", alpha=0.8, label=f"{label} ({len(per_image)})")
-    for i, (name, value) in enumerate(photos.items()):
-        ax.axvline(value, color="darkorange", lw=1.5)
-        ax.text(value, ax.get_ylim()[1] * (0.92 - 0.08 * i), f" {name}", color="darkorange", fontsize=8)
-    ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold}")
-    ax.set_xlabel("similarity = 1 - normalized entropy of the ImageNet prediction")
-    ax.set_ylabel("images")
-    ax.legend(loc="upper center")
+def plot_similarity_scale(score: float, references: dict[str, float], threshold: float,
+                          label: str = "this dataset") -> plt.Figure:
+    """This dataset's similarity on the scale of the reference data sets it was calibrated with."""
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    ax.axvspan(threshold, 1, color="#e8f3e8")
+    ax.axvspan(0, threshold, color="#f7ecec")
+    for i, (name, value) in enumerate(sorted(references.items(), key=lambda kv: kv[1])):
+        ax.plot(value, 0, "o", color="grey")
+        ax.annotate(name, (value, 0), xytext=(0, 12 if i % 2 else -18), textcoords="offset points", ha="center",
+                    fontsize=7, color="dimgrey")
+    ax.plot(score, 0, "D", color="darkred", markersize=9)
+    ax.annotate(f"{label}: {score:.2f}", (score, 0), xytext=(0, 30), textcoords="offset points", ha="center",
+                fontsize=9, color="darkred", weight="bold", arrowprops={"arrowstyle": "-", "color": "darkred"})
+    ax.axvline(threshold, color="black", ls="--", lw=1)
+    ax.text(threshold / 2, -0.8, "different from ImageNet", ha="center", fontsize=8)
+    ax.text((1 + threshold) / 2, -0.8, "similar to ImageNet", ha="center", fontsize=8)
+    ax.set(xlim=(0, 1), ylim=(-1, 1), yticks=[], xlabel="similarity (helpers.freezing.measure_similarity)")
+    fig.tight_layout()
     return fig
 
 

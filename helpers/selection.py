@@ -61,6 +61,7 @@ class Budget:
     cache_views: int = 1
     max_train: int | None = None  # subsample the training part of each fold to at most this many images
     patience: int | None = None  # early stopping
+    freeze_batchnorm: bool = True  # keep BatchNorm statistics, as phase 2 does (see helpers.training.TrainConfig)
 
 
 def truncation_point(model: TransferModel) -> str:
@@ -141,6 +142,24 @@ def phase_one(model: TransferModel, train: ImageDataset, device, seed: int) -> P
     return probe
 
 
+# Phase 1 of the pretrained strategies other than truncate is the same probe (same frozen network up
+# to the head, same images): fitted once per fold and reused. Keyed by everything it depends on.
+_FOLD_PROBES: dict[tuple, Probe] = {}
+
+
+def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, device, seed: int,
+                      budget: Budget, crop_pct: float | None) -> Probe:
+    if strategy == "truncate":  # another architecture: its own features
+        return phase_one(model, train, device, seed)
+    key = (model.spec.name, tuple(train.files), budget.image_size, crop_pct, seed)
+    if key not in _FOLD_PROBES:
+        _FOLD_PROBES.clear()  # one fold at a time: keep memory flat
+        _FOLD_PROBES[key] = phase_one(model, train, device, seed)
+    else:
+        install_probe(model, _FOLD_PROBES[key])
+    return _FOLD_PROBES[key]
+
+
 def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budget: Budget, seed: int, device,
               **fit_options) -> pd.DataFrame:
     """Fine-tune the strategy's groups from the phase-1 classifier (see `helpers.training.fit`)."""
@@ -151,6 +170,7 @@ def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budg
         warnings.filterwarnings("ignore", message="caching .* augmented view")  # chosen deliberately here
         return fit(model, train, val, epochs=budget.epochs, lr=budget.lr, batch_size=budget.batch_size,
                    layer_decay=budget.layer_decay, label_smoothing=budget.label_smoothing, warmup_epochs=0.5,
+                   freeze_batchnorm=budget.freeze_batchnorm,
                    cache=cache, cache_views=budget.cache_views, seed=seed, device=device,
                    **{"patience": budget.patience, **fit_options})
 
@@ -167,7 +187,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     fit_part = _subsample(fit_part, budget.max_train, seed)
     plain, augmented, val = _datasets(root, fit_part, score_part, classes, model, budget, crop_pct)
     if strategy != CONTROL:
-        phase_one(model, plain, device, seed)
+        _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct)
     if trains_beyond_classifier(model):
         phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric)
     pred = predict(model, val, device=device)

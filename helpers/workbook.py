@@ -498,7 +498,7 @@ def comparison_budget(params: Params, backbone: str):
     return Budget(
         image_size=pick(params.image_size, SMOKE_IMAGE_SIZE, min(native, CPU_COMPARISON_SIZE), native, params),
         epochs=pick(params.epochs, 1, 3, 5, params), batch_size=pick(params.batch_size, 16, 32, 64, params),
-        lr=pick(params.lr, 1e-3, 1e-3, 1e-3, params),
+        lr=pick(params.lr, 1e-3, 1e-4, 1e-4, params), freeze_batchnorm=True,
         max_train=pick(None, None, CPU_COMPARISON_IMAGES, None, params),
         augment=pick(None, "none", "none", params.augment, params))
 
@@ -517,7 +517,7 @@ def training_budget(params: Params, strategy: str, backbone: str) -> dict:
                            else min(native, CPU_UNCACHED_MAX_SIZE), native, params),
         "epochs": pick(params.epochs, 2, 10, 15, params),
         "batch_size": pick(params.batch_size, 16, 32, 64, params),
-        "lr": pick(params.lr, 1e-3, 5e-4, 5e-4, params),
+        "lr": pick(params.lr, 1e-3, 1e-4, 1e-4, params),
         "augment": params.augment,
         "cache": True if cached_cpu or params.smoke else "auto",
         "cache_views": 2 if cached_cpu else 1,
