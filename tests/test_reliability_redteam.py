@@ -348,10 +348,16 @@ def _code(notebook: str) -> str:
     return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
 
-def test_notebooks_resume_training_and_check_that_04_finished():
-    assert "resume=workbook.interrupted_training(params.run)" in _code("04_fine_tune"), \
-        "notebook 04 must resume an interrupted training (fit(..., resume=...))"
-    assert "workbook.finished_fit(params.run)" in _code("05_evaluate"), "notebook 05 must check that 04 finished"
+def test_notebooks_resume_training_and_check_that_04_finished(tmp_path):
+    assert "fit(model, sets[\"train\"], sets[\"val\"], **settings)" in _code("04_fine_tune") and \
+        "settings = workbook.fine_tune_settings(params, budget)" in _code("04_fine_tune"), \
+        "notebook 04 must train with fine_tune_settings, which resumes an interrupted training"
+    assert "workbook.finished_final(params.run)" in _code("05_evaluate"), "notebook 05 must check that 04 finished"
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run")}, smoke=True)
+    budget = workbook.training_budget(params, "last_n", "efficientnet_lite0")
+    assert workbook.fine_tune_settings(params, budget)["resume"] is False
+    (params.run / "last.pt").write_bytes(b"an interrupted phase 2")
+    assert workbook.fine_tune_settings(params, budget)["resume"] is True
 
 
 # ----------------------------------------------------------------------------------------
