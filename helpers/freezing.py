@@ -267,7 +267,8 @@ def recommend(n_train: int, n_classes: int, similarity: float | str) -> tuple[st
                     f"threshold {SIMILARITY_THRESHOLD})")
     per_class = n_train / n_classes
     small = per_class < SMALL_IMAGES_PER_CLASS
-    size_text = (f"{'small' if small else 'large'} ({n_train} training images, {per_class:.0f} per class; "
+    size_text = (f"{'small' if small else 'large'} ({n_train} training images, {per_class:.0f} per class on "
+                 f"average; "
                  f"'small' is under {SMALL_IMAGES_PER_CLASS} per class)")
     if small and similar:
         strategy = "head"

@@ -51,7 +51,9 @@ def plot_guide(small: bool | None = None, similar: bool | None = None, label: st
     ax.set_xticks([0.5, 1.5], ["similar to ImageNet", "different from ImageNet"])
     ax.set_yticks([0.5, 1.5], ["LARGE dataset", "SMALL dataset"])
     ax.tick_params(length=0)
-    ax.set_title("Transfer-learning guide: dataset size x similarity")
+    where = "" if small is None else (f": {label} is {'small' if small else 'large'} and "
+                                      f"{'similar' if similar else 'different'} -> {GUIDE[(small, similar)][1]}")
+    ax.set_title("Transfer-learning guide, dataset size x similarity" + where, fontsize=10)
     return fig
 
 
@@ -124,8 +126,8 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
     ax.axvspan(0, threshold, color="#f7ecec")
     for i, (name, value) in enumerate(sorted(references.items(), key=lambda kv: kv[1])):
         ax.plot(value, 0, "o", color="grey")
-        ax.annotate(name, (value, 0), xytext=(0, 12 if i % 2 else -18), textcoords="offset points", ha="center",
-                    fontsize=7, color="dimgrey")
+        ax.annotate(name, (value, 0), xytext=(0, (12, -18, 24, -30)[i % 4]), textcoords="offset points",
+                    ha="center", fontsize=7, color="dimgrey")
     ax.plot(score, 0, "D", color="darkred", markersize=9)
     ax.annotate(f"{label}: {score:.2f}", (score, 0), xytext=(0, 30), textcoords="offset points", ha="center",
                 fontsize=9, color="darkred", weight="bold", arrowprops={"arrowstyle": "-", "color": "darkred"})
@@ -133,6 +135,8 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
     ax.text(threshold / 2, -0.8, "different from ImageNet", ha="center", fontsize=8)
     ax.text((1 + threshold) / 2, -0.8, "similar to ImageNet", ha="center", fontsize=8)
     ax.set(xlim=(0, 1), ylim=(-1, 1), yticks=[], xlabel="similarity (helpers.freezing.measure_similarity)")
+    side = "similar to" if score >= threshold else "different from"
+    ax.set_title(f"{label}: {score:.2f}, {side} ImageNet (threshold {threshold})", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -168,11 +172,13 @@ def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], i
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def choose_backbone(ranking: pd.DataFrame, costs: pd.DataFrame, tolerance: float = 0.02) -> str:
-    """The cheapest backbone (CPU latency) whose probe score is within ``tolerance`` of the best."""
+def choose_backbone(ranking: pd.DataFrame, costs: pd.DataFrame, tolerance: float = 0.02,
+                    metric: str = "balanced_accuracy") -> str:
+    """The cheapest backbone (CPU latency) whose probe ``metric`` is within ``tolerance`` of the best
+    (inclusive: scores on a few hundred images move in steps, and 2 points behind counts as within)."""
     table = ranking.merge(costs[["backbone", "cpu_ms_per_image"]], on="backbone")
-    best = table["balanced_accuracy"].max()
-    close = table[table["balanced_accuracy"] >= best - tolerance]
+    best = table[metric].max()
+    close = table[table[metric] >= best - tolerance - 1e-9]
     return str(close.sort_values("cpu_ms_per_image")["backbone"].iloc[0])
 
 
@@ -251,6 +257,7 @@ def plot_intensity(dataset: ImageDataset, n: int = 200, seed: int = 0) -> plt.Fi
         values = torch.cat([dataset.load(i).float().mean(0).flatten() for i in chosen]).numpy()
         ax.hist(values, bins=64, range=(0, 255), density=True, histtype="step", lw=1.5, label=name)
     ax.set_xlabel("pixel intensity (mean of R, G, B)")
+    ax.set_title(f"Grey levels per class ({len(picks)} images)", fontsize=10)
     ax.set_ylabel("density")
     ax.legend()
     return fig
@@ -281,15 +288,19 @@ def plot_pipeline(image: torch.Tensor, spec, image_size: int, crop_pct: float | 
     return fig
 
 
-def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0) -> plt.Figure:
-    """``n`` random training views of one image (de-normalized for display)."""
+def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0, preprocessing=None) -> plt.Figure:
+    """``n`` random training views of one image, mapped back to colours (x * std + mean of ``preprocessing``,
+    by default the transform's own), so that brightness is shown as the network receives it."""
     torch.manual_seed(seed)
-    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2))
-    for ax in axes:
-        view = transform(image)
-        view = (view - view.min()) / (view.max() - view.min() + 1e-8)
+    prep = preprocessing or transform.preprocessing
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
+    fig, axes = plt.subplots(1, n, figsize=(1.8 * n, 2.2), squeeze=False)
+    for ax in axes[0]:
+        view = (transform(image) * std + mean).clamp(0, 1)
         ax.imshow(view.permute(1, 2, 0).numpy())
         ax.axis("off")
+    fig.suptitle(f"{n} random training views ({getattr(transform, 'augment', 'augmented')} recipe)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -299,7 +310,7 @@ def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0
 
 def strategy_table(backbone: str, num_classes: int) -> pd.DataFrame:
     """Trainable parameters of every strategy on ``backbone`` (one row per strategy)."""
-    from .selection import build_model, strategy_options
+    from .selection import build_model
 
     rows = []
     for strategy in STRATEGIES:
@@ -309,7 +320,8 @@ def strategy_table(backbone: str, num_classes: int) -> pd.DataFrame:
         rows.append({"strategy": strategy, "parameters": int(summary.loc["total", "parameters"]),
                      "trainable": int(summary.loc["total", "trainable"]),
                      "trainable_share": summary.loc["total", "trainable"] / summary.loc["total", "parameters"],
-                     "groups_trained": ", ".join(trains), "options": strategy_options(strategy, model)})
+                     "groups_trained": ", ".join(trains),
+                     "options": {k: v for k, v in model.strategy.items() if k != "name"}})
     return pd.DataFrame(rows).round({"trainable_share": 4})
 
 
@@ -365,7 +377,8 @@ def majority_share(train: pd.DataFrame, scored: list[pd.DataFrame]) -> float:
     return float((labels == majority).mean())
 
 
-def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | None = None) -> plt.Figure:
+def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | None = None,
+                    metric: str = "accuracy") -> plt.Figure:
     """Score ± one standard error per strategy, with the majority baseline, the linear probe (``head``) and
     the guide's pick marked; the from-scratch control in grey."""
     from .selection import CONTROL
@@ -379,9 +392,10 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
     ax.axvline(probe, color="seagreen", ls=":", lw=1.5, label=f"linear probe = head ({probe:.3f})")
     low = max(0.0, min(majority, order["score"].min()) - 0.05)
     ax.set_xlim(low, min(1.0, order["score"].max() + order["se"].max() + 0.05))
-    ax.set_xlabel("validation score (mean ± 1 standard error)")
+    ax.set_xlabel(f"validation {metric.replace('_', ' ')} (mean ± 1 standard error)")
     ax.set_title("Strategies under one recipe and budget" + (f"; orange: the guide's pick ({guide_pick})"
-                                                             if guide_pick else ""), fontsize=10)
+                                                             if guide_pick else "") + "; grey: from scratch",
+                 fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
@@ -468,8 +482,9 @@ def plot_baselines(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
             bar.set_hatch("//")
     for y, v in enumerate(values):
         ax.text(v + 0.005, y, f"{v:.3f}", va="center", fontsize=8)
-    ax.set_xlim(max(0.0, values.min() - 0.1), 1.0)
+    ax.set_xlim(0.0, 1.0)
     ax.set_xlabel(f"{metric.replace('_', ' ')} (hatched: validation under 03's budget)")
+    ax.set_title(f"The final model beside its baselines ({metric.replace('_', ' ')})", fontsize=10)
     ax.invert_yaxis()
     fig.tight_layout()
     return fig

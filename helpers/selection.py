@@ -41,8 +41,9 @@ MIN_HOLDOUT = 250
 TIE_SE = 2.0  # a difference smaller than this many standard errors is within the noise
 CONTROL = "scratch"
 CANDIDATES = (*STRATEGIES, CONTROL)
-# Cost order for ties: what trains least and runs fastest first.
-COST_ORDER = ("head", "truncate", "last_n", "initial", "full", CONTROL)
+# Cost order for ties: what trains least and runs fastest first (truncate trains a few hundred weights
+# and drops the last stages; head trains a linear layer on the whole network's features).
+COST_ORDER = ("truncate", "head", "last_n", "initial", "full", CONTROL)
 STRATEGY_OPTIONS = {"last_n": {"n": 2}, "initial": {"n": 2}, "truncate": {"n": 1}}
 
 
@@ -142,6 +143,16 @@ def phase_one(model: TransferModel, train: ImageDataset, device, seed: int) -> P
     return probe
 
 
+def start_from_probe(model: TransferModel, baseline: TransferModel, train: ImageDataset, device, seed: int) -> None:
+    """Phase 1 for ``model``'s strategy, given ``baseline``, the linear probe (a ``head`` model whose classifier
+    phase 1 fitted): last_n, initial and full read the same frozen features up to the classifier, so they
+    start from the probe's classifier; truncate fits its own on the cut network's features."""
+    if model.strategy["name"] == "truncate":
+        phase_one(model, train, device, seed)
+    else:
+        model.groups["classifier"].load_state_dict(baseline.groups["classifier"].state_dict())
+
+
 # Phase 1 of the pretrained strategies other than truncate is the same probe (same frozen network up
 # to the head, same images): fitted once per fold and reused. Keyed by everything it depends on.
 _FOLD_PROBES: dict[tuple, Probe] = {}
@@ -204,36 +215,45 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def summarize(runs: list[dict], guide_pick: str | None = None) -> pd.DataFrame:
-    """One row per strategy: mean score over folds, its standard error, the paired standard error of its
-    difference to the best, cost, and its rank (1 = best)."""
+    """One row per strategy, best first (equal scores: the cheaper first, `COST_ORDER`): mean score over
+    folds, its standard error, the paired standard error of its difference to the best pretrained
+    strategy (``se_vs_best``), cost, and its rank (1 = best)."""
     frame = pd.DataFrame(runs)
     table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
                                           trainable=("trainable", "first"), seconds=("seconds", "sum"))
     fold_se = frame.groupby("strategy")["score"].agg(lambda s: s.std(ddof=1) / math.sqrt(len(s)) if len(s) > 1
                                                      else np.nan)
     correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
-    best = table["score"].idxmax()
+    table["cost"] = [COST_ORDER.index(s) for s in table.index]
+    table = table.sort_values(["score", "cost"], ascending=[False, True], kind="stable")
+    best = next(s for s in table.index if s != CONTROL)
     table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else
                    math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))
                    for s in table.index]
     table["se_vs_best"] = [paired_se(correct[best], correct[s]) if s != best else 0.0 for s in table.index]
-    table = table.sort_values("score", ascending=False)
     table["rank"] = np.arange(1, len(table) + 1)
     table["guide_pick"] = table.index == guide_pick
-    return table.reset_index()
+    return table.drop(columns="cost").reset_index()
+
+
+def ties_with_best(table: pd.DataFrame) -> list[str]:
+    """The pretrained strategies within ``TIE_SE`` paired standard errors of the best one."""
+    pretrained = table[table["strategy"] != CONTROL]
+    best = pretrained.iloc[0]["score"]
+    return list(pretrained[pretrained["score"] >= best - TIE_SE * pretrained["se_vs_best"]]["strategy"])
 
 
 def choose(table: pd.DataFrame) -> tuple[str, str]:
-    """The best pretrained strategy; within ``TIE_SE`` standard errors of it, the cheapest."""
-    pretrained = table[table["strategy"] != CONTROL]
-    best = pretrained.iloc[0]
-    ties = pretrained[pretrained["score"] >= best["score"] - TIE_SE * pretrained["se_vs_best"]]
-    cheapest = min(ties["strategy"], key=COST_ORDER.index)
-    if cheapest == best["strategy"]:
-        return cheapest, f"{cheapest} scored best ({best['score']:.3f})"
-    gap = best["score"] - float(pretrained.set_index("strategy").loc[cheapest, "score"])
-    return cheapest, (f"{best['strategy']} scored best ({best['score']:.3f}), but {cheapest} is only {gap:.3f} "
-                      f"behind, within the noise of the comparison, and cheaper")
+    """The best pretrained strategy; among those tied with it (within the noise), the cheapest."""
+    pretrained = table[table["strategy"] != CONTROL].set_index("strategy")
+    ties = ties_with_best(table)
+    cheapest = min(ties, key=COST_ORDER.index)
+    best = pretrained.index[0]
+    if len(ties) == 1:
+        return best, f"{best} scored best ({pretrained.loc[best, 'score']:.3f}), clear of the others"
+    scores = ", ".join(f"{s} {pretrained.loc[s, 'score']:.3f}" for s in ties)
+    return cheapest, (f"{len(ties)} strategies are within the noise of the best ({scores}); among them the course "
+                      f"takes the cheapest, {cheapest} (cost order: {' < '.join(COST_ORDER[:-1])})")
 
 
 def budget_dict(budget: Budget) -> dict:

@@ -26,13 +26,16 @@ import argparse
 import math
 import os
 import sys
+import time
 from typing import Sequence
 
 import torch.distributed as dist
 
 from . import distributed, workbook
+from .checkpoint import save_model
 from .course import parse_value
-from .selection import trains_beyond_classifier
+from .lessons import score_of
+from .selection import build_model, phase_one, start_from_probe, trains_beyond_classifier
 
 LR_SCALING = {"sqrt": math.sqrt, "linear": float, "none": lambda processes: 1.0}
 
@@ -96,11 +99,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[train] {params.run}: {model.spec.name}, strategy {model.strategy}, {ctx.world_size} process(es) "
                   f"x batch {settings['batch_size']}, lr {settings['lr']:.3g}"
                   + (" (resuming)" if settings["resume"] else "") + f"\n[train] {budget['why']}", flush=True)
-        probe_score, probe_seconds = phase_one(params, model, sets, budget, ctx)
-        history = None
-        if trains_beyond_classifier(model):
-            history = fit(model, sets["train"], sets["val"], sync_batchnorm=args.sync_batchnorm,
-                          num_workers=args.num_workers, progress=not args.no_progress, **settings)
+        started = time.perf_counter()
+        baseline, probe_score = baseline_probe(params, model.spec.name, sets, budget, ctx)
+        candidate, epochs = None, 0
+        if model.strategy["name"] != "head":
+            start_from_probe(model, baseline, sets["train_plain"], params.device, params.seed)
+            if trains_beyond_classifier(model):
+                history = fit(model, sets["train"], sets["val"], sync_batchnorm=args.sync_batchnorm,
+                              num_workers=args.num_workers, progress=not args.no_progress, **settings)
+                candidate, epochs = float(history[f"val_{budget['metric']}"].max()), len(history)
+                if ctx.is_main:
+                    print(history.to_string(index=False))
+            elif ctx.is_main:  # truncate with only its new classifier: phase 1 was all of it
+                candidate = score_of(model, sets["val"], params.device, budget["metric"])
+                save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing,
+                           params.run / "best.pt", meta={"task": params.task, "phase": 1}, score=candidate,
+                           metric=budget["metric"])
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -108,32 +122,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not joined:
             ctx.close()
     if ctx.is_main:
-        if history is not None:
-            print(history.to_string(index=False))
-        final = workbook.choose_final(params, history, probe_score, budget["metric"], probe_seconds)
+        final = workbook.choose_final(params, candidate, probe_score, budget["metric"],
+                                      time.perf_counter() - started, epochs)
         print(f"[train] {final['explanation']} Checkpoints in {params.run}")
     return 0
 
 
-def phase_one(params: workbook.Params, model, sets: dict, budget: dict, ctx: distributed.Distributed) -> tuple:
-    """The probe (notebook 04's phase 1): rank 0 fits it and writes ``probe.pt``; every process then
-    loads that classifier, so all start phase 2 from the same weights. Returns (validation score, seconds)."""
-    from .checkpoint import load_checkpoint, save_model
-    from .lessons import score_of
-    from .selection import phase_one as fit_probe_into
+def baseline_probe(params: workbook.Params, backbone: str, sets: dict, budget: dict,
+                   ctx: distributed.Distributed) -> tuple:
+    """The linear probe on ``backbone`` (notebook 04's phase 1 and the course's baseline): rank 0 fits it
+    and writes ``probe.pt``, every process loads that file. Returns (the probe model, its validation
+    score on rank 0, else None)."""
+    from .checkpoint import load_checkpoint
 
-    path = params.run / "probe.pt"
-    score, seconds = None, 0.0
+    baseline = build_model(backbone, len(sets["train"].classes), "head")
+    path, score = params.run / "probe.pt", None
     if ctx.is_main:
-        probe = fit_probe_into(model, sets["train_plain"], params.device, params.seed)
-        score = score_of(model, sets["val"], params.device, budget["metric"])
-        save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing, path,
+        phase_one(baseline, sets["train_plain"], params.device, params.seed)
+        score = score_of(baseline, sets["val"], params.device, budget["metric"])
+        save_model(baseline, list(sets["train"].classes), sets["val"].transform.preprocessing, path,
                    meta={"task": params.task, "phase": 1}, score=score, metric=budget["metric"])
-        seconds = probe.seconds
     ctx.barrier()
-    if not ctx.is_main:
-        model.load_state_dict(load_checkpoint(path)["model"])
-    return score, seconds
+    baseline.load_state_dict(load_checkpoint(path)["model"])
+    return baseline, score
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ PARAMETERS: dict[str, object] = {
     "epochs": None,
     "batch_size": None,
     "lr": None,
+    "augment": None,  # None: "cells" for ELPV (no 'up', brightness matters), "natural" for photos; or "none"
     "seed": 0,
     "device": "auto",  # "auto", "cpu", "cuda" or "mps"
 }
@@ -166,6 +167,7 @@ class Params:
     smoke: bool
     elpv: bool
     stratify_col: str | None = None  # column of the label table to stratify the split on (ELPV: label4)
+    augment_recipe: str | None = None  # the augment parameter; None: chosen from the data (see `augment`)
     user_set: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -175,8 +177,10 @@ class Params:
 
     @property
     def augment(self) -> str:
-        """Augmentation recipe of helpers.data.train_transform for this data."""
-        return "cells" if self.elpv else "natural"
+        """Augmentation recipe of `helpers.transforms.train_transform`: the ``augment`` parameter, else
+        "cells" for ELPV (aligned cells with no 'up', where brightness carries meaning) and "natural"
+        (random crops, horizontal flips, colour jitter) for photos."""
+        return self.augment_recipe or ("cells" if self.elpv else "natural")
 
     def report(self) -> pd.Series:
         """The parameters as a one-column table for display."""
@@ -248,6 +252,10 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
         _check_choice("backbone", backbone, available_backbones() + [TIMM_PREFIX + "<timm model name>"])
     if p["strategy"] is not None:
         _check_choice("strategy", p["strategy"], list(STRATEGIES))
+    if p["augment"] is not None:
+        from .transforms import AUGMENTATIONS
+
+        _check_choice("augment", p["augment"], list(AUGMENTATIONS))
     for name in ("image_size", "epochs", "batch_size"):
         _positive(name, p[name], int)
     _positive("lr", p["lr"], float)
@@ -293,7 +301,7 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
                   labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
                   backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
                   batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
-                  stratify_col=stratify_col, user_set=user_set)
+                  stratify_col=stratify_col, augment_recipe=p["augment"], user_set=user_set)
 
 
 def start(namespace: dict) -> Params:
@@ -550,32 +558,34 @@ def load_split_tables(params: Params) -> dict[str, pd.DataFrame]:
     return load_splits(params.run)
 
 
-def choose_final(params: Params, history: pd.DataFrame | None, probe_score: float, metric: str,
-                 probe_seconds: float) -> dict:
-    """Write ``final.pt``: the fine-tuned model (``best.pt``) if it beats the phase-1 probe (``probe.pt``) on
-    validation, else the probe; and ``final.json`` saying which, why and at what cost."""
+def choose_final(params: Params, candidate_score: float | None, probe_score: float, metric: str,
+                 train_seconds: float, epochs: int = 0) -> dict:
+    """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
+    validation, else the probe; and ``final.json`` saying which, why and at what cost.
+
+    ``candidate_score`` is the best validation score of the strategy's model, None when the strategy is
+    the probe itself (``head``).
+    """
     import shutil
 
-    tuned = float(history[f"val_{metric}"].max()) if history is not None and len(history) else None
-    use_tuned = tuned is not None and tuned > probe_score
-    source = params.run / ("best.pt" if use_tuned else "probe.pt")
+    use_candidate = candidate_score is not None and candidate_score > probe_score
+    source = params.run / ("best.pt" if use_candidate else "probe.pt")
     tmp = params.run / ".final.pt.tmp"
     shutil.copyfile(source, tmp)
     os.replace(tmp, params.run / "final.pt")
     name = metric.replace("_", " ")
-    if tuned is None:
-        explanation = "The strategy trains only the classifier, so the phase-1 probe is the final model."
-    elif use_tuned:
-        explanation = (f"Fine-tuning reached validation {name} {tuned:.3f}, above the probe's {probe_score:.3f}: "
-                       f"the fine-tuned model is the final one.")
+    if candidate_score is None:
+        explanation = "The strategy is `head`: the linear probe is the final model."
+    elif use_candidate:
+        explanation = (f"The strategy's model reached validation {name} {candidate_score:.3f}, above the linear "
+                       f"probe's {probe_score:.3f}: it is the final model.")
     else:
-        explanation = (f"Fine-tuning reached validation {name} {tuned:.3f}, not above the probe's "
-                       f"{probe_score:.3f}: the course keeps the probe (the classifier on the frozen backbone) as "
-                       f"the final model rather than ship something worse than its own baseline.")
-    info = {"model": "fine-tuned" if use_tuned else "probe", "metric": metric, "val_probe": probe_score,
-            "val_fine_tuned": tuned, "explanation": explanation, "epochs": int(len(history)) if history is not None
-            else 0, "train_seconds": round(probe_seconds + (history.attrs["train_seconds"] if history is not None
-                                                            else 0.0), 2), "finished": True}
+        explanation = (f"The strategy's model reached validation {name} {candidate_score:.3f}, not above the "
+                       f"linear probe's {probe_score:.3f}: the course keeps the probe (a classifier on the frozen "
+                       f"backbone) as the final model rather than ship something worse than its own baseline.")
+    info = {"model": "fine-tuned" if use_candidate else "probe", "metric": metric, "val_probe": probe_score,
+            "val_fine_tuned": candidate_score, "explanation": explanation, "epochs": int(epochs),
+            "train_seconds": round(train_seconds, 2), "finished": True}
     files.write_json(params.run / "final.json", info)
     return info
 

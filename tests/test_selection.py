@@ -114,9 +114,18 @@ def test_a_strategy_within_the_noise_goes_to_the_cheaper_one():
     assert list(table["strategy"][:2]) == ["full", "head"] and table.set_index("strategy").loc["last_n", "rank"] == 3
     assert table.set_index("strategy").loc["last_n", "guide_pick"]
     chosen, reason = selection.choose(table)
-    assert chosen == "head" and "within the noise" in reason
-    chosen, _ = selection.choose(selection.summarize([_run("full", base), _run("head", clearly)]))
-    assert chosen == "full"
+    assert chosen == "head" and "within the noise" in reason and selection.ties_with_best(table) == ["full", "head"]
+    chosen, reason = selection.choose(selection.summarize([_run("full", base), _run("head", clearly)]))
+    assert chosen == "full" and "clear of the others" in reason
+
+
+def test_equal_scores_rank_the_cheaper_strategy_first():
+    same = np.r_[np.ones(40), np.zeros(10)].astype(bool)
+    table = selection.summarize([_run("last_n", same), _run("head", same), _run("truncate", same),
+                                 _run("scratch", same)])
+    assert list(table["strategy"]) == ["truncate", "head", "last_n", "scratch"]
+    assert (table.set_index("strategy")["se_vs_best"].drop("truncate") == 0).all()  # identical answers
+    assert selection.choose(table)[0] == "truncate"
 
 
 def test_the_control_is_never_chosen():
@@ -151,20 +160,13 @@ def run_with_two_models(tmp_path):
     return params
 
 
-def _history(scores):
-    frame = pd.DataFrame({"epoch": range(1, len(scores) + 1), "val_accuracy": scores})
-    frame.attrs["train_seconds"] = 12.0
-    return frame
-
-
-@pytest.mark.parametrize("scores, probe, kept", [([0.70, 0.86, 0.84], 0.85, "fine-tuned"),
-                                                 ([0.70, 0.85, 0.84], 0.85, "probe"),
-                                                 ([0.60], 0.85, "probe")])
-def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe(run_with_two_models, scores, probe,
+@pytest.mark.parametrize("candidate, probe, kept", [(0.86, 0.85, "fine-tuned"), (0.85, 0.85, "probe"),
+                                                   (0.60, 0.85, "probe")])
+def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe(run_with_two_models, candidate, probe,
                                                                             kept):
     params = run_with_two_models
-    info = workbook.choose_final(params, _history(scores), probe, "accuracy", probe_seconds=3.0)
-    assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == len(scores)
+    info = workbook.choose_final(params, candidate, probe, "accuracy", train_seconds=15.0, epochs=3)
+    assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == 3
     source = "best.pt" if kept == "fine-tuned" else "probe.pt"
     assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
     assert json.loads((params.run / "final.json").read_text())["model"] == kept
@@ -172,8 +174,8 @@ def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe(run_
     model_from_checkpoint(params.run / "final.pt")  # loads like any checkpoint
 
 
-def test_a_strategy_without_phase_two_keeps_the_probe(run_with_two_models):
-    info = workbook.choose_final(run_with_two_models, None, 0.8, "accuracy", probe_seconds=2.0)
+def test_head_is_the_probe(run_with_two_models):
+    info = workbook.choose_final(run_with_two_models, None, 0.8, "accuracy", train_seconds=2.0)
     assert info["model"] == "probe" and info["epochs"] == 0 and info["val_fine_tuned"] is None
 
 
