@@ -112,3 +112,21 @@ def test_output_problems_finds_warnings_and_bar_spam():
     assert len(cells.output_problems(nb)) == 2  # "IProgress" and "Warning"
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="a\nb\n")]
     assert cells.output_problems(nb) == []
+
+
+# What each lesson writes out in PyTorch before a helper takes over (issue: a learner could finish the course
+# without ever seeing the code of transfer learning). Each string must appear in a code cell.
+SHOWN = {"01_analyze_approach": ["softmax(", "LogisticRegression(", "cross_val_score("],
+         "02_prepare_dataset": ["torch.utils.data.Dataset", "def __getitem__", "cv2.COLOR_BGR2RGB", "v2.Normalize("],
+         "03_choose_freezing": ["requires_grad_(False)", "nn.Linear(", "if p.requires_grad"],
+         "04_fine_tune": [".backward()", "torch.autocast(", "GradScaler(", "model.eval()", "torch.no_grad"],
+         "05_evaluate": ["cv2.imread(", "softmax(", "torch.no_grad()", "confusion_matrix("]}
+
+
+@pytest.mark.parametrize("name", sorted(SHOWN))
+def test_each_lesson_writes_out_the_pytorch_it_teaches(name):
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
+    missing = [s for s in SHOWN[name] if s not in code]
+    assert not missing, f"{name} no longer shows {missing}"
+    assert "solutions.check(" in code, f"{name} has no exercise check"
