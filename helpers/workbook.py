@@ -440,15 +440,6 @@ def interrupted_training(run: Path) -> bool:
     return summary.get("finished") is not True
 
 
-def finished_fit(run: Path) -> dict:
-    """``fit.json`` of a finished notebook 04; an interrupted or missing one names 04 to run first."""
-    summary = read_json(run / "fit.json", "04_fine_tune")
-    if summary.get("finished") is not True:
-        raise RuntimeError(f"notebook 04_fine_tune did not finish in {run} ({run / 'fit.json'} does not say "
-                           f"finished): run notebooks/04_fine_tune.ipynb first; it resumes from last.pt")
-    return summary
-
-
 def save_figure(fig, params: Params, name: str) -> None:
     """Save a matplotlib figure as ``<run>/figures/<name>.png``. Returns nothing, so that a notebook
     cell ending with this call shows the figure and not a file name."""
@@ -591,7 +582,11 @@ def choose_final(params: Params, candidate_score: float | None, probe_score: flo
 
 
 def finished_final(run: Path) -> dict:
-    """``final.json`` of a finished notebook 04; a missing one names 04 to run first."""
+    """``final.json`` of a finished notebook 04. A missing one, or one left from an earlier run while the
+    latest training was interrupted (a stale ``final.pt``), names 04 to run first."""
+    if interrupted_training(run):
+        raise RuntimeError(f"notebook 04_fine_tune did not finish in {run} ({run / 'fit.json'} does not say "
+                           f"finished): run notebooks/04_fine_tune.ipynb first; it resumes from last.pt")
     return read_json(run / "final.json", "04_fine_tune")
 
 

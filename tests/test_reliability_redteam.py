@@ -337,10 +337,11 @@ def test_interrupted_training_is_detected_and_05_says_run_04_first(tmp_path):
     assert workbook.interrupted_training(run)  # killed before the first fit.json
     write_json(run / "fit.json", {"best_score": 0.5, "config": {}, "finished": False})  # during an epoch
     assert workbook.interrupted_training(run)
+    write_json(run / "final.json", {"model": "probe"})  # left by an earlier, finished run: stale now
     with pytest.raises(RuntimeError, match=r"04_fine_tune did not finish.*run notebooks/04_fine_tune\.ipynb first"):
-        workbook.finished_fit(run)
+        workbook.finished_final(run)
     write_json(run / "fit.json", {"best_score": 0.5, "train_seconds": 3.0, "finished": True})
-    assert not workbook.interrupted_training(run) and workbook.finished_fit(run)["train_seconds"] == 3.0
+    assert not workbook.interrupted_training(run) and workbook.finished_final(run)["model"] == "probe"
 
 
 def _code(notebook: str) -> str:
