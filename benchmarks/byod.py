@@ -26,6 +26,7 @@ import pandas as pd
 from helpers.course import markdown_table, run_course
 from helpers.files import write_csv
 from helpers.runtime import tune_cpu
+from helpers.selection import ties_with_best
 from helpers.workbook import workbook_root
 
 import datasets  # noqa: E402  (benchmarks/datasets.py, the same folder)
@@ -44,21 +45,54 @@ def data_root(name: str) -> Path:
     return root
 
 
+def run_name(name: str, seed: int) -> str:
+    return f"byod-{name}-seed{seed}"
+
+
 def one_run(name: str, seed: int) -> dict:
     """Run the course on dataset ``name`` with ``seed``; one row of results."""
     parameters = dict(ELPV[name]) if name in ELPV else {"data_root": str(data_root(name))}
     parameters["seed"] = seed
-    run_name = f"byod-{name}-seed{seed}"
     started = time.perf_counter()
-    run = run_course(run_name, parameters, smoke=False, progress=False)
-    seconds = time.perf_counter() - started
+    run = run_course(run_name(name, seed), parameters, smoke=False, progress=False)
+    return row(name, seed, run, time.perf_counter() - started)
+
+
+def notebook_seconds(run: Path) -> float:
+    """The wall time papermill recorded for each executed notebook in ``run``, summed."""
+    total = 0.0
+    for notebook in sorted(run.glob("0[1-5]_*.ipynb")):
+        total += json.loads(notebook.read_text())["metadata"]["papermill"]["duration"]
+    return total
+
+
+def collected_run(name: str, seed: int) -> dict:
+    """The row of a finished earlier run (``--collect``): the time is the notebooks' own, without the
+    runner's few seconds of start-up."""
+    run = workbook_root() / "runs" / run_name(name, seed)
+    if not (run / "metrics.json").is_file():
+        raise SystemExit(f"{run} has no metrics.json: run `python benchmarks/byod.py --datasets {name} "
+                         f"--seeds {seed}` first")
+    return row(name, seed, run, notebook_seconds(run))
+
+
+def guide_within_noise(strategy: dict) -> bool | None:
+    """Whether the guide's pick tied with the best strategy in notebook 03's comparison (None: no comparison)."""
+    if not strategy.get("comparison"):
+        return None
+    return strategy["recommended_by_guide"] in ties_with_best(pd.DataFrame(strategy["comparison"]))
+
+
+def row(name: str, seed: int, run: Path, seconds: float) -> dict:
+    """One row of results from the files the course wrote into ``run``."""
     metrics = json.loads((run / "metrics.json").read_text())
     strategy = json.loads((run / "strategy.json").read_text())
     decision = json.loads((run / "decision.json").read_text())
     final = json.loads((run / "final.json").read_text())
     return {"dataset": name, "seed": seed, "n_train": decision["n_train"], "classes": len(decision["classes"]),
             "similarity": decision["similarity"], "guide_pick": strategy["recommended_by_guide"],
-            "guide_rank": f"{strategy['guide_rank']}/{strategy['candidates']}", "chosen": strategy["strategy"],
+            "guide_rank": f"{strategy['guide_rank']}/{strategy['candidates']}",
+            "guide_within_noise": guide_within_noise(strategy), "chosen": strategy["strategy"],
             "final": final["model"], "test_accuracy": metrics["test_accuracy"],
             "probe": metrics["baseline_probe"], "majority": metrics["baseline_majority"],
             "final_minus_probe": metrics["test_accuracy"] - metrics["baseline_probe"],
@@ -70,17 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=DEFAULT,
                         help=f"from {list(ELPV) + list(datasets.DATASETS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--collect", action="store_true",
+                        help="do not run: rebuild the table from the runs/byod-* folders of earlier runs")
     args = parser.parse_args(argv)
     unknown = [d for d in args.datasets if d not in ELPV and d not in datasets.DATASETS]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {list(ELPV) + list(datasets.DATASETS)}")
-    if os.environ.get("TL_SMOKE", "0") == "1":
+    if os.environ.get("TL_SMOKE", "0") == "1" and not args.collect:
         parser.error("TL_SMOKE=1 is set: the benchmark measures the real budget; unset it")
     tune_cpu()
     rows = []
     for name in args.datasets:
         for seed in args.seeds:
-            rows.append(one_run(name, seed))
+            rows.append(collected_run(name, seed) if args.collect else one_run(name, seed))
             print(json.dumps(rows[-1]), flush=True)
     frame = pd.DataFrame(rows)
     out = workbook_root() / "runs" / "byod"

@@ -214,6 +214,32 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
 
 
+def difference_se(metric: str, targets: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, rounds: int = 1000,
+                  seed: int = 0) -> float:
+    """Standard error of ``score(a) - score(b)`` for two models' predictions on the same images: the paired
+    formula for accuracy, a bootstrap over the images for the other metrics (they are not per-image means)."""
+    if metric == "accuracy":
+        return paired_se(pred_a == targets, pred_b == targets)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(rounds):
+        i = rng.integers(0, len(targets), len(targets))
+        diffs.append(score(metric, targets[i], pred_a[i]) - score(metric, targets[i], pred_b[i]))
+    return float(np.std(diffs, ddof=1))
+
+
+def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned_pred: np.ndarray | None) -> dict:
+    """The floor's evidence on validation: the probe's and the fine-tuned model's scores, and the noise of
+    their difference (``TIE_SE`` standard errors); the fine-tuned model must clear it to replace the probe."""
+    targets, probe_pred = np.asarray(targets), np.asarray(probe_pred)
+    out = {"n": len(targets), "probe": score(metric, targets, probe_pred), "fine_tuned": None, "noise": None}
+    if tuned_pred is not None:
+        tuned_pred = np.asarray(tuned_pred)
+        out["fine_tuned"] = score(metric, targets, tuned_pred)
+        out["noise"] = TIE_SE * difference_se(metric, targets, tuned_pred, probe_pred)
+    return out
+
+
 def summarize(runs: list[dict], guide_pick: str | None = None) -> pd.DataFrame:
     """One row per strategy, best first (equal scores: the cheaper first, `COST_ORDER`): mean score over
     folds, its standard error, the paired standard error of its difference to the best pretrained

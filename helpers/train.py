@@ -10,7 +10,7 @@ Takes the notebooks' parameters (``--run-name``, ``--data-root``, ``--labels-csv
 `helpers.workbook.PARAMETERS`), fills the unset ones as notebook 04 does, and trains as it does:
 phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt``, ``history.csv``,
 ``fit.json``), and the floor (``final.pt``, ``final.json``: the fine-tuned model only if it beats the
-probe on validation) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from
+probe on validation by more than the noise) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from
 the run folder; without notebook 02's split there, it makes the same split first. An interrupted
 run continues from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
 
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"x batch {settings['batch_size']}, lr {settings['lr']:.3g}"
                   + (" (resuming)" if settings["resume"] else "") + f"\n[train] {budget['why']}", flush=True)
         started = time.perf_counter()
-        baseline, probe_score = baseline_probe(params, model.spec.name, sets, budget, ctx)
+        baseline, _ = baseline_probe(params, model.spec.name, sets, budget, ctx)
         candidate, epochs = None, 0
         if model.strategy["name"] != "head":
             start_from_probe(model, baseline, sets["train_plain"], params.device, params.seed)
@@ -122,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not joined:
             ctx.close()
     if ctx.is_main:
-        final = workbook.choose_final(params, candidate, probe_score, budget["metric"],
-                                      time.perf_counter() - started, epochs)
+        scores = workbook.validation_scores(params, sets["val"], budget["metric"], fine_tuned=candidate is not None,
+                                            device=params.device)
+        final = workbook.choose_final(params, scores, budget["metric"], time.perf_counter() - started, epochs)
         print(f"[train] {final['explanation']} Checkpoints in {params.run}")
     return 0
 

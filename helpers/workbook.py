@@ -549,34 +549,57 @@ def load_split_tables(params: Params) -> dict[str, pd.DataFrame]:
     return load_splits(params.run)
 
 
-def choose_final(params: Params, candidate_score: float | None, probe_score: float, metric: str,
-                 train_seconds: float, epochs: int = 0) -> dict:
-    """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
-    validation, else the probe; and ``final.json`` saying which, why and at what cost.
+def validation_scores(params: Params, val, metric: str, fine_tuned: bool, device=None) -> dict:
+    """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``best.pt`` on the same
+    validation images, with the noise of the difference (`selection.floor_scores`): what `choose_final` decides on."""
+    from .checkpoint import model_from_checkpoint
+    from .evaluation import predict
+    from .selection import floor_scores
 
-    ``candidate_score`` is the best validation score of the strategy's model, None when the strategy is
-    the probe itself (``head``).
+    def predictions(name: str):
+        model, _ = model_from_checkpoint(require(params.run / name, "04_fine_tune"))
+        return predict(model, val, device=device)
+
+    probe = predictions("probe.pt")
+    tuned = predictions("best.pt")["predicted"].to_numpy() if fine_tuned else None
+    return floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned)
+
+
+def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0) -> dict:
+    """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
+    validation by more than the noise, else the probe (cheaper, and a tie goes to the cheaper model); and
+    ``final.json`` saying which, why and at what cost.
+
+    ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
+    probe itself, ``head``), ``noise`` (two standard errors of their difference) and ``n`` (images).
     """
     import shutil
 
-    use_candidate = candidate_score is not None and candidate_score > probe_score
+    probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
+    use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
     tmp = params.run / ".final.pt.tmp"
     shutil.copyfile(source, tmp)
     os.replace(tmp, params.run / "final.pt")
     name = metric.replace("_", " ")
-    if candidate_score is None:
+    if tuned is None:
         explanation = "The strategy is `head`: the linear probe is the final model."
     elif use_candidate:
-        explanation = (f"The strategy's model reached validation {name} {candidate_score:.3f}, above the linear "
-                       f"probe's {probe_score:.3f}: it is the final model.")
+        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
+                       f"{probe:.3f} by {tuned - probe:.3f}, more than the noise ({noise:.3f}: two standard errors "
+                       f"of the difference on these {scores['n']} images): it is the final model.")
+    elif tuned > probe:
+        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
+                       f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({noise:.3f}: two standard "
+                       f"errors of the difference on these {scores['n']} images). A difference that could be luck "
+                       f"goes to the cheaper model: the course keeps the probe as the final model.")
     else:
-        explanation = (f"The strategy's model reached validation {name} {candidate_score:.3f}, not above the "
-                       f"linear probe's {probe_score:.3f}: the course keeps the probe (a classifier on the frozen "
-                       f"backbone) as the final model rather than ship something worse than its own baseline.")
-    info = {"model": "fine-tuned" if use_candidate else "probe", "metric": metric, "val_probe": probe_score,
-            "val_fine_tuned": candidate_score, "explanation": explanation, "epochs": int(epochs),
-            "train_seconds": round(train_seconds, 2), "finished": True}
+        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
+                       f"probe's {probe:.3f}: the course keeps the probe (a classifier on the frozen backbone) as "
+                       f"the final model rather than ship something worse than its own baseline.")
+    info = {"model": "fine-tuned" if use_candidate else "probe", "metric": metric, "val_probe": probe,
+            "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"], "explanation": explanation,
+            "epochs": int(epochs), "train_seconds": round(train_seconds, 2), "finished": True}
     files.write_json(params.run / "final.json", info)
     return info
 

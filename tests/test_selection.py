@@ -160,23 +160,64 @@ def run_with_two_models(tmp_path):
     return params
 
 
-@pytest.mark.parametrize("candidate, probe, kept", [(0.86, 0.85, "fine-tuned"), (0.85, 0.85, "probe"),
-                                                   (0.60, 0.85, "probe")])
-def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe(run_with_two_models, candidate, probe,
-                                                                            kept):
+@pytest.mark.parametrize("candidate, probe, noise, kept", [(0.86, 0.85, 0.0, "fine-tuned"),
+                                                          (0.86, 0.85, 0.02, "probe"),  # within the noise
+                                                          (0.85, 0.85, 0.0, "probe"), (0.60, 0.85, 0.0, "probe")])
+def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe_beyond_the_noise(
+        run_with_two_models, candidate, probe, noise, kept):
     params = run_with_two_models
-    info = workbook.choose_final(params, candidate, probe, "accuracy", train_seconds=15.0, epochs=3)
+    scores = {"probe": probe, "fine_tuned": candidate, "noise": noise, "n": 100}
+    info = workbook.choose_final(params, scores, "accuracy", train_seconds=15.0, epochs=3)
     assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == 3
     source = "best.pt" if kept == "fine-tuned" else "probe.pt"
     assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
     assert json.loads((params.run / "final.json").read_text())["model"] == kept
     assert load_checkpoint(params.run / "final.pt")["meta"]["phase"] == (2 if kept == "fine-tuned" else 1)
     model_from_checkpoint(params.run / "final.pt")  # loads like any checkpoint
+    if noise and candidate > probe:
+        assert "within the noise" in info["explanation"]
 
 
 def test_head_is_the_probe(run_with_two_models):
-    info = workbook.choose_final(run_with_two_models, None, 0.8, "accuracy", train_seconds=2.0)
+    scores = {"probe": 0.8, "fine_tuned": None, "noise": None, "n": 10}
+    info = workbook.choose_final(run_with_two_models, scores, "accuracy", train_seconds=2.0)
     assert info["model"] == "probe" and info["epochs"] == 0 and info["val_fine_tuned"] is None
+
+
+def test_floor_scores_count_two_lucky_images_of_34_as_noise_and_a_clear_gain_as_real():
+    targets = np.zeros(34, dtype=int)
+    probe = np.r_[np.zeros(27), np.ones(7)].astype(int)  # 27 of 34 right
+    tuned = np.r_[np.zeros(29), np.ones(5)].astype(int)  # 29 of 34: the digits run that lost 8 points on test
+    scores = selection.floor_scores("accuracy", targets, probe, tuned)
+    assert scores["fine_tuned"] - scores["probe"] == pytest.approx(2 / 34)
+    assert scores["noise"] > 2 / 34 and scores["n"] == 34
+    targets = np.zeros(300, dtype=int)
+    probe = np.r_[np.zeros(240), np.ones(60)].astype(int)  # 0.80
+    tuned = np.r_[np.zeros(270), np.ones(30)].astype(int)  # 0.90, right on every image the probe got right
+    scores = selection.floor_scores("accuracy", targets, probe, tuned)
+    assert scores["fine_tuned"] - scores["probe"] == pytest.approx(0.1) and scores["noise"] < 0.05
+    assert selection.floor_scores("accuracy", targets, probe, None)["noise"] is None
+
+
+def test_difference_se_of_macro_f1_is_a_bootstrap_of_the_paired_difference():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 3, 200)
+    a = np.where(rng.random(200) < 0.8, targets, rng.integers(0, 3, 200))
+    b = np.where(rng.random(200) < 0.6, targets, rng.integers(0, 3, 200))
+    se = selection.difference_se("macro_f1", targets, a, b)
+    assert 0.01 < se < 0.1 and se == selection.difference_se("macro_f1", targets, a, b)  # seeded
+    assert selection.difference_se("macro_f1", targets, a, a) == 0.0
+    # For accuracy, the bootstrap and the paired formula agree
+    boot = selection.difference_se("balanced_accuracy", targets, a, b)  # close to accuracy on balanced data
+    assert boot == pytest.approx(selection.difference_se("accuracy", targets, a, b), rel=0.3)
+
+
+def test_validation_scores_rescore_both_checkpoints_on_the_same_images(run_with_two_models, tiny_sets):
+    _, val = tiny_sets
+    scores = workbook.validation_scores(run_with_two_models, val, "accuracy", fine_tuned=True, device="cpu")
+    assert scores["n"] == len(val) and 0.0 <= scores["probe"] <= 1.0 and scores["noise"] >= 0.0
+    only_probe = workbook.validation_scores(run_with_two_models, val, "accuracy", fine_tuned=False, device="cpu")
+    assert only_probe["probe"] == scores["probe"] and only_probe["fine_tuned"] is None
 
 
 def test_notebook_05_needs_notebook_04_to_have_chosen(tmp_path):
