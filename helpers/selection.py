@@ -134,21 +134,23 @@ def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, clas
     return make(fit_part, plain), make(fit_part, augmented), make(score_part, plain)
 
 
-def phase_one(model: TransferModel, train: ImageDataset, device, seed: int) -> Probe:
-    """Fit the classifier on the frozen features exactly (convex) and put it into ``model``."""
+def phase_one(model: TransferModel, train: ImageDataset, device, seed: int, metric: str = "accuracy") -> Probe:
+    """Fit the classifier on the frozen features exactly (convex, for ``metric``: `fit_probe`) and put it
+    into ``model``."""
     started = time.perf_counter()
-    probe = fit_probe(*pooled_features(model, train, device), seed=seed)
+    probe = fit_probe(*pooled_features(model, train, device), seed=seed, metric=metric)
     install_probe(model, probe)
     probe.seconds = time.perf_counter() - started
     return probe
 
 
-def start_from_probe(model: TransferModel, baseline: TransferModel, train: ImageDataset, device, seed: int) -> None:
+def start_from_probe(model: TransferModel, baseline: TransferModel, train: ImageDataset, device, seed: int,
+                     metric: str = "accuracy") -> None:
     """Phase 1 for ``model``'s strategy, given ``baseline``, the linear probe (a ``head`` model whose classifier
     phase 1 fitted): last_n, initial and full read the same frozen features up to the classifier, so they
     start from the probe's classifier; truncate fits its own on the cut network's features."""
     if model.strategy["name"] == "truncate":
-        phase_one(model, train, device, seed)
+        phase_one(model, train, device, seed, metric)
     else:
         model.groups["classifier"].load_state_dict(baseline.groups["classifier"].state_dict())
 
@@ -159,13 +161,13 @@ _FOLD_PROBES: dict[tuple, Probe] = {}
 
 
 def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, device, seed: int,
-                      budget: Budget, crop_pct: float | None) -> Probe:
+                      budget: Budget, crop_pct: float | None, metric: str) -> Probe:
     if strategy == "truncate":  # another architecture: its own features
-        return phase_one(model, train, device, seed)
-    key = (model.spec.name, tuple(train.files), budget.image_size, crop_pct, seed)
+        return phase_one(model, train, device, seed, metric)
+    key = (model.spec.name, tuple(train.files), budget.image_size, crop_pct, seed, metric)
     if key not in _FOLD_PROBES:
         _FOLD_PROBES.clear()  # one fold at a time: keep memory flat
-        _FOLD_PROBES[key] = phase_one(model, train, device, seed)
+        _FOLD_PROBES[key] = phase_one(model, train, device, seed, metric)
     else:
         install_probe(model, _FOLD_PROBES[key])
     return _FOLD_PROBES[key]
@@ -198,7 +200,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     fit_part = _subsample(fit_part, budget.max_train, seed)
     plain, augmented, val = _datasets(root, fit_part, score_part, classes, model, budget, crop_pct)
     if strategy != CONTROL:
-        _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct)
+        _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct, metric)
     if trains_beyond_classifier(model):
         phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric)
     pred = predict(model, val, device=device)

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline, _ = baseline_probe(params, model.spec.name, sets, budget, ctx)
         candidate, epochs = None, 0
         if model.strategy["name"] != "head":
-            start_from_probe(model, baseline, sets["train_plain"], params.device, params.seed)
+            start_from_probe(model, baseline, sets["train_plain"], params.device, params.seed, budget["metric"])
             if trains_beyond_classifier(model):
                 history = fit(model, sets["train"], sets["val"], sync_batchnorm=args.sync_batchnorm,
                               num_workers=args.num_workers, progress=not args.no_progress, **settings)
@@ -139,7 +139,7 @@ def baseline_probe(params: workbook.Params, backbone: str, sets: dict, budget: d
     baseline = build_model(backbone, len(sets["train"].classes), "head")
     path, score = params.run / "probe.pt", None
     if ctx.is_main:
-        phase_one(baseline, sets["train_plain"], params.device, params.seed)
+        phase_one(baseline, sets["train_plain"], params.device, params.seed, budget["metric"])
         score = score_of(baseline, sets["val"], params.device, budget["metric"])
         save_model(baseline, list(sets["train"].classes), sets["val"].transform.preprocessing, path,
                    meta={"task": params.task, "phase": 1}, score=score, metric=budget["metric"])

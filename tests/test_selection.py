@@ -28,7 +28,7 @@ def blobs(n_classes: int, per_class: int = 30, dim: int = 12, seed: int = 0):
 def test_probe_folds_into_one_linear_layer_with_the_same_probabilities(n_classes):
     x, y = blobs(n_classes)
     probe = fit_probe(x, y, folds=3)
-    assert probe.C in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) and probe.folds == 3 and probe.cv_accuracy > 0.5
+    assert probe.C in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) and probe.folds == 3 and probe.cv_score > 0.5
     weight, bias = probe_linear(probe, n_classes)
     logits = torch.tensor(x, dtype=torch.float32) @ weight.T + bias
     np.testing.assert_allclose(logits.softmax(1).numpy(), probe.pipeline.predict_proba(x), atol=1e-4)
@@ -44,11 +44,25 @@ def test_a_class_absent_from_training_is_never_predicted():
     assert not (logits.argmax(1) == 1).any()
 
 
+def test_a_probe_judged_on_macro_f1_weighs_rare_classes_and_finds_more_of_them():
+    rng = np.random.default_rng(0)
+    # 300 common and 30 rare images whose features overlap: accuracy is cheapest bought by ignoring the rare ones
+    x = np.concatenate([rng.normal(0, 1, (300, 8)), rng.normal(0.8, 1, (30, 8))])
+    y = np.repeat([0, 1], [300, 30])
+    by_accuracy, by_macro_f1 = fit_probe(x, y, folds=3), fit_probe(x, y, folds=3, metric="macro_f1")
+    assert by_accuracy.metric == "accuracy" and by_macro_f1.metric == "macro_f1"
+    assert by_accuracy.pipeline[-1].class_weight is None and by_macro_f1.pipeline[-1].class_weight == "balanced"
+    found = lambda probe: (probe.predict(x[y == 1]) == 1).mean()  # noqa: E731  recall of the rare class
+    assert found(by_macro_f1) > found(by_accuracy) + 0.3
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        fit_probe(x, y, metric="f1")
+
+
 def test_probe_without_enough_images_to_cross_validate_uses_a_default():
     x, y = blobs(2, per_class=5)
     y[0] = 2  # a class with a single image
     probe = fit_probe(x, y)
-    assert probe.cv_accuracy is None and probe.C == 0.1 and probe.folds == 0
+    assert probe.cv_score is None and probe.C == 0.1 and probe.folds == 0
     with pytest.raises(ValueError, match="at least two classes"):
         fit_probe(x[:3], np.zeros(3, dtype=int))
 
