@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache import extract_features
+from .metrics import class_weighting
 from .models import TransferModel, final_linear
 from .runtime import pick_device
 
@@ -83,7 +84,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
     if (counts > 0).sum() < 2:
         raise ValueError(f"a probe needs at least two classes in the training features, got counts {counts}")
     folds = int(min(folds, counts[counts > 0].min()))
-    class_weight = None if metric == "accuracy" else "balanced"
+    class_weight = class_weighting(metric)
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=class_weight))
     with warnings.catch_warnings():
         # Strong regularization on few images converges slowly; the CV score already judges the result.

@@ -28,7 +28,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from .data import ImageDataset
 from .freezing import STRATEGIES, apply_strategy
-from .metrics import score
+from .metrics import class_weighting, score
 from .models import TransferModel, create_model
 from .probe import Probe, fit_probe, install_probe, pooled_features
 from .runtime import seed_everything
@@ -184,6 +184,7 @@ def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budg
         return fit(model, train, val, epochs=budget.epochs, lr=budget.lr, batch_size=budget.batch_size,
                    layer_decay=budget.layer_decay, label_smoothing=budget.label_smoothing, warmup_epochs=0.5,
                    freeze_batchnorm=budget.freeze_batchnorm,
+                   class_weights=class_weighting(fit_options.get("metric", "accuracy")),
                    cache=cache, cache_views=budget.cache_views, seed=seed, device=device,
                    **{"patience": budget.patience, **fit_options})
 

@@ -27,6 +27,7 @@ import torch
 from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, overlapping_files,
                    prepare_elpv)
 from . import files
+from .metrics import class_weighting
 from .freezing import STRATEGIES
 from .models import TIMM_PREFIX, available_backbones, offline_backbones
 from .transforms import MAX_IMAGE_SIZE
@@ -683,10 +684,11 @@ def fine_tune_datasets(params: Params, model, budget: dict) -> dict:
 
 def fine_tune_settings(params: Params, budget: dict) -> dict:
     """Notebook 04's keyword arguments for phase 2's `helpers.training.fit`: the budget, the recipe
-    (warm-up, layer decay, label smoothing, BatchNorm statistics kept), the run folder as ``out_dir``,
+    (warm-up, layer decay, label smoothing, BatchNorm statistics kept, classes weighted as the probe weighs
+    them for the task's metric), the run folder as ``out_dir``,
     and ``resume=True`` when a training there was interrupted."""
     return {"epochs": budget["epochs"], "lr": budget["lr"], "batch_size": budget["batch_size"], "seed": params.seed,
             "device": params.device, "out_dir": params.run, "metric": budget["metric"], "label_smoothing": 0.1,
             "layer_decay": 0.8, "warmup_epochs": 0.5, "patience": budget["patience"], "cache": budget["cache"],
             "cache_views": budget["cache_views"], "freeze_batchnorm": budget["freeze_batchnorm"],
-            "meta": {"task": params.task, "phase": 2}, "resume": interrupted_training(params.run)}
+            "class_weights": class_weighting(budget["metric"]), "meta": {"task": params.task, "phase": 2}, "resume": interrupted_training(params.run)}

@@ -237,3 +237,28 @@ def test_validation_scores_rescore_both_checkpoints_on_the_same_images(run_with_
 def test_notebook_05_needs_notebook_04_to_have_chosen(tmp_path):
     with pytest.raises(FileNotFoundError, match="run notebooks/04_fine_tune.ipynb first"):
         workbook.finished_final(tmp_path)
+
+
+@pytest.mark.parametrize("task, weights", [("binary", None), ("4class", "balanced")])
+def test_phase_two_weighs_the_classes_as_the_probe_does_for_the_tasks_metric(tmp_path, task, weights):
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run"), "task": task}, smoke=True)
+    budget = workbook.training_budget(params, "last_n", "efficientnet_lite0")
+    assert workbook.fine_tune_settings(params, budget)["class_weights"] == weights
+    metric = workbook.selection_metric(params)
+    x, y = blobs(2)
+    assert fit_probe(x, y, folds=3, metric=metric).pipeline[-1].class_weight == weights
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        selection.class_weighting("f1")
+
+
+def test_notebook_01_picks_the_backbone_by_flops_not_by_a_latency_a_busy_machine_can_flip():
+    from helpers.lessons import choose_backbone
+
+    ranking = pd.DataFrame({"backbone": ["efficientnet_lite2", "efficientnet_lite0", "efficientnet_lite1"],
+                            "accuracy": [0.685, 0.680, 0.640]})
+    # Measured while another job ran: the larger network happened to time faster
+    costs = pd.DataFrame({"backbone": ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+                          "GFLOPs": [0.78, 1.20, 1.72], "cpu_ms_per_image": [41.0, 30.0, 35.0]})
+    assert choose_backbone(ranking, costs, metric="accuracy") == "efficientnet_lite0"
+    ranking.loc[1, "accuracy"] = 0.60  # lite0 now clearly behind: the best one within 2 points wins
+    assert choose_backbone(ranking, costs, metric="accuracy") == "efficientnet_lite2"
