@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
 from helpers.models import create_model
-from helpers.runtime import amp_dtype, pick_device
+from helpers.runtime import amp_dtype, pick_device, training_steps_per_second
 
 
 def time_steps(device: torch.device, size: int, batch: int, dtype: torch.dtype | None, channels_last: bool,
@@ -32,24 +29,7 @@ def time_steps(device: torch.device, size: int, batch: int, dtype: torch.dtype |
     model = model.to(memory_format=memory_format)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 2, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    times = []
-    for step in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return batch / statistics.median(times)
+    return training_steps_per_second(model, x, y, device, dtype, steps, warmup)
 
 
 def main() -> None:

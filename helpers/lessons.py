@@ -409,9 +409,7 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
 def training_step_speed(backbone: str, device, image_size: int, batch_size: int, steps: int = 3) -> pd.DataFrame:
     """Images per second of full training steps (forward, backward, AdamW) for each precision and memory
     layout this device supports, measured side by side; the median of ``steps`` timed steps after one warm-up."""
-    import statistics
-
-    from .runtime import amp_dtype, autocast
+    from .runtime import amp_dtype, training_steps_per_second
 
     device = torch.device(device)
     settings = [("fp32", None)] + ([(str(amp_dtype(device)).replace("torch.", ""), amp_dtype(device))]
@@ -427,25 +425,8 @@ def training_step_speed(backbone: str, device, image_size: int, batch_size: int,
             model.to(memory_format=layout)
             x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
             y = torch.randint(0, 2, (batch_size,), device=device)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-            times = []
-            for step in range(steps + 1):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                with autocast(device, dtype):
-                    loss = nn.functional.cross_entropy(model(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if step:  # the first step allocates memory and picks kernels
-                    times.append(time.perf_counter() - started)
             rows.append({"precision": name, "channels_last": channels_last,
-                         "images_per_second": batch_size / statistics.median(times)})
+                         "images_per_second": training_steps_per_second(model, x, y, device, dtype, steps)})
     table = pd.DataFrame(rows)
     table["speedup"] = table["images_per_second"] / table.loc[0, "images_per_second"]
     return table.round({"images_per_second": 1, "speedup": 2})
