@@ -34,6 +34,7 @@ from helpers.data import ELPV_TASKS, ImageDataset
 from helpers.evaluation import compute_metrics, predict
 from helpers.freezing import STRATEGIES, apply_strategy
 from helpers.models import create_model
+from helpers.probe import fit_probe, install_probe, pooled_features
 from helpers.runtime import pick_device, seed_everything, tune_cpu
 from helpers.training import fit
 from helpers.transforms import TTA_FLIPS, eval_transform, train_transform
@@ -81,7 +82,7 @@ def score_test_split(model: torch.nn.Module, test: ImageDataset, probability: pd
 
 def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: int, epochs: int, lr: float,
         batch_size: int, augment: str, label_smoothing: float, layer_decay: float, ema_decay: float | None,
-        out_root: Path, device: str | None) -> dict:
+        out_root: Path, device: str | None, class_weights: str | None = None, from_probe: bool = False) -> dict:
     params, splits, classes = elpv_splits(task, seed, device)
     root = params.data_root
 
@@ -94,19 +95,26 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
     val = ImageDataset(root, splits["val"], group_col="group", classes=classes, transform=ev)
     test = ImageDataset(root, splits["test"], group_col="group", classes=classes, transform=ev)
 
-    out = out_root / f"{task}_{backbone}_{strategy}_{image_size}px{'_ema' if ema_decay else ''}_seed{seed}"
+    metric = "macro_f1" if task == "4class" else "accuracy"
+    tags = "".join(tag for tag, on in (("_ema", ema_decay), ("_balanced", class_weights), ("_lpft", from_probe)) if on)
+    out = out_root / f"{task}_{backbone}_{strategy}_{image_size}px{tags}_seed{seed}"
     started = time.perf_counter()
+    probe_C = None
+    if from_probe:  # the two-phase recipe: the head starts as the linear probe on the frozen features
+        plain_train = ImageDataset(root, splits["train"], group_col="group", classes=classes, transform=ev)
+        probe = fit_probe(*pooled_features(model, plain_train, device), seed=seed, metric=metric)
+        install_probe(model, probe)
+        probe_C = probe.C
     history = fit(model, train, val, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                   label_smoothing=label_smoothing, layer_decay=layer_decay, ema_decay=ema_decay,
-                  metric="macro_f1" if task == "4class" else "accuracy", out_dir=out, device=device,
-                  meta={"task": task})
+                  class_weights=class_weights, metric=metric, out_dir=out, device=device, meta={"task": task})
     train_seconds = time.perf_counter() - started
 
     result = {
         "task": task, "seed": seed, "backbone": backbone, "strategy": strategy, "n": n, "image_size": image_size,
         "epochs": epochs, "epochs_run": int(len(history)), "lr": lr, "augment": augment,
         "label_smoothing": label_smoothing, "layer_decay": layer_decay, "batch_size": batch_size,
-        "ema_decay": ema_decay,
+        "ema_decay": ema_decay, "class_weights": class_weights, "from_probe": from_probe, "probe_C": probe_C,
         # The model holds the best epoch's weights (fit's restore_best).
         **score_test_split(model, test, splits["test"].set_index("file")["probability"], task, device),
         "best_val": float(history.attrs["best_score"]), "train_seconds": round(train_seconds, 1),
@@ -134,6 +142,30 @@ def evaluate(run_dir: Path, device: str | None) -> dict:
     return result
 
 
+def read_result(run_dir: Path) -> dict:
+    path = run_dir / "result.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --summarize needs folders written by this script")
+    return json.loads(path.read_text())
+
+
+def summarize(results: list[dict]) -> None:
+    """Print mean +- standard deviation over runs (the seeds of one recipe)."""
+    recipes = {json.dumps({k: r.get(k) for k in RECIPE_KEYS}, sort_keys=True) for r in results}
+    if len(recipes) > 1:
+        raise ValueError(f"these runs used different recipes, so their mean means nothing: {sorted(recipes)}")
+    seeds = [r["seed"] for r in results]
+    for key in ("test_accuracy", "tta_test_accuracy", "test_balanced_accuracy", "test_macro_f1", "train_seconds"):
+        values = [r[key] for r in results]
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        print(f"{key}: {statistics.mean(values):.4f} +- {spread:.4f} over seeds {seeds}", flush=True)
+
+
+# What makes two runs the same recipe (everything in result.json but the seed and the measurements).
+RECIPE_KEYS = ("task", "backbone", "strategy", "n", "image_size", "epochs", "lr", "augment", "label_smoothing",
+               "layer_decay", "batch_size", "ema_decay", "class_weights", "from_probe")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=list(ELPV_TASKS), default="binary")
@@ -151,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ema-decay", type=float, default=None,
                         help="validate and keep an EMA of the weights (e.g. 0.998); the raw model's val scores "
                              "are kept in history.csv as raw_val_*")
+    parser.add_argument("--class-weights", choices=["balanced"], default=None,
+                        help="weigh the loss by inverse class frequency (what the course does for macro-F1)")
+    parser.add_argument("--from-probe", action="store_true",
+                        help="two-phase recipe: start the head from the linear probe, then fine-tune")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="mean +- std of finished runs' result.json (e.g. one per seed), train nothing")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--evaluate", type=Path, metavar="RUN_DIR", help="re-score a finished run, train nothing")
@@ -159,18 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.evaluate is not None:
         print(json.dumps(evaluate(args.evaluate, args.device)), flush=True)
         return
+    if args.summarize is not None:
+        summarize([read_result(run_dir) for run_dir in args.summarize])
+        return
     results = []
     for seed in args.seeds:
         result = run(args.task, seed, args.backbone, args.strategy, args.n, args.image_size, args.epochs, args.lr,
                      args.batch_size, args.augment, args.label_smoothing, args.layer_decay, args.ema_decay,
-                     args.out, args.device)
+                     args.out, args.device, args.class_weights, args.from_probe)
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) > 1:
-        for key in ("test_accuracy", "tta_test_accuracy", "test_balanced_accuracy", "test_macro_f1", "train_seconds"):
-            values = [r[key] for r in results]
-            print(f"{key}: {statistics.mean(values):.4f} +- {statistics.stdev(values):.4f} "
-                  f"over seeds {args.seeds}", flush=True)
+        summarize(results)
     print("command:", "python benchmarks/elpv.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
