@@ -113,7 +113,8 @@ def study(run: Path, studies: list[str], sizes: list[int] | None) -> list[dict]:
             variants += [(f"+ last {k} stage(s), average-pooled", ["mean", *stages[-k:]], ("image",))
                          for k in sorted({1, 2, 3, len(stages)})]
         if "pooling" in studies:
-            variants += [(" + ".join(keys) + " pooling", keys, ("image",)) for keys in (["max"], ["gem"], ["mean", "max"])]
+            variants += [(" + ".join(keys) + " pooling", keys, ("image",))
+                         for keys in (["max"], ["gem"], ["mean", "max"])]
             variants += [(" + ".join(keys) + " pooling, 4 mirror views", keys, tuple(MIRRORS))
                          for keys in (["mean"], ["max"], ["gem"], ["mean", "max"])]
         for name, keys, views in variants:
