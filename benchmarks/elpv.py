@@ -145,6 +145,11 @@ def evaluate(run_dir: Path, device: str | None) -> dict:
     return result
 
 
+# What makes two runs the same recipe (everything in result.json but the seed and the measurements).
+RECIPE_KEYS = ("task", "backbone", "strategy", "n", "image_size", "epochs", "lr", "augment", "label_smoothing",
+               "layer_decay", "batch_size", "ema_decay", "class_weights", "from_probe")
+
+
 def read_result(run_dir: Path) -> dict:
     path = run_dir / "result.json"
     if not path.is_file():
@@ -163,10 +168,6 @@ def summarize(results: list[dict]) -> None:
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{key}: {statistics.mean(values):.4f} +- {spread:.4f} over seeds {seeds}", flush=True)
 
-
-# What makes two runs the same recipe (everything in result.json but the seed and the measurements).
-RECIPE_KEYS = ("task", "backbone", "strategy", "n", "image_size", "epochs", "lr", "augment", "label_smoothing",
-               "layer_decay", "batch_size", "ema_decay", "class_weights", "from_probe")
 
 
 def main(argv: list[str] | None = None) -> None:
