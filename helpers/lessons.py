@@ -87,7 +87,7 @@ def compare_backbones(names: list[str], num_classes: int | None = None, repeats:
     """Parameters, FLOPs, input size, weights and CPU latency of each backbone.
 
     Models are built with ``pretrained=False`` (no download), which has the same architecture
-    and cost; ImageNet top-1 is only shown where the weights' metadata gives it.
+    and cost; ImageNet top-1 (of the released weights) only where their metadata gives it.
     """
     offline = set(offline_backbones())
     rows = []
@@ -143,7 +143,8 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
 
 def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], image_size: int,
                  crop_pct: float | None = None, folds: int = 5, seed: int = 0, device=None) -> dict:
-    """Cross-validated logistic regression on a frozen backbone's pooled features.
+    """Cross-validated logistic regression on a frozen backbone's pooled features: accuracy, balanced accuracy
+    and macro-F1 (mean over the folds).
 
     A cheap stand-in for fine-tuning: how linearly separable are the classes in this
     backbone's feature space? ``frame`` is a label table (file, label[, group]). The same
@@ -165,10 +166,11 @@ def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], i
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
     folds = min(folds, int(np.bincount(targets).min()))
     scores = cross_validate(probe, features, targets, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                            scoring=("accuracy", "balanced_accuracy"))
+                            scoring=("accuracy", "balanced_accuracy", "f1_macro"))
     return {"backbone": backbone, "images": len(dataset), "image_size": image_size, "features": features.shape[1],
             "accuracy": float(scores["test_accuracy"].mean()),
             "balanced_accuracy": float(scores["test_balanced_accuracy"].mean()),
+            "macro_f1": float(scores["test_f1_macro"].mean()),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -371,11 +373,14 @@ def batchnorm_trap(make_head_model, batches: list[torch.Tensor], val_set, device
     return pd.DataFrame(rows)
 
 
-def majority_share(train: pd.DataFrame, scored: list[pd.DataFrame]) -> float:
-    """Accuracy of always answering the most frequent training label, on the ``scored`` tables together."""
+def majority_score(train: pd.DataFrame, scored: list[pd.DataFrame], metric: str = "accuracy") -> float:
+    """``metric`` of always answering the most frequent training label, on the ``scored`` tables together
+    (the same images and the same metric the strategies are compared by)."""
+    from .metrics import score
+
     majority = train["label"].value_counts().index[0]
-    labels = pd.concat(scored)["label"]
-    return float((labels == majority).mean())
+    labels = pd.concat(scored)["label"].to_numpy()
+    return score(metric, labels, np.array([majority] * len(labels), dtype=labels.dtype))
 
 
 def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | None = None,
@@ -388,7 +393,7 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
     order = results.sort_values("score")
     colors = ["grey" if s == CONTROL else ("darkorange" if s == guide_pick else "steelblue") for s in order["strategy"]]
     ax.barh(order["strategy"], order["score"], xerr=order["se"], color=colors, capsize=3)
-    ax.axvline(majority, color="black", ls="--", lw=1, label=f"majority class ({majority:.3f})")
+    ax.axvline(majority, color="black", ls="--", lw=1, label=f"majority class ({majority:.3f})")  # same metric
     probe = results.set_index("strategy").loc["head", "score"]
     ax.axvline(probe, color="seagreen", ls=":", lw=1.5, label=f"linear probe = head ({probe:.3f})")
     low = max(0.0, min(majority, order["score"].min()) - 0.05)
@@ -408,15 +413,18 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
 
 def training_step_speed(backbone: str, device, image_size: int, batch_size: int, steps: int = 3) -> pd.DataFrame:
     """Images per second of full training steps (forward, backward, AdamW) for each precision and memory
-    layout this device supports, measured side by side; the median of ``steps`` timed steps after one warm-up."""
-    from .runtime import amp_dtype, training_steps_per_second
+    layout this device supports. The settings take turns, one step each per round after a warm-up step each,
+    so a busy machine slows them alike; each figure is the median of its ``steps`` timed steps."""
+    import statistics
+
+    from .runtime import amp_dtype, training_step_seconds
 
     device = torch.device(device)
     settings = [("fp32", None)] + ([(str(amp_dtype(device)).replace("torch.", ""), amp_dtype(device))]
                                     if amp_dtype(device) is not None else [])
     if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:
         settings.append(("float16", torch.float16))
-    rows = []
+    runs = []
     for name, dtype in settings:
         for channels_last in (False, True):
             torch.manual_seed(0)
@@ -425,31 +433,60 @@ def training_step_speed(backbone: str, device, image_size: int, batch_size: int,
             model.to(memory_format=layout)
             x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
             y = torch.randint(0, 2, (batch_size,), device=device)
-            rows.append({"precision": name, "channels_last": channels_last,
-                         "images_per_second": training_steps_per_second(model, x, y, device, dtype, steps)})
-    table = pd.DataFrame(rows)
+            step = (model, x, y, device, dtype, torch.optim.AdamW(model.parameters(), lr=1e-4),
+                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+            training_step_seconds(*step)  # warm-up: allocations, kernel choice, the optimizer's state
+            runs.append({"precision": name, "channels_last": channels_last, "step": step, "times": []})
+    for _ in range(steps):
+        for run in runs:
+            run["times"].append(training_step_seconds(*run["step"]))
+    table = pd.DataFrame([{"precision": run["precision"], "channels_last": run["channels_last"],
+                           "images_per_second": batch_size / statistics.median(run["times"])} for run in runs])
     table["speedup"] = table["images_per_second"] / table.loc[0, "images_per_second"]
     return table.round({"images_per_second": 1, "speedup": 2})
+
+
+def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: int | None = None) -> str:
+    """What a `fit` history says, in one paragraph of Markdown: the best epoch (the checkpoint `fit` keeps),
+    early stopping, the train-validation gap at the last epoch, and where the time went."""
+    column = f"val_{metric}" if f"val_{metric}" in history.columns else "val_accuracy"
+    best, last = history.loc[history[column].idxmax()], history.iloc[-1]
+    gap = last["train_accuracy"] - last["val_accuracy"]
+    attrs = history.attrs
+    return (f"Best validation {column[4:].replace('_', ' ')} {best[column]:.3f} at epoch {int(best['epoch'])} of "
+            f"{len(history)}"
+            + (f" (stopped early: no improvement for {patience} epochs)" if attrs.get("stopped_early") else "")
+            + f". At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
+              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}"
+            + (", a sign of overfitting that the best checkpoint guards against." if gap > 0.05 else ".")
+            + (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}" if "train_seconds" in attrs
+               else "")
+            + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached") else "."))
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
 # ----------------------------------------------------------------------------------------
 # 05: the final model beside its baselines
 
 
-def results_table(metrics: dict, baselines: dict) -> pd.DataFrame:
-    """The final model's test scores beside the majority class, the linear probe and the from-scratch control."""
-    rows = [{"model": "majority class", "split": "test", "accuracy": baselines["majority"]["accuracy"],
-             "balanced_accuracy": 1 / baselines["majority"]["classes"], "macro_f1": None},
-            {"model": "linear probe", "split": "test", **{k: baselines["probe"][k] for k in
-                                                           ("accuracy", "balanced_accuracy", "macro_f1")}}]
+def results_table(metrics: dict, baselines: dict, metric: str = "accuracy") -> pd.DataFrame:
+    """The final model's test scores beside the majority class, the linear probe and the from-scratch control.
+
+    The control and the best pretrained strategy are notebook 03's validation scores, which exist only in the
+    metric 03 selected by (``metric``); their other columns stay empty."""
+    scored = ("accuracy", "balanced_accuracy", "macro_f1")
+    rows = [{"model": "majority class", "split": "test", **{k: baselines["majority"][k] for k in scored}},
+            {"model": "linear probe", "split": "test", **{k: baselines["probe"][k] for k in scored}}]
     if baselines.get("scratch"):
+        empty = dict.fromkeys(scored)
         rows.append({"model": "from scratch (03's budget)", "split": "validation",
-                     "accuracy": baselines["scratch"]["score"], "balanced_accuracy": None, "macro_f1": None})
+                     **{**empty, metric: baselines["scratch"]["score"]}})
         rows.append({"model": "best pretrained (03's budget)", "split": "validation",
-                     "accuracy": baselines["scratch"]["pretrained_score"], "balanced_accuracy": None,
-                     "macro_f1": None})
-    rows.append({"model": "final model", "split": "test", **{k: metrics[k] for k in
-                                                              ("accuracy", "balanced_accuracy", "macro_f1")}})
+                     **{**empty, metric: baselines["scratch"]["pretrained_score"]}})
+    rows.append({"model": "final model", "split": "test", **{k: metrics[k] for k in scored}})
     return pd.DataFrame(rows)
 
 
@@ -472,8 +509,14 @@ def plot_baselines(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     return fig
 
 
+def accuracy_margin(accuracy: float, n: int) -> float:
+    """Two standard errors of an accuracy measured on ``n`` images, with the Agresti-Coull adjustment (two right
+    and two wrong answers added), so that an accuracy of 0 or 1 does not claim a margin of zero."""
+    adjusted = (accuracy * n + 2) / (n + 4)
+    return 2 * math.sqrt(adjusted * (1 - adjusted) / (n + 4))
+
+
 def noise_note(n: int, accuracy: float = 0.85) -> str:
     """One sentence on how large a difference ``n`` test images can resolve."""
-    margin = 2 * math.sqrt(accuracy * (1 - accuracy) / n)
-    return (f"With {n} test images, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}: "
-            f"smaller differences are within the noise of the split.")
+    return (f"With {n} test images, two standard errors of an accuracy near {accuracy:.2f} are "
+            f"±{accuracy_margin(accuracy, n):.3f}: smaller differences are within the noise of the split.")

@@ -49,7 +49,7 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
-    imagenet_top1: float | None  # only where the weights' own metadata gives it
+    imagenet_top1: float | None  # of the released weights, where their own metadata gives it
     summary: str
 
 
@@ -378,10 +378,11 @@ def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, str, flo
     import torchvision
 
     builder, enum_name, tag = _TORCHVISION[name]
-    weights = getattr(torchvision.models, enum_name)[tag] if pretrained else None
-    top1 = None
+    released = getattr(torchvision.models, enum_name)[tag]
+    # The released weights' ImageNet top-1, from metadata that ships inside torchvision (no download needed).
+    top1 = released.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    weights = released if pretrained else None
     if weights is not None:
-        top1 = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         if not os.path.exists(cached) and not _host_reachable("download.pytorch.org"):
             raise _offline_error(name, "download.pytorch.org")

@@ -132,7 +132,11 @@ def install_probe(model: TransferModel, probe: Probe) -> TransferModel:
 
 
 def majority_baseline(train_targets: np.ndarray, test_targets: np.ndarray) -> dict:
-    """Always answer the most frequent training class: its accuracy on ``test_targets``."""
+    """Always answer the most frequent training class: its accuracy, balanced accuracy and macro-F1 on
+    ``test_targets`` (the same metrics, defined the same way, as every model is scored by)."""
+    from .metrics import METRICS, score
+
     train_targets, test_targets = np.asarray(train_targets), np.asarray(test_targets)
     majority = int(np.bincount(train_targets).argmax())
-    return {"class_index": majority, "accuracy": float((test_targets == majority).mean())}
+    answers = np.full_like(test_targets, majority)
+    return {"class_index": majority, **{metric: score(metric, test_targets, answers) for metric in METRICS}}

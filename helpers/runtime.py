@@ -55,32 +55,37 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+def training_step_seconds(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                          dtype: torch.dtype | None, optimizer: torch.optim.Optimizer,
+                          scaler: torch.amp.GradScaler) -> float:
+    """Seconds of one full training step: forward under ``dtype`` autocast, cross-entropy, backward through
+    ``scaler`` (a no-op unless fp16), an optimizer step; the GPU is synchronized before and after."""
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with autocast(device, dtype):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def training_steps_per_second(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                               dtype: torch.dtype | None, steps: int, warmup: int = 1) -> float:
-    """Images per second of full training steps (forward under ``dtype`` autocast, cross-entropy, backward
-    through a GradScaler for fp16, AdamW): the median of ``steps`` timed steps after ``warmup`` untimed
-    ones (the first steps allocate memory and pick kernels)."""
+    """Images per second of full training steps (`training_step_seconds`, AdamW): the median of ``steps``
+    timed steps after ``warmup`` untimed ones (the first steps allocate memory and pick kernels)."""
     import statistics
-    import time
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    times = []
-    for step in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with autocast(device, dtype):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return len(x) / statistics.median(times)
+    times = [training_step_seconds(model, x, y, device, dtype, optimizer, scaler) for _ in range(warmup + steps)]
+    return len(x) / statistics.median(times[warmup:])
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:

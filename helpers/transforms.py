@@ -24,8 +24,9 @@ INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.Interp
                   "nearest": v2.InterpolationMode.NEAREST}
 AUGMENTATIONS = ("cells", "natural", "none")
 # Test-time flips that keep the label, per augmentation recipe: photos have an "up" (a mirrored
-# cat is a cat, an upside-down one is rare); aligned scans such as solar cells have none.
-TTA_FLIPS = {"cells": "hvflip", "natural": "hflip", "none": "hflip"}
+# cat is a cat, an upside-down one is rare); aligned scans such as solar cells have none. "none" is
+# for data where a flip can change the answer (digits, text, left/right anatomy): no flips at test either.
+TTA_FLIPS = {"cells": "hvflip", "natural": "hflip", "none": None}
 MAX_IMAGE_SIZE = 2048
 
 

@@ -185,7 +185,8 @@ class Params:
 
     def report(self) -> pd.Series:
         """The parameters as a one-column table for display."""
-        shown = {k: v for k, v in asdict(self).items() if k != "user_set"}
+        shown = {k: v for k, v in asdict(self).items() if k not in ("user_set", "augment_recipe")}
+        shown.update(augment=self.augment, crop_pct=self.crop_pct)  # as resolved: what the notebooks use
         return pd.Series({k: str(v) for k, v in shown.items()}, name="value")
 
 
@@ -618,14 +619,14 @@ def baselines(params: Params, sets: dict, device=None) -> dict:
     """The majority class and the linear probe on the test split, and notebook 03's from-scratch control."""
     from .checkpoint import model_from_checkpoint
     from .evaluation import compute_metrics, predict
+    from .probe import majority_baseline
 
-    train_labels = sets["train"].frame["label"]
-    majority = train_labels.value_counts().index[0]
-    test_labels = sets["test"].frame["label"]
+    classes = list(sets["test"].classes)
+    index = {name: i for i, name in enumerate(classes)}
+    majority = majority_baseline(sets["train"].frame["label"].map(index), sets["test"].frame["label"].map(index))
     probe, _ = model_from_checkpoint(require(params.run / "probe.pt", "04_fine_tune"))
-    probe_metrics = compute_metrics(predict(probe, sets["test"], device=device), sets["test"].classes)
-    out = {"majority": {"class": majority, "accuracy": float((test_labels == majority).mean()),
-                        "classes": len(sets["test"].classes)},
+    probe_metrics = compute_metrics(predict(probe, sets["test"], device=device), classes)
+    out = {"majority": {"class": classes[majority.pop("class_index")], **majority, "classes": len(classes)},
            "probe": {k: probe_metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
     comparison = read_json(params.run / "strategy.json", "03_choose_freezing").get("comparison") or []
     by_name = {row["strategy"]: row for row in comparison}

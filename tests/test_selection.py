@@ -86,7 +86,8 @@ def test_installed_probe_is_the_models_classifier(tiny_sets):
 
 def test_majority_baseline_counts_the_training_labels():
     result = majority_baseline(np.array([0, 1, 1, 1]), np.array([1, 0, 0, 1, 1]))
-    assert result == {"class_index": 1, "accuracy": 0.6}
+    # Always "1" on [1, 0, 0, 1, 1]: accuracy 3/5; recalls 0 and 1; F1 0 and 2 * 0.6 * 1 / 1.6 = 0.75.
+    assert result == {"class_index": 1, "accuracy": 0.6, "balanced_accuracy": 0.5, "macro_f1": 0.375}
 
 
 # ----------------------------------------------------------------------------------------

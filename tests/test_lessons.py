@@ -1,0 +1,61 @@
+"""The notebook glue in helpers.lessons that turns results into the sentences the lessons print."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from helpers import lessons
+
+
+def test_majority_score_uses_the_metric_the_models_are_compared_by():
+    train = pd.DataFrame({"label": ["a", "b", "b", "c"]})
+    scored = [pd.DataFrame({"label": ["a", "b"]}), pd.DataFrame({"label": ["c", "b"]})]
+    assert lessons.majority_score(train, scored) == 0.5  # always "b": 2 of 4
+    assert math.isclose(lessons.majority_score(train, scored, "balanced_accuracy"), 1 / 3)
+    # F1 of "b": precision 2/4, recall 1 -> 2/3; the other two classes 0; mean over three classes.
+    assert math.isclose(lessons.majority_score(train, scored, "macro_f1"), 2 / 9)
+
+
+def test_accuracy_margin_is_never_zero_and_shrinks_with_more_images():
+    assert lessons.accuracy_margin(1.0, 50) > 0.03  # a perfect score on 50 images is not a certainty
+    assert lessons.accuracy_margin(0.0, 50) == pytest.approx(lessons.accuracy_margin(1.0, 50))
+    assert lessons.accuracy_margin(0.85, 656) < lessons.accuracy_margin(0.85, 100)
+    # Close to the textbook 2 * sqrt(p (1 - p) / n) when n is large and p is not extreme.
+    assert lessons.accuracy_margin(0.85, 10_000) == pytest.approx(2 * math.sqrt(0.85 * 0.15 / 10_000), rel=0.01)
+
+
+def _baselines(scratch: bool = True) -> dict:
+    out = {"majority": {"class": "ok", "accuracy": 0.7, "balanced_accuracy": 0.5, "macro_f1": 0.41, "classes": 2},
+           "probe": {"accuracy": 0.85, "balanced_accuracy": 0.8, "macro_f1": 0.81}}
+    if scratch:
+        out["scratch"] = {"score": 0.6, "pretrained_score": 0.75, "split": "validation"}
+    return out
+
+
+def test_results_table_puts_the_validation_controls_in_the_metric_they_were_selected_by():
+    metrics = {"accuracy": 0.86, "balanced_accuracy": 0.82, "macro_f1": 0.83}
+    table = lessons.results_table(metrics, _baselines(), metric="macro_f1").set_index("model")
+    assert table.loc["from scratch (03's budget)", "macro_f1"] == 0.6
+    assert pd.isna(table.loc["from scratch (03's budget)", "accuracy"])
+    assert table.loc["majority class", "macro_f1"] == 0.41  # every row of the test split has every metric
+    assert table.loc["final model", "accuracy"] == 0.86
+    assert list(lessons.results_table(metrics, _baselines(False), "accuracy")["model"]) == [
+        "majority class", "linear probe", "final model"]
+
+
+def test_history_summary_reports_the_best_epoch_and_the_gap_from_the_history():
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_accuracy": [0.7, 0.9, 1.0], "val_accuracy": [0.6, 0.8, 0.7],
+                            "train_loss": [1.0, 0.5, 0.2], "val_loss": [1.1, 0.7, 0.9]})
+    history.attrs.update(train_seconds=12.0, device="cpu", cached=True, cache_seconds=3.0, stopped_early=False)
+    text = lessons.history_summary(history)
+    assert "0.800 at epoch 2 of 3" in text and "a gap of +0.300" in text and "overfitting" in text
+    assert "12 s on cpu, 3.0 s of it for the feature cache" in text
+    history.attrs.update(stopped_early=True)
+    assert "no improvement for 2 epochs" in lessons.history_summary(history, patience=2)
+
+
+def test_training_step_speed_measures_every_layout_side_by_side():
+    table = lessons.training_step_speed("efficientnet_lite0", "cpu", image_size=32, batch_size=2, steps=1)
+    assert list(table["channels_last"]) == [False, True] and (table["images_per_second"] > 0).all()
+    assert table.loc[0, "speedup"] == 1.0
