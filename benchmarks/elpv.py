@@ -11,8 +11,9 @@ Test metrics are reported twice: plain (one view per cell) and with flip test-ti
 (`predict(..., tta="hvflip")`: the softmax averaged over the cell and its two mirror images). The
 plain figure is the headline; TTA is a separate, clearly named column.
 
-Each run writes runs/benchmarks/<task>_<backbone>_<strategy>_<size>px[_ema]_seed<N>/ (checkpoints, history,
-result.json). Results go into benchmarks/RESULTS.md by hand, with the command that made them.
+Each run writes runs/benchmarks/<task>_<backbone>_<strategy>_<size>px_<epochs>ep[_ema][_balanced][_lpft]_seed<N>/
+(checkpoints, history, result.json) and refuses a folder that already holds a run unless --overwrite.
+Results go into benchmarks/RESULTS.md by hand, with the command that made them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from helpers import workbook
 from helpers.checkpoint import checkpoint_preprocessing, model_from_checkpoint
 from helpers.data import ELPV_TASKS, ImageDataset
 from helpers.evaluation import compute_metrics, predict
+from helpers.files import write_json
 from helpers.freezing import STRATEGIES, apply_strategy
 from helpers.models import create_model
 from helpers.probe import fit_probe, install_probe, pooled_features
@@ -80,9 +82,23 @@ def score_test_split(model: torch.nn.Module, test: ImageDataset, probability: pd
     return result
 
 
+def run_folder(out_root: Path, name: str, overwrite: bool) -> Path:
+    """``out_root / name``, refusing to train into a folder that already holds a run unless ``overwrite``: a
+    finished run's checkpoints and result.json are the evidence behind a row of RESULTS.md."""
+    out = out_root / name
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
+                              f"pass --overwrite to replace it, or --out another folder")
+    return out
+
+
 def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: int, epochs: int, lr: float,
         batch_size: int, augment: str, label_smoothing: float, layer_decay: float, ema_decay: float | None,
-        out_root: Path, device: str | None, class_weights: str | None = None, from_probe: bool = False) -> dict:
+        out_root: Path, device: str | None, class_weights: str | None = None, from_probe: bool = False,
+        overwrite: bool = False) -> dict:
+    tags = "".join(tag for tag, on in (("_ema", ema_decay), ("_balanced", class_weights), ("_lpft", from_probe)) if on)
+    out = run_folder(out_root, f"{task}_{backbone}_{strategy}_{image_size}px_{epochs}ep{tags}_seed{seed}", overwrite)
     params, splits, classes = elpv_splits(task, seed, device)
     root = params.data_root
 
@@ -96,8 +112,6 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
     test = ImageDataset(root, splits["test"], group_col="group", classes=classes, transform=ev)
 
     metric = "macro_f1" if task == "4class" else "accuracy"
-    tags = "".join(tag for tag, on in (("_ema", ema_decay), ("_balanced", class_weights), ("_lpft", from_probe)) if on)
-    out = out_root / f"{task}_{backbone}_{strategy}_{image_size}px{tags}_seed{seed}"
     started = time.perf_counter()
     probe_C = None
     if from_probe:  # the two-phase recipe: the head starts as the linear probe on the frozen features
@@ -123,7 +137,7 @@ def run(task: str, seed: int, backbone: str, strategy: str, n: int, image_size: 
         "best_val": float(history.attrs["best_score"]), "train_seconds": round(train_seconds, 1),
         "device": str(pick_device(device)), "torch_threads": torch.get_num_threads(),
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "result.json", result)
     return result
 
 
@@ -141,7 +155,7 @@ def evaluate(run_dir: Path, device: str | None) -> dict:
     test = ImageDataset(params.data_root, splits["test"], group_col="group", classes=classes, transform=ev)
     result.update(score_test_split(model, test, splits["test"].set_index("file")["probability"], result["task"],
                                    device))
-    result_path.write_text(json.dumps(result, indent=2))
+    write_json(result_path, result)
     return result
 
 
@@ -196,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="mean +- std of finished runs' result.json (e.g. one per seed), train nothing")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--overwrite", action="store_true", help="train into a run folder that already holds a run")
     parser.add_argument("--evaluate", type=Path, metavar="RUN_DIR", help="re-score a finished run, train nothing")
     args = parser.parse_args(argv)
     tune_cpu()
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         result = run(args.task, seed, args.backbone, args.strategy, args.n, args.image_size, args.epochs, args.lr,
                      args.batch_size, args.augment, args.label_smoothing, args.layer_decay, args.ema_decay,
-                     args.out, args.device, args.class_weights, args.from_probe)
+                     args.out, args.device, args.class_weights, args.from_probe, args.overwrite)
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) > 1:

@@ -161,16 +161,18 @@ _FOLD_PROBES: dict[tuple, Probe] = {}
 
 
 def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, device, seed: int,
-                      budget: Budget, crop_pct: float | None, metric: str) -> Probe:
+                      budget: Budget, crop_pct: float | None, metric: str) -> tuple[Probe, bool]:
+    """The fold's phase-1 probe, installed in ``model``; and whether it was reused (fitted for an earlier
+    candidate, whose time it was counted in)."""
     if strategy == "truncate":  # another architecture: its own features
-        return phase_one(model, train, device, seed, metric)
+        return phase_one(model, train, device, seed, metric), False
     key = (model.spec.name, tuple(train.files), budget.image_size, crop_pct, seed, metric)
-    if key not in _FOLD_PROBES:
-        _FOLD_PROBES.clear()  # one fold at a time: keep memory flat
-        _FOLD_PROBES[key] = phase_one(model, train, device, seed, metric)
-    else:
+    if key in _FOLD_PROBES:
         install_probe(model, _FOLD_PROBES[key])
-    return _FOLD_PROBES[key]
+        return _FOLD_PROBES[key], True
+    _FOLD_PROBES.clear()  # one fold at a time: keep memory flat
+    _FOLD_PROBES[key] = phase_one(model, train, device, seed, metric)
+    return _FOLD_PROBES[key], False
 
 
 def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budget: Budget, seed: int, device,
@@ -192,7 +194,10 @@ def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budg
 def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, score_part: pd.DataFrame,
                        classes: list[str], root: Path, budget: Budget, crop_pct: float | None, seed: int,
                        device, metric: str = "accuracy") -> dict:
-    """Train ``strategy`` on one fold with the two-phase recipe; its validation score and predictions."""
+    """Train ``strategy`` on one fold with the two-phase recipe; its validation score and predictions.
+
+    ``seconds`` is what the strategy costs on its own: a phase-1 probe shared with an earlier candidate
+    counts in full for each one that uses it, so the column does not depend on the order they ran in."""
     from .evaluation import predict
 
     started = time.perf_counter()
@@ -200,15 +205,17 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     model = build_model(backbone, len(classes), strategy)
     fit_part = _subsample(fit_part, budget.max_train, seed)
     plain, augmented, val = _datasets(root, fit_part, score_part, classes, model, budget, crop_pct)
+    shared_seconds = 0.0
     if strategy != CONTROL:
-        _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct, metric)
+        probe, reused = _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct, metric)
+        shared_seconds = probe.seconds if reused else 0.0
     if trains_beyond_classifier(model):
         phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric)
     pred = predict(model, val, device=device)
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started + shared_seconds}
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:

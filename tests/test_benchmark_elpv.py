@@ -50,3 +50,11 @@ def test_summarize_names_a_folder_without_results(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         elpv.main(["--summarize", str(tmp_path / "empty")])
+
+
+def test_a_new_run_refuses_a_folder_that_holds_a_finished_one(tmp_path):
+    held = _write(tmp_path / "binary_efficientnet_lite0_full_224px_15ep_seed0")
+    with pytest.raises(FileExistsError, match="already holds a run.*result.json.*--overwrite"):
+        elpv.run_folder(tmp_path, held.name, overwrite=False)
+    assert elpv.run_folder(tmp_path, held.name, overwrite=True) == held
+    assert elpv.run_folder(tmp_path, "new_run", overwrite=False) == tmp_path / "new_run"

@@ -263,3 +263,18 @@ def test_notebook_01_picks_the_backbone_by_flops_not_by_a_latency_a_busy_machine
     assert choose_backbone(ranking, costs, metric="accuracy") == "efficientnet_lite0"
     ranking.loc[1, "accuracy"] = 0.60  # lite0 now clearly behind: the best one within 2 points wins
     assert choose_backbone(ranking, costs, metric="accuracy") == "efficientnet_lite2"
+
+
+def test_a_candidate_that_reuses_the_folds_probe_is_charged_its_time(tiny_root, tiny_splits):
+    """The seconds column is each strategy's own cost, whichever candidate happened to fit the shared probe."""
+    train, val = tiny_splits["train"], tiny_splits["val"]
+    classes = sorted(train["label"].unique())
+    budget = selection.Budget(image_size=32, epochs=1, batch_size=8)
+    selection._FOLD_PROBES.clear()
+    first = selection.evaluate_candidate("head", "efficientnet_lite0", train, val, classes, tiny_root, budget,
+                                         None, 0, "cpu")
+    (probe,) = selection._FOLD_PROBES.values()
+    again = selection.evaluate_candidate("head", "efficientnet_lite0", train, val, classes, tiny_root, budget,
+                                         None, 0, "cpu")
+    assert first["score"] == again["score"]
+    assert again["seconds"] >= probe.seconds > 0 and first["seconds"] >= probe.seconds
