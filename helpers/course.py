@@ -40,9 +40,12 @@ def parse_value(text: str, key: str | None = None) -> object:
     """A command-line value as Python: None, bool, int, float, else the string itself.
 
     Paths and column names (`TEXT_PARAMETERS`) stay text, so ``-p data_root 2024`` is the
-    folder 2024 and ``-p label_col 1e3`` the column "1e3".
+    folder 2024 and ``-p label_col 1e3`` the column "1e3"; ``-p augment none`` is the recipe "none"
+    (``null`` gives None, the default).
     """
     lowered = text.strip().lower()
+    if key == "augment" and lowered == "none":
+        return "none"  # the recipe without augmentation, not None (None picks the recipe from the data)
     if lowered in ("none", "null"):
         return None
     if key in TEXT_PARAMETERS:

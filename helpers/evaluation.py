@@ -12,17 +12,18 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``test_accuracy``, ``test_balanced_accuracy``, ``test_macro_f1``: on the held-out test split;
 - ``test_roc_auc``: binary: AUC of the last (positive) class; multi-class: one-vs-rest macro;
   None when the test split lacks a class;
-- ``baseline_majority``: test accuracy of always answering the most frequent training class;
-  ``baseline_probe`` (and ``_balanced_accuracy``): the linear probe on the frozen backbone (logistic
-  regression, C by cross-validation on train) on test; ``baseline_scratch_val`` and
-  ``pretrained_val_same_budget``: the from-scratch control and the best pretrained strategy on
-  validation under notebook 03's budget (None when not run); ``final_model``: "fine-tuned" or "probe";
+- ``baseline_majority`` (and ``_macro_f1``): test accuracy (macro-F1) of always answering the most
+  frequent training class; ``baseline_probe`` (and ``_balanced_accuracy``, ``_macro_f1``): the linear
+  probe on the frozen backbone (logistic regression, C by cross-validation on train) on test;
+  ``baseline_scratch_val`` and ``pretrained_val_same_budget``: the from-scratch control and the best
+  pretrained strategy on validation under notebook 03's budget, in ``selection_metric`` (accuracy, or
+  macro-F1 for ELPV's four classes; all three None when not run); ``final_model``: "fine-tuned" or "probe";
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
   after temperature scaling; ``temperature``: T fitted on the validation split;
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
-  flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run;
+  flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (``augment="none"``);
 - ``backbone``, ``strategy``, ``image_size``, ``epochs``, ``train_seconds``, ``task``,
   ``classes``, ``n_test``: what was trained, how long, on which task.
 """
@@ -49,8 +50,9 @@ from .runtime import amp_dtype, autocast, make_loader, pick_device, to_device
 TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra views: flips of these dims
 
 METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "baseline_majority",
-                "baseline_probe", "baseline_probe_balanced_accuracy", "baseline_scratch_val",
-                "pretrained_val_same_budget", "final_model", "per_group",
+                "baseline_majority_macro_f1", "baseline_probe", "baseline_probe_balanced_accuracy",
+                "baseline_probe_macro_f1", "baseline_scratch_val", "pretrained_val_same_budget", "selection_metric",
+                "final_model", "per_group",
                 "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "tta", "backbone",
                 "strategy", "image_size", "epochs", "train_seconds", "task", "classes", "n_test")
 
@@ -600,10 +602,13 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "test_macro_f1": m["macro_f1"],
         "test_roc_auc": m["roc_auc"],
         "baseline_majority": (baselines.get("majority") or {}).get("accuracy"),
+        "baseline_majority_macro_f1": (baselines.get("majority") or {}).get("macro_f1"),
         "baseline_probe": (baselines.get("probe") or {}).get("accuracy"),
         "baseline_probe_balanced_accuracy": (baselines.get("probe") or {}).get("balanced_accuracy"),
+        "baseline_probe_macro_f1": (baselines.get("probe") or {}).get("macro_f1"),
         "baseline_scratch_val": scratch.get("score"),
         "pretrained_val_same_budget": scratch.get("pretrained_score"),
+        "selection_metric": scratch.get("metric"),
         "final_model": final,
         "per_group": m["per_group"],
         "per_class": m["per_class"],

@@ -413,8 +413,9 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
 
 def training_step_speed(backbone: str, device, image_size: int, batch_size: int, steps: int = 3) -> pd.DataFrame:
     """Images per second of full training steps (forward, backward, AdamW) for each precision and memory
-    layout this device supports. The settings take turns, one step each per round after a warm-up step each,
-    so a busy machine slows them alike; each figure is the median of its ``steps`` timed steps."""
+    layout this device supports; each figure is the median of ``steps`` timed steps after a warm-up step.
+    On a CPU, which other programs share, the settings take turns, one step each per round, so a busy
+    machine slows them alike; on a GPU they run one after the other, one model in memory at a time."""
     import statistics
 
     from .runtime import amp_dtype, training_step_seconds
@@ -424,24 +425,36 @@ def training_step_speed(backbone: str, device, image_size: int, batch_size: int,
                                     if amp_dtype(device) is not None else [])
     if device.type == "cuda" and amp_dtype(device) == torch.bfloat16:
         settings.append(("float16", torch.float16))
-    runs = []
-    for name, dtype in settings:
-        for channels_last in (False, True):
-            torch.manual_seed(0)
-            model = create_model(backbone, 2, pretrained=False).to(device).train()
-            layout = torch.channels_last if channels_last else torch.contiguous_format
-            model.to(memory_format=layout)
-            x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
-            y = torch.randint(0, 2, (batch_size,), device=device)
-            step = (model, x, y, device, dtype, torch.optim.AdamW(model.parameters(), lr=1e-4),
-                    torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-            training_step_seconds(*step)  # warm-up: allocations, kernel choice, the optimizer's state
-            runs.append({"precision": name, "channels_last": channels_last, "step": step, "times": []})
-    for _ in range(steps):
-        for run in runs:
-            run["times"].append(training_step_seconds(*run["step"]))
-    table = pd.DataFrame([{"precision": run["precision"], "channels_last": run["channels_last"],
-                           "images_per_second": batch_size / statistics.median(run["times"])} for run in runs])
+    settings = [(name, dtype, channels_last) for name, dtype in settings for channels_last in (False, True)]
+
+    def prepared(dtype, channels_last):
+        torch.manual_seed(0)
+        model = create_model(backbone, 2, pretrained=False).to(device).train()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=layout)
+        x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
+        y = torch.randint(0, 2, (batch_size,), device=device)
+        step = (model, x, y, device, dtype, torch.optim.AdamW(model.parameters(), lr=1e-4),
+                torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+        training_step_seconds(*step)  # warm-up: allocations, kernel choice, the optimizer's state
+        return step
+
+    times: dict[int, list[float]] = {i: [] for i in range(len(settings))}
+    if device.type == "cpu":
+        steps_by_setting = [prepared(dtype, channels_last) for _, dtype, channels_last in settings]
+        for _ in range(steps):
+            for i, step in enumerate(steps_by_setting):
+                times[i].append(training_step_seconds(*step))
+    else:
+        for i, (_, dtype, channels_last) in enumerate(settings):
+            step = prepared(dtype, channels_last)
+            times[i] = [training_step_seconds(*step) for _ in range(steps)]
+            del step
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    table = pd.DataFrame([{"precision": name, "channels_last": channels_last,
+                           "images_per_second": batch_size / statistics.median(times[i])}
+                          for i, (name, _, channels_last) in enumerate(settings)])
     table["speedup"] = table["images_per_second"] / table.loc[0, "images_per_second"]
     return table.round({"images_per_second": 1, "speedup": 2})
 
@@ -458,7 +471,9 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
             + (f" (stopped early: no improvement for {patience} epochs)" if attrs.get("stopped_early") else "")
             + f". At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
               f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}"
-            + (", a sign of overfitting that the best checkpoint guards against." if gap > 0.05 else ".")
+            + (", a sign of overfitting that the best checkpoint guards against." if gap > 0.05 else
+               ": training accuracy, averaged over the epoch while the weights still change and with dropout on, "
+               "trails validation, so there is no overfitting yet." if gap < -0.05 else ".")
             + (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}" if "train_seconds" in attrs
                else "")
             + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached") else "."))

@@ -102,7 +102,8 @@ def protocol(n_val: int, min_holdout: int = MIN_HOLDOUT, folds: int = 3) -> dict
                    f"train + validation instead of one noisy split"}
 
 
-def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict, seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
+               seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
     """(fit part, score part) per fold: the given split, or stratified folds of train + val."""
     if plan["name"] == "holdout":
         return [(train, val)]

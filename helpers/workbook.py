@@ -597,8 +597,9 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"goes to the cheaper model: the course keeps the probe as the final model.")
     else:
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
-                       f"probe's {probe:.3f}: the course keeps the probe (a classifier on the frozen backbone) as "
-                       f"the final model rather than ship something worse than its own baseline.")
+                       f"probe's {probe:.3f} (two standard errors of the difference on these {scores['n']} images: "
+                       f"±{noise:.3f}): the course keeps the probe (a classifier on the frozen backbone) as the final "
+                       f"model rather than ship something worse than its own baseline.")
     info = {"model": "fine-tuned" if use_candidate else "probe", "metric": metric, "val_probe": probe,
             "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"], "explanation": explanation,
             "epochs": int(epochs), "train_seconds": round(train_seconds, 2), "finished": True}
@@ -633,7 +634,7 @@ def baselines(params: Params, sets: dict, device=None) -> dict:
     if "scratch" in by_name:
         pretrained = max(row["score"] for name, row in by_name.items() if name != "scratch")
         out["scratch"] = {"score": by_name["scratch"]["score"], "pretrained_score": pretrained,
-                          "split": "validation (notebook 03's budget)"}
+                          "split": "validation (notebook 03's budget)", "metric": selection_metric(params)}
     return out
 
 

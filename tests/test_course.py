@@ -12,6 +12,11 @@ from helpers import course, workbook
 from helpers.notebook_cells import output_problems
 
 
+def test_augment_none_is_the_recipe_not_the_default():
+    assert course.parse_value("none", "augment") == "none" and course.parse_value("null", "augment") is None
+    assert course.parse_value("none", "strategy") is None
+
+
 def test_parse_value_types():
     assert course.parse_value("3") == 3 and isinstance(course.parse_value("3"), int)
     assert course.parse_value("0.001") == pytest.approx(0.001)

@@ -328,6 +328,15 @@ def test_summarize_run_and_write_json(tmp_path):
     assert summary["image_size"] == 224
     assert summary["task"] == "binary" and summary["epochs"] == 3 and summary["n_test"] == 4
     assert summary["per_group"]["mono"]["n"] == 2
+    assert summary["baseline_majority"] is None and summary["selection_metric"] is None  # no baselines given
+    baselines = {"majority": {"class": "functional", "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.33},
+                 "probe": {"accuracy": 0.75, "balanced_accuracy": 0.7, "macro_f1": 0.72},
+                 "scratch": {"score": 0.4, "pretrained_score": 0.6, "metric": "macro_f1"}}
+    with_baselines = ev.summarize_run(pred, BINARY, ckpt, fit_summary, ece=0.1, ece_after=0.05, temperature=1.5,
+                                      baselines=baselines, final="probe")
+    assert with_baselines["baseline_majority_macro_f1"] == 0.33 and with_baselines["baseline_probe_macro_f1"] == 0.72
+    assert with_baselines["baseline_scratch_val"] == 0.4 and with_baselines["selection_metric"] == "macro_f1"
+    assert with_baselines["tta"] is None and with_baselines["tta_accuracy"] is None
     path = write_json(tmp_path / "run" / "metrics.json", summary)
     assert json.loads(path.read_text()) == json.loads(json.dumps(summary))
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left

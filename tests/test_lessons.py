@@ -59,3 +59,10 @@ def test_training_step_speed_measures_every_layout_side_by_side():
     table = lessons.training_step_speed("efficientnet_lite0", "cpu", image_size=32, batch_size=2, steps=1)
     assert list(table["channels_last"]) == [False, True] and (table["images_per_second"] > 0).all()
     assert table.loc[0, "speedup"] == 1.0
+
+
+def test_history_summary_explains_a_training_score_below_validation():
+    history = pd.DataFrame({"epoch": [1, 2], "train_accuracy": [0.35, 0.5], "val_accuracy": [0.5, 0.75],
+                            "train_loss": [2.1, 1.5], "val_loss": [1.1, 0.8]})
+    text = lessons.history_summary(history)
+    assert "a gap of -0.250" in text and "no overfitting yet" in text and "overfitting that" not in text
