@@ -1,8 +1,8 @@
 """Bring your own data: the course's default run on datasets it was not tuned on, beside its baselines.
 
 Each dataset runs the whole course (notebooks 01 -> 05, all defaults, only the data and the seed set
-as parameters) for each seed, and one row records the final model's test accuracy beside the
-majority class and the linear probe, which strategy the comparison chose, where the guide's pick
+as parameters) for each seed, and one row records the final model's test accuracy and macro-F1
+beside the majority class's and the linear probe's, which strategy the comparison chose, where the guide's pick
 ranked, and the wall time. ELPV runs through the course's own data; the others are built offline by
 `benchmarks/datasets.py` (class folders under data/byod/).
 
@@ -62,7 +62,11 @@ def notebook_seconds(run: Path) -> float:
     """The wall time papermill recorded for each executed notebook in ``run``, summed."""
     total = 0.0
     for notebook in sorted(run.glob("0[1-5]_*.ipynb")):
-        total += json.loads(notebook.read_text())["metadata"]["papermill"]["duration"]
+        duration = json.loads(notebook.read_text())["metadata"]["papermill"].get("duration")
+        if duration is None:
+            raise SystemExit(f"{notebook} did not finish (papermill recorded no duration: an interrupted run?); "
+                             f"rerun it with `python benchmarks/byod.py --datasets <name> --seeds <seed>`")
+        total += duration
     return total
 
 
@@ -96,7 +100,11 @@ def row(name: str, seed: int, run: Path, seconds: float) -> dict:
             "final": final["model"], "test_accuracy": metrics["test_accuracy"],
             "probe": metrics["baseline_probe"], "majority": metrics["baseline_majority"],
             "final_minus_probe": metrics["test_accuracy"] - metrics["baseline_probe"],
-            "macro_f1": metrics["test_macro_f1"], "minutes": round(seconds / 60, 1)}
+            "macro_f1": metrics["test_macro_f1"],
+            # runs from before these keys were written show None rather than a number they never measured
+            "probe_macro_f1": metrics.get("baseline_probe_macro_f1"),
+            "majority_macro_f1": metrics.get("baseline_majority_macro_f1"),
+            "minutes": round(seconds / 60, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     out = workbook_root() / "runs" / "byod"
     write_csv(frame, out / "byod.csv")
     print(markdown_table(frame))
-    means = frame.groupby("dataset")[["test_accuracy", "probe", "final_minus_probe", "minutes"]].mean()
+    columns = ["test_accuracy", "probe", "final_minus_probe", "macro_f1", "probe_macro_f1", "minutes"]
+    # to_numeric: a column of older runs' None is object-typed, and a mean over it must give NaN, not fail
+    means = frame[columns].apply(pd.to_numeric).groupby(frame["dataset"]).mean()
     print(markdown_table(means.reset_index()))
     print("command:", "python benchmarks/byod.py " + " ".join(sys.argv[1:] if argv is None else argv))
     return 0

@@ -37,7 +37,8 @@ VARIANTS = [("accuracy", None), ("f1_macro", None), ("accuracy", "balanced"), ("
 def split_features(run: Path, split: str, model, preprocessing, classes: list[str]):
     dataset = json.loads((run / "dataset.json").read_text())
     frame = pd.read_csv(run / f"{split}.csv", dtype=str, keep_default_na=False)
-    data = ImageDataset(dataset["root"], frame, classes=classes, transform=eval_transform(Preprocessing.from_dict(preprocessing)))
+    transform = eval_transform(Preprocessing.from_dict(preprocessing))
+    data = ImageDataset(dataset["root"], frame, classes=classes, transform=transform)
     return pooled_features(model, data, "cpu")
 
 

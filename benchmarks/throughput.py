@@ -51,7 +51,8 @@ def main() -> None:
         name = str(low).replace("torch.", "")
         settings += [(name, low, False), (name, low, True)]
 
-    print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if cuda else f", {torch.get_num_threads()} threads")
+    where = f" ({torch.cuda.get_device_name()})" if cuda else f", {torch.get_num_threads()} threads"
+    print(f"device {device}" + where
           + f", torch {torch.__version__}, batch {batch}, {steps} timed steps")
     rows = []
     for size in args.sizes:

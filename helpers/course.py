@@ -210,7 +210,7 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
         raise ValueError(f"grid combinations share run folders {clashes}; make their values distinct")
     out = run_folder(name, overwrite=overwrite)  # checked before hours of runs, not after
     rows = []
-    for combo, sub in zip(grid, names):
+    for combo, sub in zip(grid, names, strict=True):
         run = run_course(sub, {**parameters, **combo}, smoke, notebooks, overwrite=overwrite)
         rows.append({"run": Path(sub).name, **combo, **read_metrics(run)})
     frame = pd.DataFrame(rows)

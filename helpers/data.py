@@ -253,7 +253,7 @@ def _same_file_twice(files: pd.Series, paths: list[Path]) -> list[str]:
     """Groups of listed names that are the same file (``img/a.png``, ``./img/a.png``,
     ``img/../img/a.png`` or a link to it), as ``'a' = 'b'`` strings."""
     seen: dict[Path, list[str]] = {}
-    for name, path in zip(files, paths):
+    for name, path in zip(files, paths, strict=True):
         seen.setdefault(path.resolve(), []).append(name)
     return [" = ".join(repr(n) for n in names) for names in seen.values() if len(names) > 1]
 
@@ -325,14 +325,14 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
                          f"with ..): {outside[:10]}; set data_root to a folder that holds every image, or "
                          f"pass allow_outside_root=True")
     paths = [root / f for f in out["file"]]
-    missing = [f for f, p in zip(out["file"], paths) if not p.is_file()]
+    missing = [f for f, p in zip(out["file"], paths, strict=True) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}")
     aliases = _same_file_twice(out["file"], paths)
     if aliases:
         raise ValueError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
                          f"of the same path (they would leak between splits): {aliases[:10]}")
-    empty = [f for f, p in zip(out["file"], paths) if check_empty and p.stat().st_size == 0]
+    empty = [f for f, p in zip(out["file"], paths, strict=True) if check_empty and p.stat().st_size == 0]
     if empty:
         raise ImageReadError(f"{source}: {len(empty)} empty file(s) (0 bytes) under {root}: {empty[:10]}")
     return out

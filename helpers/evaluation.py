@@ -438,7 +438,9 @@ def plot_mistakes(pred: pd.DataFrame, dataset, k: int = 12) -> Figure:
         ax.text(0.5, 0.5, f"no mistakes among {len(pred)} images", ha="center", va="center")
         return fig
     fig, axes = _grid(len(mistakes))
-    for ax, pos, (_, row) in zip(axes, _dataset_positions(dataset, mistakes["file"]), mistakes.iterrows()):
+    # the grid may hold more axes than images (a last row part-filled): zip stops at the images
+    for ax, pos, (_, row) in zip(axes, _dataset_positions(dataset, mistakes["file"]), mistakes.iterrows(),
+                                 strict=False):
         ax.imshow(dataset.load(pos).permute(1, 2, 0).numpy())
         ax.set_title(f"{Path(row['file']).name}\ntrue {row['true']} / pred {row['pred']}\n"
                      f"p = {row['confidence']:.2f}", fontsize=8)
@@ -525,7 +527,7 @@ def gradcam_overlays(model: nn.Module, dataset, indices: Sequence[int], target_c
     images, cams, probs = gradcam_maps(model, dataset, indices, target_class, target_layer, device)
     classes = list(dataset.classes)
     fig, axes = _grid(len(indices))
-    for ax, i, image, heat, p in zip(axes, indices, images, cams, probs):
+    for ax, i, image, heat, p in zip(axes, indices, images, cams, probs, strict=False):  # spare axes stay blank
         ax.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
         true = dataset.frame["label"].iat[i]
         ax.set_title(f"true {true}\npred {classes[int(p.argmax())]} ({p.max():.2f})", fontsize=8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -281,7 +282,7 @@ def plot_pipeline(image: torch.Tensor, spec, image_size: int, crop_pct: float | 
     steps = [s for s in steps if s[0] != "ToDtype"]
     fig, axes = plt.subplots(1, len(steps), figsize=(2.6 * len(steps), 2.9))
     mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
-    for ax, (name, x) in zip(axes, steps):
+    for ax, (name, x) in zip(axes, steps, strict=True):
         shown = x * std + mean if name == "Normalize" else x.float() / 255
         ax.imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
         extra = f"\nvalues in [{x.min():.2f}, {x.max():.2f}]" if name == "Normalize" else ""
@@ -305,6 +306,120 @@ def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0
     fig.suptitle(f"{n} random training views ({getattr(transform, 'augment', 'augmented')} recipe)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+# Mirror images a recipe trains on (and notebook 05's flip test-time augmentation averages over), as the
+# tensor dimensions they reverse; `helpers.transforms.TTA_FLIPS` names them per recipe.
+MIRRORS = {"horizontal mirror": (-1,), "vertical mirror": (-2,)}
+_RECIPE_MIRRORS = {"hvflip": ["horizontal mirror", "vertical mirror"], "hflip": ["horizontal mirror"]}
+
+
+def recipe_mirrors(recipe: str) -> list[str]:
+    """The mirrors augmentation ``recipe`` uses; for a recipe without flips ("none"), the horizontal mirror,
+    the one "natural" would add, so the check says whether that recipe would be safe."""
+    from .transforms import TTA_FLIPS
+
+    return _RECIPE_MIRRORS.get(TTA_FLIPS[recipe], ["horizontal mirror"])
+
+
+class Mirrored(torch.utils.data.Dataset):
+    """``dataset`` with every image tensor reversed along ``dims`` (after its transform)."""
+
+    def __init__(self, dataset, dims: tuple[int, ...]):
+        self.dataset, self.dims = dataset, dims
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, y = self.dataset[index]
+        return x.flip(self.dims), y
+
+
+def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], max_train: int = 400,
+                 seed: int = 0, device=None) -> pd.DataFrame:
+    """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone, for each of
+    the three ways the course uses a mirror, on the validation images.
+
+    The probe is fitted on the features of (at most ``max_train``) training images as stored, and scored
+    on the validation images (row ``as stored``, the reference). Then, per mirror:
+    - ``scored on mirrors``: the same probe answers for the mirrored validation images. A drop means the
+      mirror looks like another class to this backbone (a "2" mirrored, a vertically flipped photo);
+    - ``averaged at test``: the probabilities for each image and its mirror, averaged (notebook 05's
+      test-time augmentation);
+    - ``trained on mirrors``: a probe with the same C fitted on the training images *and* their mirrors,
+      scored on the validation images as stored (what augmentation does to training).
+    ``harmless`` is False where the accuracy falls by more than two paired standard errors (``margin``) below
+    the reference. A drop within the margin is no evidence either way on few images.
+    """
+    from sklearn.base import clone
+    from sklearn.exceptions import ConvergenceWarning
+
+    from .probe import fit_probe, pooled_features
+    from .selection import TIE_SE, paired_se
+
+    unknown = [m for m in mirrors if m not in MIRRORS]
+    if unknown:
+        raise ValueError(f"unknown mirror(s) {unknown}; choose from {list(MIRRORS)}")
+    few = subset(train_set, max_train, seed)
+    train_features, train_targets = pooled_features(model, few, device)
+    probe = fit_probe(train_features, train_targets, seed=seed)
+    val_features, targets = pooled_features(model, val_set, device)
+    classes = probe.pipeline.classes_
+    reference = probe.predict(val_features)
+    rows = [{"mirror": "none", "use": "as stored", "accuracy": float((reference == targets).mean()),
+             "difference": 0.0, "margin": 0.0, "changed_answers": 0, "harmless": True}]
+    for name in mirrors:
+        mirrored_val = pooled_features(model, Mirrored(val_set, MIRRORS[name]), device)[0]
+        mirrored_train = pooled_features(model, Mirrored(few, MIRRORS[name]), device)[0]
+        averaged = probe.pipeline.predict_proba(val_features) + probe.pipeline.predict_proba(mirrored_val)
+        with warnings.catch_warnings():  # as in fit_probe: strong regularization converges slowly, harmlessly
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            augmented = clone(probe.pipeline).fit(np.concatenate([train_features, mirrored_train]),
+                                                   np.concatenate([train_targets, train_targets]))
+        for use, pred in (("scored on mirrors", probe.predict(mirrored_val)),
+                          ("averaged at test", classes[averaged.argmax(1)]),
+                          ("trained on mirrors", augmented.predict(val_features))):
+            correct, reference_correct = pred == targets, reference == targets
+            difference = float(correct.mean() - reference_correct.mean())
+            margin = TIE_SE * paired_se(correct, reference_correct)
+            rows.append({"mirror": name, "use": use, "accuracy": float(correct.mean()), "difference": difference,
+                         "margin": margin, "changed_answers": int((pred != reference).sum()),
+                         "harmless": bool(difference >= -margin)})
+    return pd.DataFrame(rows)
+
+
+def mirror_conflicts(check: pd.DataFrame, recipe: str) -> list[str]:
+    """The mirrors ``recipe`` uses for which some use in `mirror_check`'s table lost accuracy beyond the noise."""
+    uses = recipe_mirrors(recipe) if recipe != "none" else []
+    harmful = set(check.loc[~check["harmless"], "mirror"])
+    return [mirror for mirror in uses if mirror in harmful]
+
+
+def mirror_advice(check: pd.DataFrame, recipe: str, images: int) -> str:
+    """What `mirror_check`'s table means for the augmentation ``recipe`` (markdown, from its numbers)."""
+    reference = check.iloc[0]["accuracy"]
+    lines = [f"As stored, the probe scores {reference:.3f} on {images} validation images."]
+    for mirror, rows in check.iloc[1:].groupby("mirror", sort=False):
+        scores = "; ".join(f"{row['use']} {row['accuracy']:.3f} " + (
+            f"({row['difference']:+.3f}, noise ±{row['margin']:.3f})" if row["changed_answers"] else
+            "(no answer changed)") for _, row in rows.iterrows())
+        verdict = ("**it loses accuracy beyond the noise**" if not rows["harmless"].all() else
+                   "no loss beyond the noise")
+        lines.append(f"- **{mirror}**: {scores}: {verdict}.")
+    conflicts = mirror_conflicts(check, recipe)
+    harmful = sorted(set(check.loc[~check["harmless"], "mirror"]))
+    if conflicts:
+        advice = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over it "
+                  f"at test time: set `augment = \"none\"` and rerun from this notebook.")
+    elif harmful:
+        advice = f"`augment = \"{recipe}\"` does not use the {' and '.join(harmful)}: keep it."
+    elif recipe == "none":
+        advice = ("The horizontal mirror lost nothing beyond the noise: `augment = \"natural\"` (which adds it) "
+                  "may suit these images, if the rest of that recipe does.")
+    else:
+        advice = f"Nothing here argues against the `{recipe}` recipe's mirrors."
+    return "\n".join(lines + ["", advice])
 
 
 # ----------------------------------------------------------------------------------------
@@ -511,7 +626,7 @@ def plot_baselines(table: pd.DataFrame, metric: str = "accuracy") -> plt.Figure:
     values = table[metric].astype(float)
     bars = ax.barh(table["model"], values, color=["grey", "seagreen", *(["lightgrey"] * (len(table) - 3)),
                                                   "steelblue"][:len(table)])
-    for bar, split in zip(bars, table["split"]):
+    for bar, split in zip(bars, table["split"], strict=True):
         if split != "test":
             bar.set_hatch("//")
     for y, v in enumerate(values):

@@ -252,8 +252,8 @@ def _groups_timm_efficientnet(m: nn.Module) -> "OrderedDict[str, nn.Module]":
 
 
 def _groups_resnet(m: nn.Module) -> "OrderedDict[str, nn.Module]":
-    act = getattr(m, "relu", None) or getattr(m, "act1")
-    pool = getattr(m, "avgpool", None) or getattr(m, "global_pool")
+    act = getattr(m, "relu", None) or m.act1
+    pool = getattr(m, "avgpool", None) or m.global_pool
     groups = OrderedDict(stem=nn.Sequential(m.conv1, m.bn1, act, m.maxpool))
     for i in range(1, 5):
         groups[f"stage{i}"] = getattr(m, f"layer{i}")

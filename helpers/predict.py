@@ -51,7 +51,7 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     return images
 
 
-def load_model(path: Path, device: torch.device = torch.device("cpu"),
+def load_model(path: Path, device: torch.device | str = "cpu",
                trust_export: bool = False) -> tuple[torch.nn.Module, dict]:
     """(module on ``device`` returning probabilities for [0, 1] input, meta with ``classes`` and
     ``preprocessing``) from an export or a training checkpoint.
@@ -105,14 +105,14 @@ def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], ro
     start = 0
     for x, problems in with_progress(loader, "predicting", enabled=sys.stderr.isatty()):
         probs = model(x.to(device)).float().cpu()
-        for offset, (p, problem) in enumerate(zip(probs, problems)):
+        for offset, (p, problem) in enumerate(zip(probs, problems, strict=True)):
             name = files[start + offset].relative_to(root).as_posix()
             if problem:
                 errors.append(f"{name}: {problem}")
                 continue
             best = int(p.argmax())
             rows.append({"file": name, "predicted": classes[best], "confidence": float(p[best]),
-                         **{f"prob_{c}": float(v) for c, v in zip(classes, p.tolist())}})
+                         **{f"prob_{c}": float(v) for c, v in zip(classes, p.tolist(), strict=True)}})
         start += len(x)
     return pd.DataFrame(rows, columns=["file", "predicted", "confidence", *[f"prob_{c}" for c in classes]]), errors
 

@@ -10,9 +10,10 @@ Takes the notebooks' parameters (``--run-name``, ``--data-root``, ``--labels-csv
 `helpers.workbook.PARAMETERS`), fills the unset ones as notebook 04 does, and trains as it does:
 phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt``, ``history.csv``,
 ``fit.json``), and the floor (``final.pt``, ``final.json``: the fine-tuned model only if it beats the
-probe on validation by more than the noise) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from
-the run folder; without notebook 02's split there, it makes the same split first. An interrupted
-run continues from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
+probe on validation by more than the noise) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``.
+Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from the run folder;
+without notebook 02's split there, it makes the same split first. An interrupted run continues
+from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
 
 Under torchrun, ``--batch-size`` is per process: W processes train with an effective batch of
 W x batch size, and the learning rate is scaled for it (``--lr-scaling``: square root by

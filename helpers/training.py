@@ -218,7 +218,7 @@ def make_criterion(config: TrainConfig, model: TransferModel, train_set: Dataset
     """Cross-entropy with the configured label smoothing and class weights."""
     weights = config.class_weights
     if weights == "balanced":
-        targets = np.asarray(getattr(train_set, "targets"))
+        targets = np.asarray(train_set.targets)
         present = np.unique(targets)
         balanced = np.ones(model.num_classes, dtype=np.float32)
         balanced[present] = compute_class_weight("balanced", classes=present, y=targets)

@@ -80,7 +80,7 @@ def workbook_root() -> Path:
 # What each notebook writes into the run folder (besides figures/ and its executed copy).
 NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "01_analyze_approach": ("decision.json",),
-    "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json"),
+    "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json", "mirror_check.csv"),
     "03_choose_freezing": ("strategy.json",),
     "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json"),
     "05_evaluate": ("metrics.json", "model.pt2", "predictions.csv", "my_images"),
@@ -693,4 +693,5 @@ def fine_tune_settings(params: Params, budget: dict) -> dict:
             "device": params.device, "out_dir": params.run, "metric": budget["metric"], "label_smoothing": 0.1,
             "layer_decay": 0.8, "warmup_epochs": 0.5, "patience": budget["patience"], "cache": budget["cache"],
             "cache_views": budget["cache_views"], "freeze_batchnorm": budget["freeze_batchnorm"],
-            "class_weights": class_weighting(budget["metric"]), "meta": {"task": params.task, "phase": 2}, "resume": interrupted_training(params.run)}
+            "class_weights": class_weighting(budget["metric"]), "meta": {"task": params.task, "phase": 2},
+            "resume": interrupted_training(params.run)}

@@ -121,7 +121,8 @@ def main(root: Path, base: Path) -> None:
     if not finished(base / "cli"):
         status = train_main(["--run-name", str(base / "cli"), "--data-root", str(root), "--labels-csv", "labels.csv",
                              "--group-col", "type", "--backbone", "efficientnet_lite0", "--strategy", "last_n",
-                             "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--device", "cpu",
+                             "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                             "--device", "cpu",
                              "--num-workers", "0", "--no-progress"])
         assert status == 0, f"helpers.train returned {status}"
     if attempt == 0 and ctx.rank == 1:

@@ -118,8 +118,8 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
         assert problems == [], notebook
     dataset = json.loads((run / "dataset.json").read_text())
     assert dataset["classes"] == ["chelsea", "coffee", "rocket"] and dataset["task"] == "custom"
-    assert {"train.csv", "val.csv", "test.csv", "probe.pt", "final.pt", "final.json", "decision.json",
-            "strategy.json"} <= {p.name for p in run.iterdir()}
+    assert {"train.csv", "val.csv", "test.csv", "mirror_check.csv", "probe.pt", "final.pt", "final.json",
+            "decision.json", "strategy.json"} <= {p.name for p in run.iterdir()}
     row = course.read_metrics(run)
     assert 0.0 <= row["test_accuracy"] <= 1.0 and row["image_size"] == 64
     metrics = json.loads((run / "metrics.json").read_text())

@@ -87,7 +87,8 @@ def test_only_rank_0_writes(runs):
     assert [w for w in writes if w["rank"] != 0] == []
     written = {w["path"] for w in writes if w["event"] == "os.rename"}
     assert {"ddp/last.pt", "ddp/best.pt", "ddp/history.csv", "ddp/fit.json", "cli/dataset.json", "cli/train.csv",
-            "cli/probe.pt", "cli/last.pt", "cli/fit.json", "cli/final.pt", "cli/final.json", "killed/last.pt"} <= written
+            "cli/probe.pt", "cli/last.pt", "cli/fit.json", "cli/final.pt", "cli/final.json",
+            "killed/last.pt"} <= written
 
 
 def test_command_line_trains_each_process_on_its_cached_share(runs):

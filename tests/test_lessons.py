@@ -4,8 +4,10 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from helpers import lessons
+from helpers.models import create_model
 
 
 def test_majority_score_uses_the_metric_the_models_are_compared_by():
@@ -66,3 +68,41 @@ def test_history_summary_explains_a_training_score_below_validation():
                             "train_loss": [2.1, 1.5], "val_loss": [1.1, 0.8]})
     text = lessons.history_summary(history)
     assert "a gap of -0.250" in text and "no overfitting yet" in text and "overfitting that" not in text
+
+
+def _half_bright(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    """Class 0: the left half is bright; class 1: the right half. A horizontal mirror swaps the classes, a
+    vertical one keeps them."""
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.2 * torch.randn(n, 3, 64, 64, generator=generator)
+    labels = torch.arange(n) % 2
+    images[labels == 0, :, :, :32] += 2.0
+    images[labels == 1, :, :, 32:] += 2.0
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_that_keeps_it():
+    model = create_model("efficientnet_lite0", 2)
+    check = lessons.mirror_check(model, _half_bright(40, 0), _half_bright(30, 1),
+                                 ["horizontal mirror", "vertical mirror"], device="cpu")
+    assert list(check["use"]) == ["as stored"] + ["scored on mirrors", "averaged at test", "trained on mirrors"] * 2
+    assert check.iloc[0]["accuracy"] > 0.9
+    horizontal = check[check["mirror"] == "horizontal mirror"].set_index("use")
+    vertical = check[check["mirror"] == "vertical mirror"].set_index("use")
+    assert horizontal.loc["scored on mirrors", "accuracy"] < 0.5
+    assert horizontal.loc["scored on mirrors", "changed_answers"] > 15
+    assert not horizontal.loc["scored on mirrors", "harmless"]
+    assert vertical["harmless"].all() and (vertical["accuracy"] > 0.9).all()
+    advice = lessons.mirror_advice(check, "natural", 30)
+    assert 'set `augment = "none"`' in advice and "horizontal mirror" in advice
+    assert lessons.mirror_conflicts(check, "cells") == ["horizontal mirror"]
+    assert lessons.mirror_conflicts(check, "none") == []
+    assert "keep it" in lessons.mirror_advice(check, "none", 30)
+
+
+def test_recipe_mirrors_follow_the_test_time_flips():
+    assert lessons.recipe_mirrors("cells") == ["horizontal mirror", "vertical mirror"]
+    assert lessons.recipe_mirrors("natural") == ["horizontal mirror"]
+    assert lessons.recipe_mirrors("none") == ["horizontal mirror"]  # what "natural" would add
+    with pytest.raises(ValueError, match="unknown mirror"):
+        lessons.mirror_check(None, None, None, ["diagonal"])

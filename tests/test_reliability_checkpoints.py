@@ -58,7 +58,8 @@ def test_checkpoints_describe_the_model_and_its_preprocessing(trained):
 def test_loading_into_a_different_model_names_the_field(trained):
     out, _, _ = trained
     ckpt = load_checkpoint(out / "best.pt")
-    with pytest.raises(ValueError, match=r"backbone is 'efficientnet_lite0' in the checkpoint but 'efficientnet_lite1'"):
+    expected = r"backbone is 'efficientnet_lite0' in the checkpoint but 'efficientnet_lite1'"
+    with pytest.raises(ValueError, match=expected):
         load_weights(create_model("efficientnet_lite1", 2, pretrained=False), ckpt)
     with pytest.raises(ValueError, match=r"num_classes is 2 in the checkpoint but 3"):
         load_weights(create_model("efficientnet_lite0", 3, pretrained=False), out / "best.pt")

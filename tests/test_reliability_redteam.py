@@ -113,7 +113,8 @@ def _booby_trap(export: Path, target: Path, kind: str, marker: Path) -> Path:
         config = json.loads(archive.read(config_name))
     first = next(iter(config["config"].values()))
     first["use_pickle"] = True
-    replace = ({config_name: json.dumps(config).encode(), f"archive/data/weights/{first['path_name']}": payload.getvalue()}
+    replace = ({config_name: json.dumps(config).encode(),
+                f"archive/data/weights/{first['path_name']}": payload.getvalue()}
                if kind == "pickled weight" else {"archive/data/sample_inputs/model.pt": payload.getvalue()})
     return _rewrite_zip(export, target, lambda name, data: replace.get(name))
 

@@ -116,7 +116,7 @@ def test_resume_after_sigkill_mid_epoch_equals_an_uninterrupted_run(tiny_root, t
 
     assert len(full) == 3
     pd.testing.assert_frame_equal(full[COMPARE], resumed[COMPARE])
-    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)  # the best epoch's weights, restored at the end
     last_full, last_resumed = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
     assert last_full["epoch"] == last_resumed["epoch"] == 3

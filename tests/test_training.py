@@ -84,7 +84,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_sets, tmp_p
     resumed = fit(resumed_model, train, val, out_dir=tmp_path / "split", resume=True, **settings)
 
     pd.testing.assert_frame_equal(full[COMPARE], resumed[COMPARE])
-    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 
