@@ -1,9 +1,9 @@
 """Does notebook 02's mirror check tell the data where a flip changes the label from the data where it does not?
 
 On finished course runs (their split and notebook 01's backbone), run `helpers.lessons.mirror_check` with both
-mirrors, as notebook 02 does on a CPU (a probe on at most 400 training images as stored, scored on the
-validation images as stored and mirrored); ``--split test`` scores on the (larger) test split instead, for a
-sharper answer than the course can afford to look at.
+mirrors, as notebook 02 does on a CPU with the run's seed (a probe on at most 400 training images as stored,
+scored on the validation images as stored and mirrored); ``--split test`` scores on the (larger) test split
+instead, for a sharper answer than the course can afford to look at.
 
     python benchmarks/mirror_check.py runs/byod-digits-seed0 runs/byod-photos_small-seed0 runs/byod-elpv_binary-seed0
 """
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         transform = eval_transform(model, model.spec.input_size, 1.0 if dataset["elpv"] else None)
         scored = split_set(run, args.split, classes, transform)
         table = lessons.mirror_check(model, split_set(run, "train", classes, transform), scored,
-                                     list(lessons.MIRRORS), max_train=args.max_train, device="cpu")
+                                     list(lessons.MIRRORS), max_train=args.max_train, seed=dataset["seed"],
+                                     device="cpu")
         table.insert(0, "images", len(scored))
         table.insert(0, "run", run.name)
         rows.append(table)

@@ -336,21 +336,42 @@ class Mirrored(torch.utils.data.Dataset):
         return x.flip(self.dims), y
 
 
+# Below this many validation images a mirror's effect cannot be judged at all.
+MIN_MIRROR_IMAGES = 5
+
+
+def stratified_subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
+    """At most ``n`` items of ``dataset``, every class kept in its share (at least one image of each);
+    a dataset without ``targets`` is sampled at random, as by `subset`."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None or len(dataset) <= n:
+        return subset(dataset, n, seed)
+    targets, rng = np.asarray(targets), np.random.default_rng(seed)
+    picks = []
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        take = max(1, round(n * len(members) / len(targets)))
+        picks.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
+    return torch.utils.data.Subset(dataset, sorted(picks))
+
+
 def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], max_train: int = 400,
                  seed: int = 0, device=None) -> pd.DataFrame:
-    """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone, for each of
-    the three ways the course uses a mirror, on the validation images.
+    """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone.
 
-    The probe is fitted on the features of (at most ``max_train``) training images as stored, and scored
-    on the validation images (row ``as stored``, the reference). Then, per mirror:
-    - ``scored on mirrors``: the same probe answers for the mirrored validation images. A drop means the
-      mirror looks like another class to this backbone (a "2" mirrored, a vertically flipped photo);
-    - ``averaged at test``: the probabilities for each image and its mirror, averaged (notebook 05's
-      test-time augmentation);
-    - ``trained on mirrors``: a probe with the same C fitted on the training images *and* their mirrors,
-      scored on the validation images as stored (what augmentation does to training).
-    ``harmless`` is False where the accuracy falls by more than two paired standard errors (``margin``) below
-    the reference. A drop within the margin is no evidence either way on few images.
+    The probe is fitted on the features of (at most ``max_train``, stratified) training images as stored,
+    and scored on the validation images (row ``as stored``, the reference). Then, per mirror:
+    - ``scored on mirrors`` (a diagnostic): the same probe answers for the mirrored validation images. A
+      loss means the mirror looks like another class to this backbone: the flip changes the label (a "2"),
+      or it makes images unlike the data (an upside-down photo);
+    - ``averaged at test``: each image's probabilities averaged with its mirror's, which approximates
+      notebook 05's test-time augmentation;
+    - ``trained on mirrors``: the probe refitted on the training images *and* their mirrors (C halved, so
+      that doubling the images does not also weaken the regularization), scored on the images as stored:
+      what augmentation does to training.
+    ``loss_beyond_noise`` marks an accuracy below the reference by more than two paired standard errors
+    (``margin``). A loss within the margin is no evidence either way; several rows at two standard errors
+    each also raise the odds of one false alarm, which is why the course advises rather than decides.
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
@@ -361,22 +382,25 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
     unknown = [m for m in mirrors if m not in MIRRORS]
     if unknown:
         raise ValueError(f"unknown mirror(s) {unknown}; choose from {list(MIRRORS)}")
-    few = subset(train_set, max_train, seed)
+    if len(val_set) == 0:
+        raise ValueError("mirror_check needs validation images; the validation split is empty")
+    few = stratified_subset(train_set, max_train, seed)
     train_features, train_targets = pooled_features(model, few, device)
     probe = fit_probe(train_features, train_targets, seed=seed)
     val_features, targets = pooled_features(model, val_set, device)
     classes = probe.pipeline.classes_
     reference = probe.predict(val_features)
     rows = [{"mirror": "none", "use": "as stored", "accuracy": float((reference == targets).mean()),
-             "difference": 0.0, "margin": 0.0, "changed_answers": 0, "harmless": True}]
+             "difference": 0.0, "margin": 0.0, "changed_answers": 0, "loss_beyond_noise": False}]
     for name in mirrors:
         mirrored_val = pooled_features(model, Mirrored(val_set, MIRRORS[name]), device)[0]
         mirrored_train = pooled_features(model, Mirrored(few, MIRRORS[name]), device)[0]
         averaged = probe.pipeline.predict_proba(val_features) + probe.pipeline.predict_proba(mirrored_val)
+        augmented = clone(probe.pipeline).set_params(logisticregression__C=probe.C / 2)
         with warnings.catch_warnings():  # as in fit_probe: strong regularization converges slowly, harmlessly
             warnings.simplefilter("ignore", ConvergenceWarning)
-            augmented = clone(probe.pipeline).fit(np.concatenate([train_features, mirrored_train]),
-                                                   np.concatenate([train_targets, train_targets]))
+            augmented.fit(np.concatenate([train_features, mirrored_train]),
+                          np.concatenate([train_targets, train_targets]))
         for use, pred in (("scored on mirrors", probe.predict(mirrored_val)),
                           ("averaged at test", classes[averaged.argmax(1)]),
                           ("trained on mirrors", augmented.predict(val_features))):
@@ -385,35 +409,45 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
             margin = TIE_SE * paired_se(correct, reference_correct)
             rows.append({"mirror": name, "use": use, "accuracy": float(correct.mean()), "difference": difference,
                          "margin": margin, "changed_answers": int((pred != reference).sum()),
-                         "harmless": bool(difference >= -margin)})
+                         "loss_beyond_noise": bool(len(targets) >= MIN_MIRROR_IMAGES and difference < -margin)})
     return pd.DataFrame(rows)
 
 
 def mirror_conflicts(check: pd.DataFrame, recipe: str) -> list[str]:
-    """The mirrors ``recipe`` uses for which some use in `mirror_check`'s table lost accuracy beyond the noise."""
+    """The mirrors ``recipe`` uses for which some row of `mirror_check`'s table lost accuracy beyond the noise."""
     uses = recipe_mirrors(recipe) if recipe != "none" else []
-    harmful = set(check.loc[~check["harmless"], "mirror"])
-    return [mirror for mirror in uses if mirror in harmful]
+    losing = set(check.loc[check["loss_beyond_noise"], "mirror"])
+    return [mirror for mirror in uses if mirror in losing]
+
+
+def _mirror_score(row: pd.Series) -> str:
+    if not row["changed_answers"]:
+        return f"{row['use']} {row['accuracy']:.3f} (no answer changed)"
+    if row["margin"] == 0:  # every changed answer was wrong before and after
+        return f"{row['use']} {row['accuracy']:.3f} ({row['changed_answers']} answers changed, all wrong either way)"
+    return f"{row['use']} {row['accuracy']:.3f} ({row['difference']:+.3f}, noise ±{row['margin']:.3f})"
 
 
 def mirror_advice(check: pd.DataFrame, recipe: str, images: int) -> str:
     """What `mirror_check`'s table means for the augmentation ``recipe`` (markdown, from its numbers)."""
     reference = check.iloc[0]["accuracy"]
+    if images < MIN_MIRROR_IMAGES:
+        return (f"With {images} validation image(s) a mirror's effect cannot be judged (the check needs at least "
+                f"{MIN_MIRROR_IMAGES}): decide from what your images show.")
     lines = [f"As stored, the probe scores {reference:.3f} on {images} validation images."]
     for mirror, rows in check.iloc[1:].groupby("mirror", sort=False):
-        scores = "; ".join(f"{row['use']} {row['accuracy']:.3f} " + (
-            f"({row['difference']:+.3f}, noise ±{row['margin']:.3f})" if row["changed_answers"] else
-            "(no answer changed)") for _, row in rows.iterrows())
-        verdict = ("**it loses accuracy beyond the noise**" if not rows["harmless"].all() else
+        verdict = ("**it loses accuracy beyond the noise**" if rows["loss_beyond_noise"].any() else
                    "no loss beyond the noise")
-        lines.append(f"- **{mirror}**: {scores}: {verdict}.")
+        lines.append(f"- **{mirror}**: " + "; ".join(_mirror_score(row) for _, row in rows.iterrows())
+                     + f": {verdict}.")
     conflicts = mirror_conflicts(check, recipe)
-    harmful = sorted(set(check.loc[~check["harmless"], "mirror"]))
+    losing = [m for m in MIRRORS if m in set(check.loc[check["loss_beyond_noise"], "mirror"])]
     if conflicts:
-        advice = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over it "
-                  f"at test time: set `augment = \"none\"` and rerun from this notebook.")
-    elif harmful:
-        advice = f"`augment = \"{recipe}\"` does not use the {' and '.join(harmful)}: keep it."
+        them = "it" if len(conflicts) == 1 else "them"
+        advice = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over "
+                  f"{them} at test time: set `augment = \"none\"` and rerun from this notebook.")
+    elif losing:
+        advice = f"`augment = \"{recipe}\"` does not use the {' and '.join(losing)}: keep it."
     elif recipe == "none":
         advice = ("The horizontal mirror lost nothing beyond the noise: `augment = \"natural\"` (which adds it) "
                   "may suit these images, if the rest of that recipe does.")

@@ -91,13 +91,42 @@ def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_th
     vertical = check[check["mirror"] == "vertical mirror"].set_index("use")
     assert horizontal.loc["scored on mirrors", "accuracy"] < 0.5
     assert horizontal.loc["scored on mirrors", "changed_answers"] > 15
-    assert not horizontal.loc["scored on mirrors", "harmless"]
-    assert vertical["harmless"].all() and (vertical["accuracy"] > 0.9).all()
-    advice = lessons.mirror_advice(check, "natural", 30)
-    assert 'set `augment = "none"`' in advice and "horizontal mirror" in advice
+    # training on mirrors labelled as the original teaches the probe contradictions: it must lose too
+    assert horizontal.loc["trained on mirrors", "loss_beyond_noise"]
+    assert horizontal["loss_beyond_noise"].all()
+    assert not vertical["loss_beyond_noise"].any() and (vertical["accuracy"] > 0.9).all()
+    natural = lessons.mirror_advice(check, "natural", 30)
+    assert 'set `augment = "none"`' in natural and "averages over it" in natural
     assert lessons.mirror_conflicts(check, "cells") == ["horizontal mirror"]
     assert lessons.mirror_conflicts(check, "none") == []
     assert "keep it" in lessons.mirror_advice(check, "none", 30)
+    harmless = check[check["mirror"] != "horizontal mirror"]
+    assert 'augment = "natural"` (which adds it) may suit' in lessons.mirror_advice(harmless, "none", 30)
+    assert "Nothing here argues against the `cells`" in lessons.mirror_advice(harmless, "cells", 30)
+    assert "cannot be judged" in lessons.mirror_advice(check, "natural", 3)
+
+
+def test_mirror_check_refuses_an_empty_validation_set_and_judges_nothing_on_a_handful():
+    model = create_model("efficientnet_lite0", 2)
+    with pytest.raises(ValueError, match="validation split is empty"):
+        lessons.mirror_check(model, _half_bright(10, 0), torch.utils.data.Subset(_half_bright(4, 1), []),
+                             ["horizontal mirror"])
+    few = lessons.mirror_check(model, _half_bright(20, 0), _half_bright(3, 1), ["horizontal mirror"])
+    assert not few["loss_beyond_noise"].any()  # 3 images: even a total loss is not evidence
+
+
+def test_stratified_subset_keeps_every_class_in_its_share():
+    class Labelled(torch.utils.data.Dataset):
+        targets = [0] * 90 + [1] * 9 + [2] * 1
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return i, self.targets[i]
+
+    picked = [Labelled.targets[i] for i in lessons.stratified_subset(Labelled(), 20, seed=3).indices]
+    assert sorted(set(picked)) == [0, 1, 2] and picked.count(0) == 18 and picked.count(1) == 2
 
 
 def test_recipe_mirrors_follow_the_test_time_flips():
