@@ -341,8 +341,8 @@ MIN_MIRROR_IMAGES = 5
 
 
 def stratified_subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
-    """At most ``n`` items of ``dataset``, every class kept in its share (at least one image of each);
-    a dataset without ``targets`` is sampled at random, as by `subset`."""
+    """About ``n`` items of ``dataset`` (a few more when rare classes round up), every class kept in its share
+    and present at least once; a dataset without ``targets`` is sampled at random, as by `subset`."""
     targets = getattr(dataset, "targets", None)
     if targets is None or len(dataset) <= n:
         return subset(dataset, n, seed)
@@ -359,7 +359,7 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
                  seed: int = 0, device=None) -> pd.DataFrame:
     """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone.
 
-    The probe is fitted on the features of (at most ``max_train``, stratified) training images as stored,
+    The probe is fitted on the features of (about ``max_train``, stratified) training images as stored,
     and scored on the validation images (row ``as stored``, the reference). Then, per mirror:
     - ``scored on mirrors`` (a diagnostic): the same probe answers for the mirrored validation images. A
       loss means the mirror looks like another class to this backbone: the flip changes the label (a "2"),
