@@ -1,7 +1,7 @@
 """Does notebook 02's mirror check tell the data where a flip changes the label from the data where it does not?
 
 On finished course runs (their split and notebook 01's backbone), run `helpers.lessons.mirror_check` with both
-mirrors, as notebook 02 does on a CPU with the run's seed (a probe on at most 400 training images as stored,
+mirrors, as notebook 02 does on a CPU with the run's seed (a probe on about 400 training images as stored,
 scored on the validation images as stored and mirrored); ``--split test`` scores on the (larger) test split
 instead, for a sharper answer than the course can afford to look at.
 
