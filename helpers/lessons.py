@@ -308,18 +308,20 @@ def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0
     return fig
 
 
-# Mirror images a recipe trains on (and notebook 05's flip test-time augmentation averages over), as the
-# tensor dimensions they reverse; `helpers.transforms.TTA_FLIPS` names them per recipe.
+# The mirror images notebook 05's test-time augmentation can average over, by the tensor dimensions
+# they reverse (the same dims as `helpers.evaluation.TTA_MODES`).
 MIRRORS = {"horizontal mirror": (-1,), "vertical mirror": (-2,)}
-_RECIPE_MIRRORS = {"hvflip": ["horizontal mirror", "vertical mirror"], "hflip": ["horizontal mirror"]}
 
 
 def recipe_mirrors(recipe: str) -> list[str]:
-    """The mirrors augmentation ``recipe`` uses; for a recipe without flips ("none"), the horizontal mirror,
-    the one "natural" would add, so the check says whether that recipe would be safe."""
+    """The mirrors augmentation ``recipe`` uses at test time (`TTA_FLIPS`, `TTA_MODES`); for a recipe without
+    flips ("none"), the horizontal mirror, the one "natural" would add, so the check says whether that recipe
+    would be safe."""
+    from .evaluation import TTA_MODES
     from .transforms import TTA_FLIPS
 
-    return _RECIPE_MIRRORS.get(TTA_FLIPS[recipe], ["horizontal mirror"])
+    dims = TTA_MODES[TTA_FLIPS[recipe]] or TTA_MODES[TTA_FLIPS["natural"]]
+    return [name for name, flipped in MIRRORS.items() if flipped in dims]
 
 
 class Mirrored(torch.utils.data.Dataset):
