@@ -56,6 +56,14 @@ def datasets(root: Path):
                               transform=transform) for name in ("train", "val"))
 
 
+def emit(line: str) -> None:
+    """Write one whole line to stdout in a single system call. Both processes share torchrun's pipe:
+    ``print`` writes the text and the newline separately, so two ranks' lines could interleave
+    ("{...}STARTED {...}"); one write of under PIPE_BUF bytes cannot be split by another."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
+
+
 def record_writes(base: Path, rank: int, attempt: int) -> None:
     """Print a line for every write under ``base`` by this process, as it happens (a process killed
     with SIGKILL runs no exit handler)."""
@@ -72,8 +80,7 @@ def record_writes(base: Path, rank: int, attempt: int) -> None:
         if event == "os.mkdir" and os.path.isdir(path):  # mkdir(exist_ok=True) of an existing folder
             return
         relative = os.path.relpath(os.path.abspath(path), base_text)
-        print("WRITE " + json.dumps({"rank": rank, "attempt": attempt, "event": event, "path": relative}),
-              flush=True)
+        emit("WRITE " + json.dumps({"rank": rank, "attempt": attempt, "event": event, "path": relative}))
 
     sys.addaudithook(hook)
 
@@ -112,9 +119,8 @@ def main(root: Path, base: Path) -> None:
     train, val = datasets(root)
     killed = base / "killed"
     resume = workbook.interrupted_training(killed)
-    print("STARTED " + json.dumps({"rank": ctx.rank, "attempt": attempt,
-                                   "resumes_after": load_checkpoint(killed / "last.pt")["epoch"] if resume else 0}),
-          flush=True)
+    emit("STARTED " + json.dumps({"rank": ctx.rank, "attempt": attempt,
+                                  "resumes_after": load_checkpoint(killed / "last.pt")["epoch"] if resume else 0}))
     ctx.barrier()  # every process has looked at BASE/killed before anything is written there
     if not finished(base / "ddp"):
         fit(model(), train, val, out_dir=base / "ddp", **SETTINGS)
