@@ -315,8 +315,8 @@ MIRRORS = {"horizontal mirror": (-1,), "vertical mirror": (-2,)}
 
 def recipe_mirrors(recipe: str) -> list[str]:
     """The mirrors augmentation ``recipe`` uses at test time (`TTA_FLIPS`, `TTA_MODES`); for a recipe without
-    flips ("none"), the horizontal mirror, the one "natural" would add, so the check says whether that recipe
-    would be safe."""
+    flips ("natural_no_flip", "none"), the horizontal mirror, the one "natural" would add, so the check says
+    whether that recipe would be safe."""
     from .evaluation import TTA_MODES
     from .transforms import TTA_FLIPS
 
@@ -373,7 +373,8 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
       what augmentation does to training.
     ``loss_beyond_noise`` marks an accuracy below the reference by more than two paired standard errors
     (``margin``). A loss within the margin is no evidence either way; several rows at two standard errors
-    each also raise the odds of one false alarm, which is why the course advises rather than decides.
+    each also raise the odds of one false alarm, which is why a loss only takes the mirrors out of the recipe
+    (`helpers.workbook.settle_augment`), a cheap change, and never anything else.
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
@@ -417,7 +418,9 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
 
 def mirror_conflicts(check: pd.DataFrame, recipe: str) -> list[str]:
     """The mirrors ``recipe`` uses for which some row of `mirror_check`'s table lost accuracy beyond the noise."""
-    uses = recipe_mirrors(recipe) if recipe != "none" else []
+    from .transforms import TTA_FLIPS
+
+    uses = recipe_mirrors(recipe) if TTA_FLIPS[recipe] else []
     losing = set(check.loc[check["loss_beyond_noise"], "mirror"])
     return [mirror for mirror in uses if mirror in losing]
 
@@ -430,8 +433,14 @@ def _mirror_score(row: pd.Series) -> str:
     return f"{row['use']} {row['accuracy']:.3f} ({row['difference']:+.3f}, noise ±{row['margin']:.3f})"
 
 
-def mirror_advice(check: pd.DataFrame, recipe: str, images: int) -> str:
-    """What `mirror_check`'s table means for the augmentation ``recipe`` (markdown, from its numbers)."""
+def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | None = None) -> str:
+    """What `mirror_check`'s table means for the augmentation ``recipe`` (markdown, from its numbers).
+
+    ``settled``: the recipe notebooks 03-05 will use (`helpers.workbook.settle_augment`), when it differs
+    from ``recipe`` because the mirrors lost.
+    """
+    from .transforms import TTA_FLIPS, WITHOUT_MIRRORS
+
     reference = check.iloc[0]["accuracy"]
     if images < MIN_MIRROR_IMAGES:
         return (f"With {images} validation image(s) a mirror's effect cannot be judged (the check needs at least "
@@ -446,11 +455,17 @@ def mirror_advice(check: pd.DataFrame, recipe: str, images: int) -> str:
     losing = [m for m in MIRRORS if m in set(check.loc[check["loss_beyond_noise"], "mirror"])]
     if conflicts:
         them = "it" if len(conflicts) == 1 else "them"
-        advice = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over "
-                  f"{them} at test time: set `augment = \"none\"` and rerun from this notebook.")
+        uses = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over "
+                f"{them} at test time")
+        if settled and settled != recipe:
+            advice = (f"{uses}, so notebooks 03–05 use `{settled}` instead, the same recipe without mirrors "
+                      f"(written to `dataset.json` as `augment`, because you left `augment = None`). If you know a "
+                      f"mirror keeps your labels, set `augment = \"{recipe}\"` and rerun from this notebook.")
+        else:
+            advice = f"{uses}: set `augment = \"{WITHOUT_MIRRORS[recipe]}\"` and rerun from this notebook."
     elif losing:
         advice = f"`augment = \"{recipe}\"` does not use the {' and '.join(losing)}: keep it."
-    elif recipe == "none":
+    elif not TTA_FLIPS[recipe]:
         advice = ("The horizontal mirror lost nothing beyond the noise: `augment = \"natural\"` (which adds it) "
                   "may suit these images, if the rest of that recipe does.")
     else:

@@ -22,11 +22,16 @@ from .models import BackboneSpec, TransferModel
 
 INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
                   "nearest": v2.InterpolationMode.NEAREST}
-AUGMENTATIONS = ("cells", "natural", "none")
+AUGMENTATIONS = ("cells", "natural", "natural_no_flip", "none")
 # Test-time flips that keep the label, per augmentation recipe: photos have an "up" (a mirrored
-# cat is a cat, an upside-down one is rare); aligned scans such as solar cells have none. "none" is
-# for data where a flip can change the answer (digits, text, left/right anatomy): no flips at test either.
-TTA_FLIPS = {"cells": "hvflip", "natural": "hflip", "none": None}
+# cat is a cat, an upside-down one is rare); aligned scans such as solar cells have none.
+# "natural_no_flip" and "none" are for data where a mirror can change the answer (digits, text,
+# left/right anatomy): no flips at test either.
+TTA_FLIPS = {"cells": "hvflip", "natural": "hflip", "natural_no_flip": None, "none": None}
+# What a recipe becomes when notebook 02 finds that its mirrors change the label: the same recipe
+# without them (the cells' 90-degree turns include a half turn, a double mirror, so they go too).
+WITHOUT_MIRRORS = {"cells": "none", "natural": "natural_no_flip", "natural_no_flip": "natural_no_flip",
+                   "none": "none"}
 MAX_IMAGE_SIZE = 2048
 
 
@@ -163,6 +168,8 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
     - ``"cells"``: aligned, orientation-free images such as ELPV solar cells: the recipe of
       Deitsch et al. 2019 (scale +-2 %, rotation +-3 deg, translation +-2 %, flips, 90 deg turns).
     - ``"natural"``: photos: random resized crop, horizontal flip, mild colour jitter.
+    - ``"natural_no_flip"``: the same without the flip, for images whose mirror is another class
+      (digits, text, left/right anatomy).
     - ``"none"``: identical to `eval_transform` (deterministic, so features can be cached).
     """
     if augment not in AUGMENTATIONS:
@@ -189,7 +196,7 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
         transform = v2.Compose([
             *pad,
             v2.RandomResizedCrop(prep.image_size, scale=(0.35, 1.0), interpolation=interpolation, antialias=True),
-            v2.RandomHorizontalFlip(),
+            *([v2.RandomHorizontalFlip()] if augment == "natural" else []),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
             *_normalize(prep),
         ])

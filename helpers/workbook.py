@@ -47,7 +47,9 @@ PARAMETERS: dict[str, object] = {
     "epochs": None,
     "batch_size": None,
     "lr": None,
-    "augment": None,  # None: "cells" for ELPV (no 'up', brightness matters), "natural" for photos; or "none"
+    # None: "cells" for ELPV (no 'up', brightness matters), "natural" for photos (or "natural_no_flip" when
+    # notebook 02 finds that a mirror changes the label); or set "cells", "natural", "natural_no_flip", "none"
+    "augment": None,
     "seed": 0,
     "device": "auto",  # "auto", "cpu", "cuda" or "mps"
 }
@@ -169,6 +171,7 @@ class Params:
     elpv: bool
     stratify_col: str | None = None  # column of the label table to stratify the split on (ELPV: label4)
     augment_recipe: str | None = None  # the augment parameter; None: chosen from the data (see `augment`)
+    settled_augment: str | None = None  # the recipe notebook 02's mirror check settled on (``dataset.json``)
     user_set: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -177,15 +180,20 @@ class Params:
         return 1.0 if self.elpv else None
 
     @property
+    def default_augment(self) -> str:
+        """The recipe for this kind of data: "cells" for ELPV (aligned cells with no 'up', where brightness
+        carries meaning), "natural" (random crops, horizontal flips, colour jitter) for any other folder."""
+        return "cells" if self.elpv else "natural"
+
+    @property
     def augment(self) -> str:
-        """Augmentation recipe of `helpers.transforms.train_transform`: the ``augment`` parameter, else
-        "cells" for ELPV (aligned cells with no 'up', where brightness carries meaning) and "natural"
-        (random crops, horizontal flips, colour jitter) for photos."""
-        return self.augment_recipe or ("cells" if self.elpv else "natural")
+        """Augmentation recipe of `helpers.transforms.train_transform`: the ``augment`` parameter, else the
+        one notebook 02 settled on after measuring the mirrors (`settle_augment`), else `default_augment`."""
+        return self.augment_recipe or self.settled_augment or self.default_augment
 
     def report(self) -> pd.Series:
         """The parameters as a one-column table for display."""
-        shown = {k: v for k, v in asdict(self).items() if k not in ("user_set", "augment_recipe")}
+        shown = {k: v for k, v in asdict(self).items() if k not in ("user_set", "augment_recipe", "settled_augment")}
         shown.update(augment=self.augment, crop_pct=self.crop_pct)  # as resolved: what the notebooks use
         return pd.Series({k: str(v) for k, v in shown.items()}, name="value")
 
@@ -230,13 +238,15 @@ def _as_text(name: str, value: object) -> str | None:
                      f"(papermill: -r {name} VALUE)")
 
 
-def resolve_params(params: dict, smoke: bool | None = None) -> Params:
+def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
     Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
     key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
     finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
     names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
+    With ``settled`` (all notebooks but 02, which decides it afresh) an ``augment`` left at ``None``
+    takes the recipe notebook 02 settled on for this run (`settle_augment`).
     """
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -299,21 +309,56 @@ def resolve_params(params: dict, smoke: bool | None = None) -> Params:
         stratify_col = None
 
     run_name = p["run_name"] or ("smoke" if smoke else "course")
-    return Params(run_name=str(run_name), run=run_folder(str(run_name)), data_root=data_root,
+    run = run_folder(str(run_name))
+    return Params(run_name=str(run_name), run=run, data_root=data_root,
                   labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
                   backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
                   batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
-                  stratify_col=stratify_col, augment_recipe=p["augment"], user_set=user_set)
+                  stratify_col=stratify_col, augment_recipe=p["augment"],
+                  settled_augment=settled_recipe(run) if settled and p["augment"] is None else None,
+                  user_set=user_set)
 
 
-def start(namespace: dict) -> Params:
+def start(namespace: dict, settled: bool = True) -> Params:
     """The notebook's parameters from its ``globals()``, checked and completed (`resolve_params`), and
-    shown as a table: the one line after every notebook's parameters cell."""
+    shown as a table: the one line after every notebook's parameters cell. Notebook 02 passes
+    ``settled=False``: it measures the mirrors and settles the augmentation recipe itself."""
     from IPython.display import display
 
-    params = resolve_params(collect(namespace))
+    params = resolve_params(collect(namespace), settled=settled)
     display(params.report())
     return params
+
+
+def settled_recipe(run: Path) -> str | None:
+    """The augmentation recipe notebook 02 wrote to ``run/dataset.json`` (`settle_augment`), or None."""
+    from .transforms import AUGMENTATIONS
+
+    path = run / "dataset.json"
+    if not path.is_file():
+        return None
+    recipe = read_json(path, "02_prepare_dataset").get("augment")
+    if recipe is not None and recipe not in AUGMENTATIONS:
+        raise ValueError(f"{path}: unknown augment {recipe!r}; choose one of {list(AUGMENTATIONS)}, "
+                         f"or rerun notebooks/02_prepare_dataset.ipynb")
+    return recipe
+
+
+def settle_augment(params: Params, mirrors_that_lost: list[str]) -> str:
+    """The recipe notebooks 03-05 use, written to ``dataset.json`` as ``augment``; returns it.
+
+    When notebook 02's mirror check found that mirrors the recipe uses change the label and the user left
+    ``augment`` at ``None``, the recipe loses its mirrors (`helpers.transforms.WITHOUT_MIRRORS`:
+    "natural" becomes "natural_no_flip"). A recipe the user set is kept (notebook 02 warns instead).
+    """
+    from .transforms import WITHOUT_MIRRORS
+
+    recipe = params.augment
+    if mirrors_that_lost and "augment" not in params.user_set:
+        recipe = WITHOUT_MIRRORS[recipe]
+    path = params.run / "dataset.json"
+    files.write_json(path, {**read_json(path, "02_prepare_dataset"), "augment": recipe})
+    return recipe
 
 
 def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params) -> object:

@@ -6,6 +6,7 @@ import json
 import cv2
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 
 from helpers import course, workbook
@@ -83,6 +84,29 @@ def test_resolve_params_smoke_defaults_and_overrides(tmp_path):
     assert workbook.pick(params.image_size, 64, 128, 224, params) == 96
 
 
+def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_path):
+    run = str(tmp_path / "r")
+    params = workbook.resolve_params({"run_name": run}, smoke=True, settled=False)
+    with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):  # nothing to settle before the split
+        workbook.settle_augment(params, ["horizontal mirror"])
+    workbook.prepare_split(params)
+    assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"  # nothing settled yet
+    assert workbook.settle_augment(params, []) == "cells"
+    assert workbook.settle_augment(params, ["vertical mirror"]) == "none"  # the cells' turns include mirrors
+    assert json.loads((params.run / "dataset.json").read_text())["augment"] == "none"
+    later = workbook.resolve_params({"run_name": run}, smoke=True)
+    assert later.augment == "none" and later.default_augment == "cells"
+    # notebook 02 decides afresh, and a recipe the user set always wins
+    assert workbook.resolve_params({"run_name": run}, smoke=True, settled=False).augment == "cells"
+    assert workbook.resolve_params({"run_name": run, "augment": "natural"}, smoke=True).augment == "natural"
+    chosen = workbook.resolve_params({"run_name": run, "augment": "natural"}, smoke=True, settled=False)
+    assert workbook.settle_augment(chosen, ["horizontal mirror"]) == "natural"
+    config = json.loads((params.run / "dataset.json").read_text())
+    (params.run / "dataset.json").write_text(json.dumps({**config, "augment": "mixup"}))
+    with pytest.raises(ValueError, match=r"dataset.json: unknown augment 'mixup'"):
+        workbook.resolve_params({"run_name": run}, smoke=True)
+
+
 def test_missing_input_names_the_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):
         workbook.read_json(tmp_path / "dataset.json", "02_prepare_dataset")
@@ -124,6 +148,13 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
     assert 0.0 <= row["test_accuracy"] <= 1.0 and row["image_size"] == 64
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["classes"] == dataset["classes"] and metrics["n_test"] == 9
+    # 02 settled the recipe from its mirror check; 05's test-time flips follow what 02 settled
+    from helpers.lessons import mirror_conflicts
+    from helpers.transforms import TTA_FLIPS
+
+    lost = mirror_conflicts(pd.read_csv(run / "mirror_check.csv"), "natural")
+    assert dataset["augment"] == ("natural_no_flip" if lost else "natural")
+    assert metrics["tta"] == TTA_FLIPS[dataset["augment"]]
     # The floor: the final model is the probe, or beat the probe on validation.
     final = json.loads((run / "final.json").read_text())
     assert metrics["final_model"] == final["model"]

@@ -52,6 +52,19 @@ def test_presets_follow_the_backbone():
         train_transform(LITE0, augment="mixup")
 
 
+def test_the_recipe_without_flips_never_mirrors_an_image():
+    # brightness rises from left to right: crops and colour jitter keep that order, a horizontal mirror reverses it
+    ramp = torch.linspace(0, 255, 200).round().to(torch.uint8).expand(3, 160, 200).contiguous()
+    torch.manual_seed(0)
+
+    def reversed_views(augment: str) -> int:
+        views = [train_transform(LITE0, 64, augment=augment)(ramp) for _ in range(40)]
+        return sum(bool(view[:, :, :8].mean() > view[:, :, -8:].mean()) for view in views)
+
+    assert reversed_views("natural_no_flip") == 0
+    assert reversed_views("natural") > 5  # half of them, give or take; none in 40 has odds 2**-40
+
+
 def test_elpv_materializes_all_2624_labelled_images(tmp_path):
     root = prepare_elpv(tmp_path / "elpv")
     table = pd.read_csv(root / "labels.csv", dtype=str)

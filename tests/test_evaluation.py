@@ -83,7 +83,8 @@ def test_tta_follows_the_augmentation_recipe():
     from helpers.transforms import TTA_FLIPS
 
     assert TTA_FLIPS["natural"] == "hflip" and TTA_FLIPS["cells"] == "hvflip"
-    assert TTA_FLIPS["none"] is None  # data a flip can change (digits, text) gets no flips at test time either
+    # data a flip can change (digits, text) gets no flips at test time either
+    assert TTA_FLIPS["none"] is None and TTA_FLIPS["natural_no_flip"] is None
 
 
 def test_predict_rejects_class_mismatch(tiny_sets):

@@ -95,13 +95,18 @@ def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_th
     assert horizontal.loc["trained on mirrors", "loss_beyond_noise"]
     assert horizontal["loss_beyond_noise"].all()
     assert not vertical["loss_beyond_noise"].any() and (vertical["accuracy"] > 0.9).all()
-    natural = lessons.mirror_advice(check, "natural", 30)
-    assert 'set `augment = "none"`' in natural and "averages over it" in natural
+    natural = lessons.mirror_advice(check, "natural", 30)  # a recipe the user set: advice only
+    assert 'set `augment = "natural_no_flip"`' in natural and "averages over it" in natural
+    assert 'set `augment = "none"`' in lessons.mirror_advice(check, "cells", 30)
+    switched = lessons.mirror_advice(check, "natural", 30, settled="natural_no_flip")
+    assert "notebooks 03–05 use `natural_no_flip` instead" in switched and 'set `augment = "natural"`' in switched
     assert lessons.mirror_conflicts(check, "cells") == ["horizontal mirror"]
-    assert lessons.mirror_conflicts(check, "none") == []
+    assert lessons.mirror_conflicts(check, "none") == lessons.mirror_conflicts(check, "natural_no_flip") == []
     assert "keep it" in lessons.mirror_advice(check, "none", 30)
+    assert "keep it" in lessons.mirror_advice(check, "natural_no_flip", 30)
     harmless = check[check["mirror"] != "horizontal mirror"]
     assert 'augment = "natural"` (which adds it) may suit' in lessons.mirror_advice(harmless, "none", 30)
+    assert 'augment = "natural"` (which adds it) may suit' in lessons.mirror_advice(harmless, "natural_no_flip", 30)
     assert "Nothing here argues against the `cells`" in lessons.mirror_advice(harmless, "cells", 30)
     assert "cannot be judged" in lessons.mirror_advice(check, "natural", 3)
 
