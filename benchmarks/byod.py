@@ -97,7 +97,7 @@ def row(name: str, seed: int, run: Path, seconds: float) -> dict:
             "similarity": decision["similarity"], "guide_pick": strategy["recommended_by_guide"],
             "guide_rank": f"{strategy['guide_rank']}/{strategy['candidates']}",
             "guide_within_noise": guide_within_noise(strategy), "chosen": strategy["strategy"],
-            "final": final["model"], "test_accuracy": metrics["test_accuracy"],
+            "final": final["model"], "augment": metrics.get("augment"), "test_accuracy": metrics["test_accuracy"],
             "probe": metrics["baseline_probe"], "majority": metrics["baseline_majority"],
             "final_minus_probe": metrics["test_accuracy"] - metrics["baseline_probe"],
             "macro_f1": metrics["test_macro_f1"],

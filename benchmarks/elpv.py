@@ -39,7 +39,7 @@ from helpers.models import create_model
 from helpers.probe import fit_probe, install_probe, pooled_features
 from helpers.runtime import pick_device, seed_everything, tune_cpu
 from helpers.training import fit
-from helpers.transforms import TTA_FLIPS, eval_transform, train_transform
+from helpers.transforms import AUGMENTATIONS, TTA_FLIPS, eval_transform, train_transform
 
 
 def elpv_splits(task: str, seed: int, device: str | None) -> tuple[workbook.Params, dict, list[str]]:
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--augment", default="cells", choices=["cells", "natural", "none"])
+    parser.add_argument("--augment", default="cells", choices=list(AUGMENTATIONS))
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--layer-decay", type=float, default=0.8)
     parser.add_argument("--ema-decay", type=float, default=None,

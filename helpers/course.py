@@ -32,7 +32,7 @@ from .workbook import NOTEBOOKS, TEXT_PARAMETERS, existing_outputs, run_folder, 
 
 SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "test_balanced_accuracy",
                 "test_macro_f1", "test_roc_auc", "ece",
-                "ece_after_temperature", "tta_accuracy", "backbone", "strategy", "image_size", "epochs",
+                "ece_after_temperature", "tta_accuracy", "augment", "backbone", "strategy", "image_size", "epochs",
                 "train_seconds")
 
 

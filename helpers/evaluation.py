@@ -23,7 +23,8 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
   after temperature scaling; ``temperature``: T fitted on the validation split;
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
-  flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (``augment="none"``);
+  flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (a recipe without flips);
+  ``augment``: the training augmentation recipe the flips follow (None when not given);
 - ``backbone``, ``strategy``, ``image_size``, ``epochs``, ``train_seconds``, ``task``,
   ``classes``, ``n_test``: what was trained, how long, on which task.
 """
@@ -52,9 +53,9 @@ TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra view
 METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "baseline_majority",
                 "baseline_majority_macro_f1", "baseline_probe", "baseline_probe_balanced_accuracy",
                 "baseline_probe_macro_f1", "baseline_scratch_val", "pretrained_val_same_budget", "selection_metric",
-                "final_model", "per_group",
-                "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy", "tta", "backbone",
-                "strategy", "image_size", "epochs", "train_seconds", "task", "classes", "n_test")
+                "final_model", "per_group", "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy",
+                "tta", "augment", "backbone", "strategy", "image_size", "epochs", "train_seconds", "task", "classes",
+                "n_test")
 
 
 # ----------------------------------------------------------------------------------------
@@ -578,7 +579,8 @@ def _fit_epochs(fit_summary: dict) -> int:
 
 def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_summary: dict, ece: float,
                   ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None,
-                  tta: str | None = None, baselines: dict | None = None, final: str | None = None) -> dict:
+                  tta: str | None = None, baselines: dict | None = None, final: str | None = None,
+                  augment: str | None = None) -> dict:
     """The ``metrics.json`` of notebook 05 (keys listed in this module's docstring).
 
     ``ckpt`` is the loaded best checkpoint, ``fit_summary`` the run's ``fit.json`` (or
@@ -619,6 +621,7 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "temperature": float(temperature),
         "tta_accuracy": compute_metrics(tta_pred, classes)["accuracy"] if tta_pred is not None else None,
         "tta": tta,
+        "augment": augment,
         "backbone": ckpt["backbone"],
         "strategy": dict(ckpt["strategy"]),
         "image_size": int(ckpt["preprocessing"]["image_size"]),

@@ -315,7 +315,7 @@ MIRRORS = {"horizontal mirror": (-1,), "vertical mirror": (-2,)}
 
 def recipe_mirrors(recipe: str) -> list[str]:
     """The mirrors augmentation ``recipe`` uses at test time (`TTA_FLIPS`, `TTA_MODES`); for a recipe without
-    flips ("natural_no_flip", "none"), the horizontal mirror, the one "natural" would add, so the check says
+    flips (the "_no_flip" ones, "none"), the horizontal mirror, the one "natural" would add, so the check says
     whether that recipe would be safe."""
     from .evaluation import TTA_MODES
     from .transforms import TTA_FLIPS
@@ -373,8 +373,8 @@ def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], m
       what augmentation does to training.
     ``loss_beyond_noise`` marks an accuracy below the reference by more than two paired standard errors
     (``margin``). A loss within the margin is no evidence either way; several rows at two standard errors
-    each also raise the odds of one false alarm, which is why a loss only takes the mirrors out of the recipe
-    (`helpers.workbook.settle_augment`), a cheap change, and never anything else.
+    each also raise the odds of one false alarm, which is why a loss only takes the flips out of the recipe
+    (`helpers.workbook.settle_augment`), a cheap change, and nothing else.
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
@@ -458,7 +458,7 @@ def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | 
         uses = (f"The `{recipe}` recipe trains on the {' and '.join(conflicts)} and notebook 05 averages over "
                 f"{them} at test time")
         if settled and settled != recipe:
-            advice = (f"{uses}, so notebooks 03–05 use `{settled}` instead, the same recipe without mirrors "
+            advice = (f"{uses}, so notebooks 03–05 use `{settled}` instead, the same recipe without flips "
                       f"(written to `dataset.json` as `augment`, because you left `augment = None`). If you know a "
                       f"mirror keeps your labels, set `augment = \"{recipe}\"` and rerun from this notebook.")
         else:

@@ -22,16 +22,16 @@ from .models import BackboneSpec, TransferModel
 
 INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
                   "nearest": v2.InterpolationMode.NEAREST}
-AUGMENTATIONS = ("cells", "natural", "natural_no_flip", "none")
+AUGMENTATIONS = ("cells", "cells_no_flip", "natural", "natural_no_flip", "none")
 # Test-time flips that keep the label, per augmentation recipe: photos have an "up" (a mirrored
 # cat is a cat, an upside-down one is rare); aligned scans such as solar cells have none.
-# "natural_no_flip" and "none" are for data where a mirror can change the answer (digits, text,
+# The "_no_flip" recipes and "none" are for data where a mirror can change the answer (digits, text,
 # left/right anatomy): no flips at test either.
-TTA_FLIPS = {"cells": "hvflip", "natural": "hflip", "natural_no_flip": None, "none": None}
+TTA_FLIPS = {"cells": "hvflip", "cells_no_flip": None, "natural": "hflip", "natural_no_flip": None, "none": None}
 # What a recipe becomes when notebook 02 finds that its mirrors change the label: the same recipe
-# without them (the cells' 90-degree turns include a half turn, a double mirror, so they go too).
-WITHOUT_MIRRORS = {"cells": "none", "natural": "natural_no_flip", "natural_no_flip": "natural_no_flip",
-                   "none": "none"}
+# without its flips (for "cells" also without the 90-degree turns, which change which way is up).
+WITHOUT_MIRRORS = {"cells": "cells_no_flip", "cells_no_flip": "cells_no_flip", "natural": "natural_no_flip",
+                   "natural_no_flip": "natural_no_flip", "none": "none"}
 MAX_IMAGE_SIZE = 2048
 
 
@@ -167,6 +167,7 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
 
     - ``"cells"``: aligned, orientation-free images such as ELPV solar cells: the recipe of
       Deitsch et al. 2019 (scale +-2 %, rotation +-3 deg, translation +-2 %, flips, 90 deg turns).
+    - ``"cells_no_flip"``: the same small scaling, rotation and translation, without flips and turns.
     - ``"natural"``: photos: random resized crop, horizontal flip, mild colour jitter.
     - ``"natural_no_flip"``: the same without the flip, for images whose mirror is another class
       (digits, text, left/right anatomy).
@@ -179,7 +180,8 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
     pad = [SquarePad()] if prep.square_pad else []
     if augment == "none":
         transform = eval_transform(prep)
-    elif augment == "cells":
+    elif augment in ("cells", "cells_no_flip"):
+        turns = [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()] if augment == "cells" else []
         transform = v2.Compose([
             *pad,
             v2.Resize(prep.resize_size, interpolation=interpolation, antialias=True),
@@ -187,9 +189,7 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
             # Bilinear: torchvision's affine warp on tensors has no bicubic mode.
             v2.RandomAffine(degrees=3, translate=(0.02, 0.02), scale=(0.98, 1.02),
                             interpolation=v2.InterpolationMode.BILINEAR),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            RandomRot90(),
+            *turns,
             *_normalize(prep),
         ])
     else:

@@ -47,8 +47,8 @@ PARAMETERS: dict[str, object] = {
     "epochs": None,
     "batch_size": None,
     "lr": None,
-    # None: "cells" for ELPV (no 'up', brightness matters), "natural" for photos (or "natural_no_flip" when
-    # notebook 02 finds that a mirror changes the label); or set "cells", "natural", "natural_no_flip", "none"
+    # None: "cells" for ELPV (no 'up', brightness matters), "natural" for photos, without their flips ("..._no_flip")
+    # when notebook 02 finds that a mirror changes the label; or set one of transforms.AUGMENTATIONS
     "augment": None,
     "seed": 0,
     "device": "auto",  # "auto", "cpu", "cuda" or "mps"
@@ -171,7 +171,7 @@ class Params:
     elpv: bool
     stratify_col: str | None = None  # column of the label table to stratify the split on (ELPV: label4)
     augment_recipe: str | None = None  # the augment parameter; None: chosen from the data (see `augment`)
-    settled_augment: str | None = None  # the recipe notebook 02's mirror check settled on (``dataset.json``)
+    settled_augment: str | None = None  # the recipe notebook 02 settled on after its mirror check (``dataset.json``)
     user_set: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -245,8 +245,8 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
     key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
     finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
     names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
-    With ``settled`` (all notebooks but 02, which decides it afresh) an ``augment`` left at ``None``
-    takes the recipe notebook 02 settled on for this run (`settle_augment`).
+    With ``settled`` (notebooks 03-05 and the command line; 02 decides it afresh, 01 runs before it)
+    an ``augment`` left at ``None`` takes the recipe notebook 02 settled on for this run (`settle_augment`).
     """
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -321,8 +321,8 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
 
 def start(namespace: dict, settled: bool = True) -> Params:
     """The notebook's parameters from its ``globals()``, checked and completed (`resolve_params`), and
-    shown as a table: the one line after every notebook's parameters cell. Notebook 02 passes
-    ``settled=False``: it measures the mirrors and settles the augmentation recipe itself."""
+    shown as a table: the one line after every notebook's parameters cell. Notebooks 01 and 02 pass
+    ``settled=False``: 02 measures the mirrors and settles the augmentation recipe, 01 runs before it."""
     from IPython.display import display
 
     params = resolve_params(collect(namespace), settled=settled)
@@ -348,8 +348,11 @@ def settle_augment(params: Params, mirrors_that_lost: list[str]) -> str:
     """The recipe notebooks 03-05 use, written to ``dataset.json`` as ``augment``; returns it.
 
     When notebook 02's mirror check found that mirrors the recipe uses change the label and the user left
-    ``augment`` at ``None``, the recipe loses its mirrors (`helpers.transforms.WITHOUT_MIRRORS`:
-    "natural" becomes "natural_no_flip"). A recipe the user set is kept (notebook 02 warns instead).
+    ``augment`` at ``None``, the recipe loses its flips (`helpers.transforms.WITHOUT_MIRRORS`: "natural"
+    becomes "natural_no_flip", "cells" "cells_no_flip"). Otherwise the recipe is recorded as it is (a recipe
+    the user set in 02 therefore also holds in 03-05 where ``augment`` is left at ``None``; 02 warns when
+    its mirrors lost). Rerunning 02's split rewrites ``dataset.json`` without it, so a stale choice does not
+    survive a new split.
     """
     from .transforms import WITHOUT_MIRRORS
 
@@ -645,11 +648,27 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"probe's {probe:.3f} (two standard errors of the difference on these {scores['n']} images: "
                        f"±{noise:.3f}): the course keeps the probe (a classifier on the frozen backbone) as the final "
                        f"model rather than ship something worse than its own baseline.")
-    info = {"model": "fine-tuned" if use_candidate else "probe", "metric": metric, "val_probe": probe,
+    info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
+            "val_probe": probe,
             "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"], "explanation": explanation,
             "epochs": int(epochs), "train_seconds": round(train_seconds, 2), "finished": True}
     files.write_json(params.run / "final.json", info)
     return info
+
+
+def evaluation_recipe(params: Params, final_info: dict) -> str:
+    """The augmentation recipe notebook 05's test-time flips follow: the one notebook 04 trained with
+    (``final.json``). An ``augment`` parameter set for 05 that differs from it is refused: the flips must
+    be those the model was trained to ignore. A ``final.json`` from before the recipe was recorded: the
+    parameter's recipe."""
+    trained = final_info.get("augment")
+    if trained is None:
+        return params.augment
+    if "augment" in params.user_set and params.augment != trained:
+        raise ValueError(f"augment is {params.augment!r} now, but notebook 04 trained with {trained!r} "
+                         f"({params.run / 'final.json'}): rerun notebooks/04_fine_tune.ipynb with the new value, "
+                         f"or drop the parameter")
+    return trained
 
 
 def finished_final(run: Path) -> dict:

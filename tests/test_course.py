@@ -92,10 +92,17 @@ def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_pa
     workbook.prepare_split(params)
     assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"  # nothing settled yet
     assert workbook.settle_augment(params, []) == "cells"
-    assert workbook.settle_augment(params, ["vertical mirror"]) == "none"  # the cells' turns include mirrors
-    assert json.loads((params.run / "dataset.json").read_text())["augment"] == "none"
+    assert workbook.settle_augment(params, ["vertical mirror"]) == "cells_no_flip"
+    assert json.loads((params.run / "dataset.json").read_text())["augment"] == "cells_no_flip"
     later = workbook.resolve_params({"run_name": run}, smoke=True)
-    assert later.augment == "none" and later.default_augment == "cells"
+    assert later.augment == "cells_no_flip" and later.default_augment == "cells"
+    assert workbook.training_budget(later, "last_n", "efficientnet_lite0")["augment"] == "cells_no_flip"
+    # 04 records the recipe it trained with; 05's test-time flips follow it, and refuse a different one
+    assert workbook.evaluation_recipe(later, {"augment": "cells_no_flip"}) == "cells_no_flip"
+    assert workbook.evaluation_recipe(later, {}) == "cells_no_flip"  # a final.json from before the key
+    other = workbook.resolve_params({"run_name": run, "augment": "cells"}, smoke=True)
+    with pytest.raises(ValueError, match="notebook 04 trained with 'cells_no_flip'"):
+        workbook.evaluation_recipe(other, {"augment": "cells_no_flip"})
     # notebook 02 decides afresh, and a recipe the user set always wins
     assert workbook.resolve_params({"run_name": run}, smoke=True, settled=False).augment == "cells"
     assert workbook.resolve_params({"run_name": run, "augment": "natural"}, smoke=True).augment == "natural"
@@ -105,6 +112,8 @@ def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_pa
     (params.run / "dataset.json").write_text(json.dumps({**config, "augment": "mixup"}))
     with pytest.raises(ValueError, match=r"dataset.json: unknown augment 'mixup'"):
         workbook.resolve_params({"run_name": run}, smoke=True)
+    workbook.prepare_split(params)  # a new split forgets what the old one settled
+    assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"
 
 
 def test_missing_input_names_the_notebook(tmp_path):
@@ -155,6 +164,7 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
     lost = mirror_conflicts(pd.read_csv(run / "mirror_check.csv"), "natural")
     assert dataset["augment"] == ("natural_no_flip" if lost else "natural")
     assert metrics["tta"] == TTA_FLIPS[dataset["augment"]]
+    assert metrics["augment"] == json.loads((run / "final.json").read_text())["augment"] == dataset["augment"]
     # The floor: the final model is the probe, or beat the probe on validation.
     final = json.loads((run / "final.json").read_text())
     assert metrics["final_model"] == final["model"]

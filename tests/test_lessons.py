@@ -97,7 +97,7 @@ def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_th
     assert not vertical["loss_beyond_noise"].any() and (vertical["accuracy"] > 0.9).all()
     natural = lessons.mirror_advice(check, "natural", 30)  # a recipe the user set: advice only
     assert 'set `augment = "natural_no_flip"`' in natural and "averages over it" in natural
-    assert 'set `augment = "none"`' in lessons.mirror_advice(check, "cells", 30)
+    assert 'set `augment = "cells_no_flip"`' in lessons.mirror_advice(check, "cells", 30)
     switched = lessons.mirror_advice(check, "natural", 30, settled="natural_no_flip")
     assert "notebooks 03–05 use `natural_no_flip` instead" in switched and 'set `augment = "natural"`' in switched
     assert lessons.mirror_conflicts(check, "cells") == ["horizontal mirror"]
