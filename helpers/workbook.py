@@ -649,9 +649,9 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"±{noise:.3f}): the course keeps the probe (a classifier on the frozen backbone) as the final "
                        f"model rather than ship something worse than its own baseline.")
     info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
-            "val_probe": probe,
-            "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"], "explanation": explanation,
-            "epochs": int(epochs), "train_seconds": round(train_seconds, 2), "finished": True}
+            "val_probe": probe, "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"],
+            "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),
+            "finished": True}
     files.write_json(params.run / "final.json", info)
     return info
 
