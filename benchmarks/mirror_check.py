@@ -19,16 +19,16 @@ import pandas as pd
 
 from helpers import lessons
 from helpers.course import markdown_table
-from helpers.data import ImageDataset
+from helpers.data import ImageDataset, load_splits
 from helpers.models import create_model
 from helpers.runtime import tune_cpu
 from helpers.transforms import eval_transform
 
 
-def split_set(run: Path, split: str, classes: list[str], transform) -> ImageDataset:
-    root = json.loads((run / "dataset.json").read_text())["root"]
-    frame = pd.read_csv(run / f"{split}.csv", dtype=str, keep_default_na=False)
-    return ImageDataset(root, frame[["file", "label"]], classes=classes, transform=transform)
+def split_sets(run: Path, root: str, classes: list[str], transform) -> dict[str, ImageDataset]:
+    """The run's train / val / test splits (notebook 02's CSVs), every image through ``transform``."""
+    return {name: ImageDataset(root, frame[["file", "label"]], classes=classes, transform=transform)
+            for name, frame in load_splits(run).items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu()
     rows = []
     for run in args.runs:
-        for name in ("dataset.json", "decision.json", "train.csv", f"{args.split}.csv"):
+        for name in ("dataset.json", "decision.json"):
             if not (run / name).is_file():
                 raise SystemExit(f"{run} has no {name}: run notebooks 01 and 02 there first")
         dataset = json.loads((run / "dataset.json").read_text())
@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         model = create_model(backbone, len(classes))
         # the course's preprocessing: ELPV cells keep the whole frame, photos get the backbone's crop
         transform = eval_transform(model, model.spec.input_size, 1.0 if dataset["elpv"] else None)
-        scored = split_set(run, args.split, classes, transform)
-        table = lessons.mirror_check(model, split_set(run, "train", classes, transform), scored,
+        sets = split_sets(run, dataset["root"], classes, transform)
+        scored = sets[args.split]
+        table = lessons.mirror_check(model, sets["train"], scored,
                                      list(lessons.MIRRORS), max_train=args.max_train, seed=dataset["seed"],
                                      device="cpu")
         table.insert(0, "images", len(scored))
