@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Sequence
 
 import torch.distributed as dist
@@ -68,14 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(values: dict, ctx: distributed.Distributed) -> workbook.Params:
     """`workbook.resolve_params` with rank 0 first: it creates the run folder, copies ELPV if needed
     and makes notebook 02's split if missing, while the others wait; they then find it all in place."""
-    params = None
     if ctx.is_main:
         params = workbook.resolve_params(values)
         if not (params.run / "dataset.json").is_file():
-            print(f"[train] no split in {params.run}: making notebook 02's split", flush=True)
+            print(f"[train] no split in {params.run}: making notebook 02's split (without its mirror check)",
+                  flush=True)
             workbook.prepare_split(params)
+            params = workbook.resolve_params(values)  # warns once that the recipe was not settled
     ctx.barrier()
-    return params if params is not None else workbook.resolve_params(values)
+    if ctx.is_main:
+        return params
+    with warnings.catch_warnings():  # rank 0 has said it; one line per process would only repeat it
+        warnings.simplefilter("ignore", workbook.UnsettledRecipeWarning)
+        return workbook.resolve_params(values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -238,6 +239,10 @@ def _as_text(name: str, value: object) -> str | None:
                      f"(papermill: -r {name} VALUE)")
 
 
+class UnsettledRecipeWarning(UserWarning):
+    """Notebooks 03-05 run on a split whose augmentation recipe notebook 02 did not settle."""
+
+
 def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
@@ -246,7 +251,9 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
     finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
     names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
     With ``settled`` (notebooks 03-05 and the command line; 02 decides it afresh, 01 runs before it)
-    an ``augment`` left at ``None`` takes the recipe notebook 02 settled on for this run (`settle_augment`).
+    an ``augment`` left at ``None`` takes the recipe notebook 02 settled on for this run (`settle_augment`);
+    a split with none settled (02 stopped before its mirror check, or the command line made the split) gets
+    the default recipe and an `UnsettledRecipeWarning`.
     """
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
@@ -310,13 +317,21 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
 
     run_name = p["run_name"] or ("smoke" if smoke else "course")
     run = run_folder(str(run_name))
-    return Params(run_name=str(run_name), run=run, data_root=data_root,
-                  labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
-                  backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
-                  batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
-                  stratify_col=stratify_col, augment_recipe=p["augment"],
-                  settled_augment=settled_recipe(run) if settled and p["augment"] is None else None,
-                  user_set=user_set)
+    params = Params(run_name=str(run_name), run=run, data_root=data_root,
+                    labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
+                    backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
+                    batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
+                    stratify_col=stratify_col, augment_recipe=p["augment"],
+                    settled_augment=settled_recipe(run) if settled and p["augment"] is None else None,
+                    user_set=user_set)
+    if settled and p["augment"] is None and params.settled_augment is None and (run / "dataset.json").is_file():
+        # A split without a settled recipe: 02 stopped between its split and its mirror check, or
+        # `python -m helpers.train` made the split. Say so rather than train silently on unchecked mirrors.
+        warnings.warn(f"{run / 'dataset.json'} holds a split but no augment: notebook 02's mirror check has not "
+                      f"run on it, so this notebook uses the {params.default_augment!r} recipe for this kind of "
+                      f"data, flips included. Run notebooks/02_prepare_dataset.ipynb to the end, or set augment.",
+                      UnsettledRecipeWarning, stacklevel=2)
+    return params
 
 
 def start(namespace: dict, settled: bool = True) -> Params:
@@ -617,7 +632,7 @@ def validation_scores(params: Params, val, metric: str, fine_tuned: bool, device
 
 def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0) -> dict:
     """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
-    validation by more than the noise, else the probe (cheaper, and a tie goes to the cheaper model); and
+    validation by more than the noise, else the probe (the baseline: a tie goes to it); and
     ``final.json`` saying which, why and at what cost.
 
     ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
@@ -642,7 +657,8 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
                        f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({noise:.3f}: two standard "
                        f"errors of the difference on these {scores['n']} images). A difference that could be luck "
-                       f"goes to the cheaper model: the course keeps the probe as the final model.")
+                       f"goes to the baseline: the course keeps the probe as the final model, since a model "
+                       f"has to show that it beats the baseline to replace it.")
     else:
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
                        f"probe's {probe:.3f} (two standard errors of the difference on these {scores['n']} images: "
@@ -693,12 +709,16 @@ def baselines(params: Params, sets: dict, device=None) -> dict:
     probe_metrics = compute_metrics(predict(probe, sets["test"], device=device), classes)
     out = {"majority": {"class": classes[majority.pop("class_index")], **majority, "classes": len(classes)},
            "probe": {k: probe_metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}}
-    comparison = read_json(params.run / "strategy.json", "03_choose_freezing").get("comparison") or []
-    by_name = {row["strategy"]: row for row in comparison}
+    strategy = read_json(params.run / "strategy.json", "03_choose_freezing")
+    by_name = {row["strategy"]: row for row in strategy.get("comparison") or []}
     if "scratch" in by_name:
         pretrained = max(row["score"] for name, row in by_name.items() if name != "scratch")
+        protocol = strategy.get("protocol") or {}
+        # 03 scored on the validation split, or with a small one by k-fold cross-validation on train + validation
+        split = (f"{protocol['folds']}-fold CV on train + validation" if protocol.get("name") == "k-fold"
+                 else "validation")
         out["scratch"] = {"score": by_name["scratch"]["score"], "pretrained_score": pretrained,
-                          "split": "validation (notebook 03's budget)", "metric": selection_metric(params)}
+                          "split": split, "metric": selection_metric(params)}
     return out
 
 

@@ -2,6 +2,7 @@
 run of all five notebooks on a class-folder dataset they have never seen."""
 
 import json
+import warnings
 
 import cv2
 import nbformat
@@ -90,11 +91,14 @@ def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_pa
     with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):  # nothing to settle before the split
         workbook.settle_augment(params, ["horizontal mirror"])
     workbook.prepare_split(params)
-    assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"  # nothing settled yet
+    with pytest.warns(workbook.UnsettledRecipeWarning, match=r"dataset.json holds a split but no augment: .*'cells'"):
+        assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"  # nothing settled yet
     assert workbook.settle_augment(params, []) == "cells"
     assert workbook.settle_augment(params, ["vertical mirror"]) == "cells_no_flip"
     assert json.loads((params.run / "dataset.json").read_text())["augment"] == "cells_no_flip"
-    later = workbook.resolve_params({"run_name": run}, smoke=True)
+    with warnings.catch_warnings():  # settled: nothing to warn about
+        warnings.simplefilter("error", workbook.UnsettledRecipeWarning)
+        later = workbook.resolve_params({"run_name": run}, smoke=True)
     assert later.augment == "cells_no_flip" and later.default_augment == "cells"
     assert workbook.training_budget(later, "last_n", "efficientnet_lite0")["augment"] == "cells_no_flip"
     # 04 records the recipe it trained with; 05's test-time flips follow it, and refuse a different one
@@ -112,8 +116,9 @@ def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_pa
     (params.run / "dataset.json").write_text(json.dumps({**config, "augment": "mixup"}))
     with pytest.raises(ValueError, match=r"dataset.json: unknown augment 'mixup'"):
         workbook.resolve_params({"run_name": run}, smoke=True)
-    workbook.prepare_split(params)  # a new split forgets what the old one settled
-    assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"
+    workbook.prepare_split(params)  # a new split forgets what the old one settled, and says so
+    with pytest.warns(workbook.UnsettledRecipeWarning, match="mirror check has not run"):
+        assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"
 
 
 def test_missing_input_names_the_notebook(tmp_path):

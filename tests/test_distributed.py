@@ -8,13 +8,16 @@ import platform
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+from helpers import train, workbook
 from helpers.checkpoint import load_checkpoint
 from helpers.distributed import Distributed, GlobalOrderSampler, single_process_order
 from helpers.runtime import make_loader
@@ -173,3 +176,16 @@ def test_odd_sizes_pad_the_training_shares_but_not_the_validation_ones():
 def test_sync_batchnorm_is_refused_on_the_cpu():
     with pytest.raises(ValueError, match="sync_batchnorm=True needs CUDA"):
         Distributed(0, 2).sync_batchnorm(torch.nn.BatchNorm2d(3), torch.device("cpu"))
+
+
+def test_command_line_split_warns_once_that_no_mirror_check_ran(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TL_SMOKE", "1")
+    values = {"run_name": str(tmp_path / "r")}
+    main = SimpleNamespace(is_main=True, barrier=lambda: None)
+    with pytest.warns(workbook.UnsettledRecipeWarning, match="mirror check has not run") as caught:
+        params = train.resolve(values, main)
+    assert len(caught) == 1 and params.augment == params.default_augment
+    assert "making notebook 02's split (without its mirror check)" in capsys.readouterr().out
+    with warnings.catch_warnings():  # the other processes find the split and stay quiet
+        warnings.simplefilter("error", workbook.UnsettledRecipeWarning)
+        assert train.resolve(values, SimpleNamespace(is_main=False, barrier=lambda: None)).augment == params.augment

@@ -179,6 +179,24 @@ def nll(logits, labels, t=1.0):
     return float(torch.nn.functional.cross_entropy(torch.tensor(logits) / t, torch.tensor(labels)))
 
 
+def test_ece_difference_se_is_zero_for_equal_probabilities_and_shrinks_with_more_images():
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        targets = rng.integers(0, 2, n)
+        confident = np.where(rng.random(n) < 0.8, targets, 1 - targets)  # right 80 % of the time
+        sharp = np.eye(2)[confident] * 0.98 + 0.01  # claims 99 %
+        return sharp, np.full((n, 2), 0.5) + (np.eye(2)[confident] - 0.5) * 0.6, targets  # and 80 %
+
+    sharp, soft, targets = sample(60)
+    assert ev.ece_difference_se(sharp, sharp, targets) == 0.0
+    small = ev.ece_difference_se(sharp, soft, targets)
+    assert small > 0.0
+    assert ev.ece_difference_se(*sample(2000)) < small / 3  # about 1 / sqrt(33) of it
+    with pytest.raises(ValueError, match="same shape"):
+        ev.ece_difference_se(sharp, np.full((60, 3), 1 / 3), targets)
+
+
 def test_fit_temperature_recovers_two_and_lowers_heldout_nll():
     logits, labels = toy_logits(4000, seed=0)
     t = ev.fit_temperature(logits, labels)

@@ -44,6 +44,13 @@ def test_results_table_puts_the_validation_controls_in_the_metric_they_were_sele
     assert table.loc["final model", "accuracy"] == 0.86
     assert list(lessons.results_table(metrics, _baselines(False), "accuracy")["model"]) == [
         "majority class", "linear probe", "final model"]
+    # 03's scores say where they come from: its validation split, or cross-validation when that was small
+    assert table.loc["from scratch (03's budget)", "split"] == "validation"
+    cross_validated = _baselines()
+    cross_validated["scratch"]["split"] = "3-fold CV on train + validation"
+    table = lessons.results_table(metrics, cross_validated, "accuracy").set_index("model")
+    assert list(table["split"]) == ["test", "test", "3-fold CV on train + validation",
+                                    "3-fold CV on train + validation", "test"]
 
 
 def test_history_summary_reports_the_best_epoch_and_the_gap_from_the_history():
@@ -101,6 +108,11 @@ def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_th
     switched = lessons.mirror_advice(check, "natural", 30, settled="natural_no_flip")
     assert "notebooks 03–05 use `natural_no_flip` instead" in switched and 'set `augment = "natural"`' in switched
     assert lessons.mirror_conflicts(check, "cells") == ["horizontal mirror"]
+    assert "weaker kind of evidence" not in switched  # every row of the horizontal mirror lost here
+    diagnostic_only = check.copy()
+    diagnostic_only.loc[diagnostic_only["use"] != "scored on mirrors", "loss_beyond_noise"] = False
+    assert "Only the diagnostic row (*scored on mirrors*) lost" in lessons.mirror_advice(
+        diagnostic_only, "natural", 30, settled="natural_no_flip")
     assert lessons.mirror_conflicts(check, "none") == lessons.mirror_conflicts(check, "natural_no_flip") == []
     assert "keep it" in lessons.mirror_advice(check, "none", 30)
     assert "keep it" in lessons.mirror_advice(check, "natural_no_flip", 30)
