@@ -192,8 +192,8 @@ def param_groups(model: TransferModel, lr: float, layer_decay: float = 1.0,
 # ----------------------------------------------------------------------------------------
 # The guide: recommend a strategy, and measure "similar" from the data itself
 
-# Guide thresholds. "Small" follows the common rule of thumb (CS231n transfer-learning
-# notes): about a thousand images per class is where fine-tuning deep layers stops overfitting.
+# Guide thresholds. "Small" is the course's own convention, a rule of thumb rather than a measured
+# boundary: under about a thousand images per class, fine-tuning deep layers overfits easily.
 SMALL_IMAGES_PER_CLASS = 1000
 
 # "Similar to ImageNet" is measured with the network's own BatchNorm statistics. A BatchNorm

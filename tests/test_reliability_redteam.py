@@ -279,7 +279,8 @@ def _own_data(root: Path) -> Path:
 def test_new_data_root_for_later_notebooks_names_notebook_02(tmp_path):
     old, new = _own_data(tmp_path / "old"), _own_data(tmp_path / "new")
     first = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(old)}, smoke=True)
-    write_json(first.run / "dataset.json", workbook.dataset_config(first, CLASSES))
+    # what a finished notebook 02 leaves: the split's settings and the recipe its mirror check settled on
+    write_json(first.run / "dataset.json", {**workbook.dataset_config(first, CLASSES), "augment": "natural"})
     later = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(new)}, smoke=True)
     with pytest.raises(ValueError, match=r"data_root is '.*new' now, but notebook 02_prepare_dataset split the "
                                          r"data with '.*old'.*rerun notebooks/02_prepare_dataset\.ipynb"):
