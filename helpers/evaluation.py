@@ -16,12 +16,14 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
   frequent training class; ``baseline_probe`` (and ``_balanced_accuracy``, ``_macro_f1``): the linear
   probe on the frozen backbone (logistic regression, C by cross-validation on train) on test;
   ``baseline_scratch_val`` and ``pretrained_val_same_budget``: the from-scratch control and the best
-  pretrained strategy on validation under notebook 03's budget, in ``selection_metric`` (accuracy, or
+  pretrained strategy under notebook 03's budget (on validation, or cross-validated on train + validation
+  when that split is small), in ``selection_metric`` (accuracy, or
   macro-F1 for ELPV's four classes; all three None when not run); ``final_model``: "fine-tuned" or "probe";
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
-  after temperature scaling; ``temperature``: T fitted on the validation split;
+  after temperature scaling; ``temperature``: T fitted on the validation split (1 when every validation
+  image is right: nothing to fit);
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
   flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (a recipe without flips);
   ``augment``: the training augmentation recipe the flips follow (None when not given);
