@@ -243,6 +243,41 @@ class UnsettledRecipeWarning(UserWarning):
     """Notebooks 03-05 run on a split whose augmentation recipe notebook 02 did not settle."""
 
 
+def _data_source(p: dict, smoke: bool) -> dict:
+    """Where the images and labels come from, as `Params` fields: ELPV (``data_root`` left at None, the
+    tiny copy in smoke mode) or the user's folder, checked to exist."""
+    elpv = p["data_root"] is None
+    if elpv:
+        task = p["task"] or "binary"
+        _check_choice("task", task, list(ELPV_TASKS))
+        for name in ("labels_csv", "group_col"):
+            if p[name] is not None:
+                raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
+        root = workbook_root() / "data"
+        data_root = make_tiny_elpv(root / "elpv_tiny") if smoke else prepare_elpv(root / "elpv")
+        labels_csv, file_col, group_col = data_root / "labels.csv", "file", "type"
+        label_col = ELPV_TASKS[task][0]
+        stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
+    else:
+        task = p["task"] or CUSTOM_TASK
+        _check_choice("task", task, [CUSTOM_TASK])
+        data_root = Path(p["data_root"]).expanduser()
+        if not data_root.is_absolute():
+            data_root = (workbook_root() / data_root).resolve()
+        if not data_root.is_dir():
+            raise FileNotFoundError(f"data_root {p['data_root']!r} is not a folder (looked at {data_root})")
+        labels_csv = None
+        if p["labels_csv"] is not None:
+            labels_csv = Path(p["labels_csv"]).expanduser()
+            labels_csv = labels_csv if labels_csv.is_absolute() else data_root / labels_csv
+            if not labels_csv.is_file():
+                raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
+        file_col, label_col, group_col = p["file_col"], p["label_col"], p["group_col"]
+        stratify_col = None
+    return {"data_root": data_root, "labels_csv": labels_csv, "file_col": file_col, "label_col": label_col,
+            "group_col": group_col, "task": task, "elpv": elpv, "stratify_col": stratify_col}
+
+
 def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
@@ -286,42 +321,14 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
 
     device = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
 
-    elpv = p["data_root"] is None
-    if elpv:
-        task = p["task"] or "binary"
-        _check_choice("task", task, list(ELPV_TASKS))
-        for name in ("labels_csv", "group_col"):
-            if p[name] is not None:
-                raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
-        root = workbook_root() / "data"
-        data_root = make_tiny_elpv(root / "elpv_tiny") if smoke else prepare_elpv(root / "elpv")
-        labels_csv, file_col, group_col = data_root / "labels.csv", "file", "type"
-        label_col = ELPV_TASKS[task][0]
-        stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
-    else:
-        task = p["task"] or CUSTOM_TASK
-        _check_choice("task", task, [CUSTOM_TASK])
-        data_root = Path(p["data_root"]).expanduser()
-        if not data_root.is_absolute():
-            data_root = (workbook_root() / data_root).resolve()
-        if not data_root.is_dir():
-            raise FileNotFoundError(f"data_root {p['data_root']!r} is not a folder (looked at {data_root})")
-        labels_csv = None
-        if p["labels_csv"] is not None:
-            labels_csv = Path(p["labels_csv"]).expanduser()
-            labels_csv = labels_csv if labels_csv.is_absolute() else data_root / labels_csv
-            if not labels_csv.is_file():
-                raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
-        file_col, label_col, group_col = p["file_col"], p["label_col"], p["group_col"]
-        stratify_col = None
+    source = _data_source(p, smoke)
 
     run_name = p["run_name"] or ("smoke" if smoke else "course")
     run = run_folder(str(run_name))
-    params = Params(run_name=str(run_name), run=run, data_root=data_root,
-                    labels_csv=labels_csv, file_col=file_col, label_col=label_col, group_col=group_col, task=task,
+    params = Params(run_name=str(run_name), run=run, **source,
                     backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
-                    batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke, elpv=elpv,
-                    stratify_col=stratify_col, augment_recipe=p["augment"],
+                    batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke,
+                    augment_recipe=p["augment"],
                     settled_augment=settled_recipe(run) if settled and p["augment"] is None else None,
                     user_set=user_set)
     if settled and p["augment"] is None and params.settled_augment is None and (run / "dataset.json").is_file():
