@@ -12,8 +12,9 @@ phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt
 ``fit.json``), and the floor (``final.pt``, ``final.json``: the fine-tuned model only if it beats the
 probe on validation by more than the noise) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``.
 Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from the run folder;
-without notebook 02's split there, it makes the same split first. An interrupted run continues
-from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
+without notebook 02's split there, it makes the same split first, and where 02 did not settle the
+augmentation recipe it runs 02's mirror check (``mirror_check.csv``; ``--no-mirror-check`` skips it).
+An interrupted run continues from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
 
 Under torchrun, ``--batch-size`` is per process: W processes train with an effective batch of
 W x batch size, and the learning rate is scaled for it (``--lr-scaling``: square root by
@@ -63,19 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BatchNorm statistics over all processes' batches (GPUs only)")
     parser.add_argument("--num-workers", type=int, default=None, help="loader processes per training process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-mirror-check", action="store_true",
+                        help="where notebook 02 did not settle the augmentation recipe, use the default one "
+                             "unchecked instead of measuring whether a mirror keeps the label")
     return parser
 
 
-def resolve(values: dict, ctx: distributed.Distributed) -> workbook.Params:
-    """`workbook.resolve_params` with rank 0 first: it creates the run folder, copies ELPV if needed
-    and makes notebook 02's split if missing, while the others wait; they then find it all in place."""
+def resolve(values: dict, ctx: distributed.Distributed, check_mirrors: bool = True) -> workbook.Params:
+    """`workbook.resolve_params` with rank 0 first: it creates the run folder, copies ELPV if needed and,
+    where notebook 02 has not, makes its split and runs its mirror check (`workbook.check_mirrors`: the
+    recipe loses its flips when a mirror changes the label), while the others wait; they then find it all
+    in place. Without ``check_mirrors`` an unsettled recipe is the default one, with a warning."""
     if ctx.is_main:
-        params = workbook.resolve_params(values)
+        params = workbook.resolve_params(values, settled=False)  # the recipe to check: the user's or the default
         if not (params.run / "dataset.json").is_file():
-            print(f"[train] no split in {params.run}: making notebook 02's split (without its mirror check)",
-                  flush=True)
+            print(f"[train] no split in {params.run}: making notebook 02's split", flush=True)
             workbook.prepare_split(params)
-            params = workbook.resolve_params(values)  # warns once that the recipe was not settled
+        if check_mirrors and workbook.settled_recipe(params.run) is None:
+            backbone = params.backbone or workbook.read_json(params.run / "decision.json",
+                                                             "01_analyze_approach")["backbone"]
+            _, lost, recipe = workbook.check_mirrors(params, backbone)
+            print(f"[train] notebook 02's mirror check ({params.run / 'mirror_check.csv'}): "
+                  + (f"the {' and '.join(lost)} lost beyond the noise; " if lost else "no mirror lost; ")
+                  + f"augment={recipe!r}", flush=True)
+            if lost and recipe == params.augment:  # a recipe the user set is kept, as in notebook 02
+                warnings.warn(f"augment={recipe!r} uses the {' and '.join(lost)}, which lost validation accuracy "
+                              f"beyond the noise (see {params.run / 'mirror_check.csv'})", stacklevel=2)
+        params = workbook.resolve_params(values)  # warns once if the recipe is still unsettled
     ctx.barrier()
     if ctx.is_main:
         return params
@@ -97,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     joined = dist.is_available() and dist.is_initialized()  # by a caller: leave the process group open
     ctx = distributed.context()
     try:
-        params = resolve(values, ctx)
+        params = resolve(values, ctx, check_mirrors=not args.no_mirror_check)
         model, budget = workbook.fine_tune_model(params)
         sets = workbook.fine_tune_datasets(params, model, budget)
         settings = workbook.fine_tune_settings(params, budget)

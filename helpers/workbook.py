@@ -333,7 +333,8 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
                     user_set=user_set)
     if settled and p["augment"] is None and params.settled_augment is None and (run / "dataset.json").is_file():
         # A split without a settled recipe: 02 stopped between its split and its mirror check, or
-        # `python -m helpers.train` made the split. Say so rather than train silently on unchecked mirrors.
+        # `python -m helpers.train --no-mirror-check` made the split. Say so rather than train silently on
+        # unchecked mirrors.
         warnings.warn(f"{run / 'dataset.json'} holds a split but no augment: notebook 02's mirror check has not "
                       f"run on it, so this notebook uses the {params.default_augment!r} recipe for this kind of "
                       f"data, flips included. Run notebooks/02_prepare_dataset.ipynb to the end, or set augment.",
@@ -384,6 +385,26 @@ def settle_augment(params: Params, mirrors_that_lost: list[str]) -> str:
     path = params.run / "dataset.json"
     files.write_json(path, {**read_json(path, "02_prepare_dataset"), "augment": recipe})
     return recipe
+
+
+def check_mirrors(params: Params, backbone: str) -> tuple[pd.DataFrame, list[str], str]:
+    """Notebook 02's section 6 without its prose, for the command line: on the split in ``params.run``, does
+    a mirror keep the label (`helpers.lessons.mirror_check`, a linear probe on ``backbone``'s frozen features
+    at its own size)? Writes ``mirror_check.csv``, settles the recipe (`settle_augment`: ``dataset.json``)
+    and returns (the table, the recipe's mirrors that lost beyond the noise, the settled recipe)."""
+    from .lessons import mirror_check, mirror_conflicts, recipe_mirrors
+    from .models import create_model
+    from .transforms import eval_transform
+
+    classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
+    model = create_model(backbone, len(classes))
+    as_stored = eval_transform(model, params.image_size or model.spec.input_size, params.crop_pct)
+    sets = load_datasets(params, as_stored, as_stored)
+    table = mirror_check(model, sets["train"], sets["val"], recipe_mirrors(params.augment),
+                         max_train=pick(None, 64, 400, 1000, params), seed=params.seed, device=params.device)
+    files.write_csv(table, params.run / "mirror_check.csv")
+    conflicts = mirror_conflicts(table, params.augment)
+    return table, conflicts, settle_augment(params, conflicts)
 
 
 def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params) -> object:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from helpers import train, workbook
+from helpers import lessons, train, workbook
 from helpers.checkpoint import load_checkpoint
 from helpers.distributed import Distributed, GlobalOrderSampler, single_process_order
 from helpers.runtime import make_loader
@@ -178,15 +178,34 @@ def test_sync_batchnorm_is_refused_on_the_cpu():
         Distributed(0, 2).sync_batchnorm(torch.nn.BatchNorm2d(3), torch.device("cpu"))
 
 
-def test_command_line_split_warns_once_that_no_mirror_check_ran(tmp_path, monkeypatch, capsys):
+def test_command_line_split_runs_notebook_02s_mirror_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TL_SMOKE", "1")
+    values = {"run_name": str(tmp_path / "r"), "backbone": "efficientnet_lite0"}
+    main = SimpleNamespace(is_main=True, barrier=lambda: None)
+    with warnings.catch_warnings():  # the recipe is settled, so nothing to warn about
+        warnings.simplefilter("error", workbook.UnsettledRecipeWarning)
+        params = train.resolve(values, main)
+    table = pd.read_csv(params.run / "mirror_check.csv")
+    assert list(table["mirror"]) == ["none", *["horizontal mirror"] * 3, *["vertical mirror"] * 3]  # cells' mirrors
+    lost = lessons.mirror_conflicts(table, "cells")
+    assert params.augment == params.settled_augment == ("cells_no_flip" if lost else "cells")
+    assert json.loads((params.run / "dataset.json").read_text())["augment"] == params.augment
+    out = capsys.readouterr().out
+    assert "making notebook 02's split" in out and f"augment={params.augment!r}" in out
+    before = (params.run / "mirror_check.csv").stat().st_mtime_ns
+    assert train.resolve(values, main).augment == params.augment  # settled once: not measured again
+    assert (params.run / "mirror_check.csv").stat().st_mtime_ns == before
+
+
+def test_command_line_without_mirror_check_warns_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TL_SMOKE", "1")
     values = {"run_name": str(tmp_path / "r")}
     main = SimpleNamespace(is_main=True, barrier=lambda: None)
     with pytest.warns(workbook.UnsettledRecipeWarning, match="mirror check has not run") as caught:
-        params = train.resolve(values, main)
+        params = train.resolve(values, main, check_mirrors=False)
     assert [w.category for w in caught].count(workbook.UnsettledRecipeWarning) == 1
-    assert params.augment == params.default_augment
-    assert "making notebook 02's split (without its mirror check)" in capsys.readouterr().out
+    assert params.augment == params.default_augment and not (params.run / "mirror_check.csv").exists()
+    assert "making notebook 02's split" in capsys.readouterr().out
     with warnings.catch_warnings():  # the other processes find the split and stay quiet
         warnings.simplefilter("error", workbook.UnsettledRecipeWarning)
         assert train.resolve(values, SimpleNamespace(is_main=False, barrier=lambda: None)).augment == params.augment
