@@ -60,6 +60,16 @@ def parse_value(text: str, key: str | None = None) -> object:
     return text
 
 
+def data_root_from_here(parameters: dict[str, object]) -> dict[str, object]:
+    """``parameters`` with a relative ``data_root`` made absolute when it names a folder under the current
+    directory: on the command line a path means what it means to the shell. (The notebooks run in
+    ``notebooks/`` and resolve a relative path against the workbook's folder, which is kept otherwise.)"""
+    root = parameters.get("data_root")
+    if isinstance(root, str) and not Path(root).expanduser().is_absolute() and Path(root).is_dir():
+        return {**parameters, "data_root": str(Path(root).resolve())}
+    return parameters
+
+
 def notebooks_dir() -> Path:
     return workbook_root() / "notebooks"
 
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
     smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
     name = args.name or ("smoke" if smoke else "course")
-    parameters = {key: parse_value(value, key) for key, value in args.parameter}
+    parameters = data_root_from_here({key: parse_value(value, key) for key, value in args.parameter})
     try:  # mistakes in the arguments themselves: a usage message, not a traceback
         notebooks = select_notebooks(args.notebooks)
         grid = expand_grid(args.grid) if args.grid else None

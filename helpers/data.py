@@ -9,6 +9,7 @@ split, and a bad file must fail with its name instead of a cryptic stack trace.
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
@@ -29,6 +30,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # than any camera in common use. A tiny PNG can declare 20000 x 20000 px and take gigabytes once
 # decoded (a "decompression bomb"), so the header is checked first. TL_MAX_IMAGE_PIXELS overrides.
 MAX_IMAGE_PIXELS = 100_000_000
+
+
+# Floating-point images are read as 0..1; this much rounding error beyond either end is tolerated.
+FLOAT_SLACK = 1e-3
 
 
 class ImageReadError(ValueError):
@@ -144,6 +149,11 @@ def to_rgb_uint8(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.n
     if image.dtype == np.uint16:
         image = (image.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif image.dtype in (np.float32, np.float64):
+        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        if not (np.isfinite(image).all() and low >= -FLOAT_SLACK and high <= 1.0 + FLOAT_SLACK):
+            # Clipping 0..255 or 0..65535 floats to [0, 1] would make the image white, silently.
+            raise ImageReadError(f"{path}: floating-point pixels range over [{low:g}, {high:g}]; the workbook "
+                                 f"reads floats as 0..1 (scale the images, or save them as 8- or 16-bit)")
         image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     elif image.dtype != np.uint8:
         raise ImageReadError(f"{path}: unsupported pixel type {image.dtype}")
@@ -172,8 +182,8 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     subfolders = sorted(d for d in root.iterdir() if d.is_dir())
-    class_dirs = [d for d in subfolders if not d.name.startswith(".")]
-    hidden = [d.name for d in subfolders if d.name.startswith(".")]
+    class_dirs = [d for d in subfolders if not is_hidden_name(d.name)]
+    hidden = [d.name for d in subfolders if is_hidden_name(d.name)]
     skipped = f" (hidden folders are skipped: {hidden})" if hidden else ""
     if not class_dirs:
         raise ValueError(f"{root}: no class subfolders found (expected {root}/<class>/<image>, "
@@ -181,9 +191,14 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     if len(class_dirs) == 1:
         raise ValueError(f"{root}: only one class folder, {class_dirs[0].name!r}; a classifier needs at least "
                          f"two (one subfolder per class){skipped}")
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if loose:  # no class folder says what they are: name them rather than drop them unmentioned
+        warnings.warn(f"{root}: {len(loose)} image(s) directly in the folder belong to no class and are not used: "
+                      f"{loose[:10]} (move each into its class folder)", stacklevel=2)
     rows, ignored = [], []
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file()
+                       and not any(is_hidden_name(part) for part in p.relative_to(class_dir).parts))
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not images:
@@ -193,6 +208,12 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
         warnings.warn(f"{root}: ignored {len(ignored)} non-image file(s): "
                       f"{[str(p.relative_to(root)) for p in ignored[:10]]}", stacklevel=2)
     return pd.DataFrame(rows, columns=["file", "label"])
+
+
+def is_hidden_name(name: str) -> bool:
+    """Folders and files that hold no user images: hidden ones (.thumbs, .ipynb_checkpoints), a NAS's
+    thumbnails (@eaDir) and the resource forks of a macOS zip (__MACOSX). `helpers.predict` skips them too."""
+    return name.startswith(".") or name in ("@eaDir", "__MACOSX")
 
 
 def _read_label_csv(path: Path) -> pd.DataFrame:
@@ -214,7 +235,11 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
     if not text.strip():
         raise ValueError(f"{path} is empty: a label table needs a header row (e.g. file,label) and one row "
                          f"per image")
-    reader, header = csv.reader(io.StringIO(text)), None
+    first = next(line for line in text.splitlines() if line.strip())
+    # Excel writes ';' where the decimal mark is a comma (most of Europe), and some tools write tabs:
+    # a header without a comma but with one of those is read with it rather than as a single column.
+    delimiter = next((d for d in (";", "\t") if "," not in first and d in first), ",")
+    reader, header = csv.reader(io.StringIO(text), delimiter=delimiter), None
     for row in reader:
         if not row:  # pandas skips blank lines too
             continue
@@ -225,10 +250,16 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
                              f"{len(header)} ({header}): {row[:len(header) + 3]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra fields are empty: checked above
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""], index_col=False)
+        frame = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, na_values=[""],
+                            index_col=False, skip_blank_lines=True)
     # A trailing comma in the header adds an unnamed, empty column: drop it rather than carry it along.
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ") and frame[c].isna().all()]
-    return frame.drop(columns=unnamed)
+    frame = frame.drop(columns=unnamed)
+    spaced = [c for c in frame.columns if c != c.strip()]
+    if spaced:  # "file, label": the column is ' label' to pandas, a typo to nobody
+        warnings.warn(f"{path}: stripped spaces around column name(s) {spaced}", stacklevel=3)
+        frame.columns = [c.strip() for c in frame.columns]
+    return frame
 
 
 def _check_column_names(file_col: object, label_col: object, group_col: object) -> None:
@@ -268,6 +299,35 @@ def _strip_labels(labels: pd.Series, source: str, label_col: str) -> pd.Series:
     return stripped
 
 
+def _blank_rows(frame: pd.DataFrame, col: str) -> list[int]:
+    """Data rows (the first under the header is 1) whose ``col`` is missing or only spaces."""
+    values = frame[col]
+    blank = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+    return [int(i) + 1 for i in np.flatnonzero(blank)]
+
+
+def _windows_paths(files: pd.Series, root: Path, source: str) -> pd.Series:
+    """``img\\a.png`` as ``img/a.png`` where only the latter exists (a table written on Windows)."""
+    fixed = files.str.replace("\\", "/", regex=False)
+    changed = pd.Series([f != g and not (root / f).is_file() and (root / g).is_file()
+                         for f, g in zip(files, fixed, strict=True)], index=files.index)
+    if changed.any():
+        warnings.warn(f"{source}: read {int(changed.sum())} path(s) written with backslashes as '/' paths, "
+                      f"e.g. {files[changed].iloc[0]!r}", stacklevel=3)
+    return files.where(~changed, fixed)
+
+
+def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
+    """Warn when two labels differ only in case or spacing ('Cat' and 'cat'): each would be its own class."""
+    spellings: dict[str, set[str]] = {}
+    for label in labels.unique():
+        spellings.setdefault(" ".join(label.casefold().split()), set()).add(label)
+    clashes = [sorted(names) for names in spellings.values() if len(names) > 1]
+    if clashes:
+        warnings.warn(f"{source}: labels that differ only in case or spacing are separate classes: {clashes[:5]}; "
+                      f"spell each class one way if they are the same", stacklevel=3)
+
+
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
                file_col: str = "file", label_col: str = "label", group_col: str | None = None,
                check_empty: bool = True, allow_outside_root: bool = False) -> pd.DataFrame:
@@ -277,9 +337,11 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     Fails, naming the culprit, on: missing folder, missing column, empty labels, a file listed
     twice (also under two spellings of one path, e.g. ``a.png`` and ``./a.png``), files listed
     but missing, files outside ``root`` (absolute paths, ``../``; allowed with
-    ``allow_outside_root=True``), and zero-byte files (unless ``check_empty=False``, which
-    `ImageDataset` uses with ``skip_bad=True`` to skip them with a warning instead). Labels
-    are stripped of surrounding spaces, with a warning.
+    ``allow_outside_root=True``), empty file, label or group cells (naming the rows), and
+    zero-byte files (unless ``check_empty=False``, which `ImageDataset` uses with
+    ``skip_bad=True`` to skip them with a warning instead). Labels are stripped of surrounding
+    spaces, with a warning; labels that differ only in case get a warning; Windows paths
+    (``img\\a.png``) are read as ``img/a.png`` where only that exists.
     """
     root = Path(root)
     if not root.is_dir():
@@ -305,16 +367,17 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     if len(frame) == 0:
         raise ValueError(f"{source} lists no images")
 
-    out = pd.DataFrame({"file": frame[file_col].astype(str).to_numpy()})
-    labels = frame[label_col]
-    if labels.isna().any():
-        bad = out["file"][labels.isna().to_numpy()].tolist()
-        raise ValueError(f"{source}: empty {label_col!r} for {len(bad)} file(s): {bad[:10]}")
-    out["label"] = _strip_labels(labels.astype(str), source, label_col).to_numpy()
-    if (out["label"] == "").any():
-        bad = out["file"][(out["label"] == "").to_numpy()].tolist()
-        raise ValueError(f"{source}: blank {label_col!r} for {len(bad)} file(s): {bad[:10]}")
-    out["group"] = frame[group_col].astype(str).to_numpy() if group_col else None
+    for col in (file_col, label_col, group_col):
+        blank = _blank_rows(frame, col) if col is not None else []
+        if blank:  # a stray row, or a cell left empty: name the rows, as a spreadsheet numbers them
+            hint = " (fill them, e.g. with 'unknown', or leave group_col unset)" if col == group_col else ""
+            files = "" if col == file_col else f", files {[str(frame[file_col].iat[i - 1]) for i in blank[:10]]}"
+            raise ValueError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
+                             f"under the header is 1){files}{hint}")
+    out = pd.DataFrame({"file": _windows_paths(frame[file_col].astype(str), root, source).to_numpy()})
+    out["label"] = _strip_labels(frame[label_col].astype(str), source, label_col).to_numpy()
+    _warn_near_duplicate_labels(out["label"], source)
+    out["group"] = frame[group_col].astype(str).str.strip().to_numpy() if group_col else None
 
     duplicated = out["file"][out["file"].duplicated()].unique().tolist()
     if duplicated:
@@ -450,14 +513,49 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     if group_col and group_col in frame.columns and frame[group_col].notna().all():
         strata = strata + "|" + frame[group_col].astype(str)
     counts = strata.value_counts()
+    what = "label x group" if "|" in strata.iloc[0] else "class"
     if (counts < 4).any():
         raise ValueError(f"too few images to stratify three splits: {counts[counts < 4].to_dict()} "
-                         f"(each label x group needs at least 4)")
+                         f"(each {what} needs at least 4)")
+    # scikit-learn needs at least one image per stratum in every split: check it here, where we can
+    # say how many images that takes, instead of letting it fail with "test_size = 6 should be ...".
+    sizes = split_sizes(len(frame), test_size, val_size)
+    short = {name: n for name, n in sizes.items() if n < len(counts)}
+    if short:
+        needed = minimum_split_size(len(counts), test_size, val_size)
+        raise ValueError(f"too few images for {len(counts)} "
+                         f"{'classes' if what == 'class' else what + ' strata'} ({len(frame)} images): the "
+                         + " and ".join(f"{name} split would get {n}" for name, n in short.items())
+                         + f" image(s), fewer than one per stratum; a stratified split takes at least {needed} "
+                         f"images (about {math.ceil(needed / len(counts))} per {what})"
+                         + (", or fewer groups (group_col)" if what != "class" else ""))
 
     rest, test = train_test_split(frame, test_size=test_size, stratify=strata, random_state=seed)
     train, val = train_test_split(rest, test_size=val_size, stratify=strata.loc[rest.index], random_state=seed)
-    return {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
-            "test": test.reset_index(drop=True)}
+    splits = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
+              "test": test.reset_index(drop=True)}
+    absent = {name: sorted(set(frame[label_col].astype(str)) - set(split[label_col].astype(str)))
+              for name, split in splits.items()}
+    absent = {name: labels for name, labels in absent.items() if labels}
+    if absent:  # a class this rare is scored on nothing, or chosen on nothing: say so now, not in notebook 05
+        warnings.warn(f"class(es) with no image in a split: {absent}; with so few images of a class its results "
+                      f"cannot be judged (add images of it if you can)", stacklevel=2)
+    return splits
+
+
+def minimum_split_size(strata: int, test_size: float = 0.25, val_size: float = 0.15) -> int:
+    """The fewest images `make_splits` can split into three splits with one image per stratum in each."""
+    n = strata
+    while min(split_sizes(n, test_size, val_size).values()) < strata:
+        n += 1
+    return n
+
+
+def split_sizes(n: int, test_size: float = 0.25, val_size: float = 0.15) -> dict[str, int]:
+    """Images per split for ``n`` images, rounded as scikit-learn's `train_test_split` rounds them."""
+    test = math.ceil(test_size * n)
+    val = math.ceil(val_size * (n - test))
+    return {"train": n - test - val, "val": val, "test": test}
 
 
 def save_splits(splits: dict[str, pd.DataFrame], folder: str | os.PathLike) -> list[Path]:

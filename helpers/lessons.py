@@ -222,7 +222,8 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
     files = dataset.files if n is None else dataset.files[:n]
     rows = []
     for file in files:
-        image = cv2.imread(str(dataset.root / file), cv2.IMREAD_UNCHANGED)
+        # imdecode(fromfile), not imread: imread cannot open non-ASCII paths on Windows
+        image = cv2.imdecode(np.fromfile(dataset.root / file, np.uint8), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise ValueError(f"cannot decode {dataset.root / file}")
         rows.append({"height": image.shape[0], "width": image.shape[1],

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, ImageReadError, read_image
+from .data import IMAGE_EXTENSIONS, ImageReadError, is_hidden_name, read_image
 from .export import ProbabilityModel, export_transform, is_exported, load_exported
 from .files import write_csv
 from .runtime import make_loader, pick_device, tune_cpu, with_progress
@@ -37,17 +37,20 @@ class PredictError(Exception):
     """A problem with the command's inputs, reported as one line without a traceback."""
 
 
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files (by extension) in ``folder``, sorted; hidden files are skipped."""
+def list_images(folder: Path, recursive: bool = False, all_files: bool = False) -> list[Path]:
+    """Image files (by extension; every file with ``all_files``) in ``folder``, sorted; hidden files and
+    folders are skipped, as training skips them (`helpers.data.scan_class_folders`)."""
     if not folder.is_dir():
         raise PredictError(f"image folder not found: {folder}")
     files = folder.rglob("*") if recursive else folder.iterdir()
-    images = sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    images = sorted(p for p in files if p.is_file() and (all_files or p.suffix.lower() in IMAGE_EXTENSIONS)
+                    and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
     if not images:
         nested = not recursive and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
         hint = " (there are images in subfolders: add --recursive)" if nested else ""
-        raise PredictError(f"no images with extensions {list(IMAGE_EXTENSIONS)} in {folder}{hint}")
+        others = "" if all_files or not any(p.is_file() for p in folder.iterdir()) else (
+            "; files with other extensions are read with --all-files")
+        raise PredictError(f"no images with extensions {list(IMAGE_EXTENSIONS)} in {folder}{hint}{others}")
     return images
 
 
@@ -179,6 +182,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--num-workers", type=int, default=None, help="image reading processes")
     parser.add_argument("--recursive", action="store_true", help="also label images in subfolders")
+    parser.add_argument("--all-files", action="store_true",
+                        help="label every file, whatever its extension (a label table may list images without "
+                             "one); files that are not images are then errors, or skipped with --skip-bad")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--skip-bad", action="store_true",
                         help="warn about unreadable images and label the rest (default: stop with an error)")
@@ -196,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_cpu()
     try:
         check_out_path(args.out, args.overwrite)
-        files = list_images(args.folder, args.recursive)
+        files = list_images(args.folder, args.recursive, args.all_files)
         check_out_is_not_an_input(args.out, args.model, files)
         device = pick_device(args.device)
         model, meta = load_model(args.model, device, args.trust_export)

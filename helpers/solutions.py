@@ -65,6 +65,8 @@ def threshold_for_recall(scores: np.ndarray, is_positive: np.ndarray, recall: fl
     """05: the highest threshold on ``scores`` whose recall of the positive class is at least ``recall``."""
     from sklearn.metrics import precision_recall_curve
 
+    if not np.any(is_positive):  # recall is undefined: scikit-learn would only warn and return nonsense
+        raise ValueError("no positive example among the scores: a threshold for a recall needs at least one")
     _, recalls, thresholds = precision_recall_curve(is_positive, scores)
     reaching = recalls[:-1] >= recall  # recalls[i] belongs to thresholds[i]; the last point has none
     return float(thresholds[reaching].max())

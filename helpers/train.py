@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from . import distributed, workbook
 from .checkpoint import save_model
-from .course import parse_value
+from .course import data_root_from_here, parse_value
 from .lessons import score_of
 from .selection import build_model, phase_one, start_from_probe, trains_beyond_classifier
 
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_cpu()
     if args.smoke:
         os.environ["TL_SMOKE"] = "1"
-    values = {name: getattr(args, name) for name in workbook.PARAMETERS}
+    values = data_root_from_here({name: getattr(args, name) for name in workbook.PARAMETERS})
     joined = dist.is_available() and dist.is_initialized()  # by a caller: leave the process group open
     ctx = distributed.context()
     try:

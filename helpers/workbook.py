@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, overlapping_files,
-                   prepare_elpv)
+from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, minimum_split_size,
+                   overlapping_files, prepare_elpv)
 from . import files
 from .metrics import class_weighting
 from .freezing import STRATEGIES
@@ -430,7 +430,23 @@ def label_table(params: Params) -> pd.DataFrame:
         strata = load_table(params.data_root, params.labels_csv, params.file_col, params.stratify_col,
                             params.group_col)
         table["stratum"] = strata["label"].to_numpy()
+    if params.smoke and not params.elpv:  # ELPV has its own 64-image copy
+        table = smoke_subset(table, params.seed)
     return table
+
+
+SMOKE_IMAGES = 64  # smoke mode's dataset size: ELPV's tiny copy, and a sample of your own folder
+
+
+def smoke_subset(table: pd.DataFrame, seed: int = 0, images: int = SMOKE_IMAGES) -> pd.DataFrame:
+    """A seeded sample of about ``images`` rows, the same number of each class (x group), enough of each
+    for notebook 02's three-way split (`helpers.data.minimum_split_size`): smoke mode on your own folder
+    rehearses the course on a few dozen images, as it does on ELPV, instead of reading all of them."""
+    strata = table["label"] + ("|" + table["group"] if table["group"].notna().all() else "")
+    count = strata.nunique()
+    per = max(4, math.ceil(minimum_split_size(count) / count), math.ceil(images / count))
+    keep = [rows.sample(n=min(len(rows), per), random_state=seed) for _, rows in table.groupby(strata, sort=True)]
+    return pd.concat(keep).sort_index()
 
 
 def classes_of(params: Params, table: pd.DataFrame) -> list[str]:

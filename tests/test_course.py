@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from helpers import course, workbook
+from helpers.data import make_splits
 from helpers.notebook_cells import output_problems
 
 
@@ -121,13 +122,38 @@ def test_a_mirror_that_lost_takes_the_mirrors_out_of_an_unset_recipe_only(tmp_pa
         assert workbook.resolve_params({"run_name": run}, smoke=True).augment == "cells"
 
 
+def test_a_relative_data_root_on_the_command_line_is_the_shells(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert course.data_root_from_here({"data_root": "mine", "epochs": 3}) == {"data_root": str(tmp_path / "mine"),
+                                                                             "epochs": 3}
+    assert course.data_root_from_here({"data_root": "data/nowhere"}) == {"data_root": "data/nowhere"}  # workbook's
+    assert course.data_root_from_here({"epochs": 3}) == {"epochs": 3}
+
+
+def test_smoke_mode_samples_your_folder_evenly_with_enough_of_each_class_to_split():
+    table = pd.DataFrame({"file": [f"f{i}" for i in range(1000)], "label": ["a"] * 700 + ["b"] * 250 + ["c"] * 50,
+                          "group": None})
+    sample = workbook.smoke_subset(table, seed=1)
+    assert sample["label"].value_counts().to_dict() == {"a": 22, "b": 22, "c": 22}
+    assert sample.equals(workbook.smoke_subset(table, seed=1)) and not sample.equals(workbook.smoke_subset(table))
+    many = pd.DataFrame({"file": [f"f{i}" for i in range(240)], "label": [f"c{i % 12}" for i in range(240)],
+                         "group": None})
+    assert len(workbook.smoke_subset(many)) == 12 * 9  # 64 images could not give every split all 12 classes
+    make_splits(workbook.smoke_subset(many), group_col=None)
+    small = table.groupby("label").head(5)
+    assert workbook.smoke_subset(small).sort_index().equals(small.sort_index())  # nothing to cut
+
+
 def test_missing_input_names_the_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):
         workbook.read_json(tmp_path / "dataset.json", "02_prepare_dataset")
 
 
 def _class_folders(root, per_class=12, size=48):
-    """Three classes of crops from scikit-image photos, a layout the notebooks have never seen."""
+    """Three classes of crops from scikit-image photos, a layout the notebooks have never seen, stored as
+    16-bit PNGs (8-bit values x 256, as some scientific cameras write them): OpenCV's imread, which notebook
+    05 reads one image with by hand, truncates them to 8 bits where the workbook's reader rounds."""
     import skimage.data
 
     rng = np.random.default_rng(0)
@@ -139,7 +165,8 @@ def _class_folders(root, per_class=12, size=48):
             side = int(min(h, w) * rng.uniform(0.5, 0.9))
             y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
             crop = cv2.resize(photo[y:y + side, x:x + side], (size, size), interpolation=cv2.INTER_AREA)
-            assert cv2.imwrite(str(root / name / f"{i:02d}.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+            deep = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR).astype(np.uint16) * 256
+            assert cv2.imwrite(str(root / name / f"{i:02d}.png"), deep)
     return root
 
 
@@ -154,6 +181,9 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
         # warning is the workbook's own, true of this data: 9 test images cannot calibrate a temperature.
         problems = [p for p in output_problems(executed) if "fitted temperature" not in p]
         assert problems == [], notebook
+    # 05's by-hand prediction noticed that imread decodes these files differently, and used the reader's pixels
+    by_hand = nbformat.read(run / "05_evaluate.ipynb", as_version=4)
+    assert "cv2.imread decodes it differently" in str([c.outputs for c in by_hand.cells if c.get("id") == "05-10"])
     dataset = json.loads((run / "dataset.json").read_text())
     assert dataset["classes"] == ["chelsea", "coffee", "rocket"] and dataset["task"] == "custom"
     assert {"train.csv", "val.csv", "test.csv", "mirror_check.csv", "probe.pt", "final.pt", "final.json",

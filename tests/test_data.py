@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, load_splits, load_table, make_splits,
-                          make_tiny_elpv, prepare_elpv, read_image, save_splits)
+                          make_tiny_elpv, minimum_split_size, prepare_elpv, read_image, save_splits, split_sizes)
 from helpers.transforms import SquarePad, eval_transform, is_deterministic, train_transform
 from helpers.models import BACKBONES
 
@@ -148,3 +148,36 @@ def test_clear_errors_name_the_culprit(tmp_path, tiny_root):
     dataset = ImageDataset(tmp_path, pd.DataFrame({"file": ["broken.png"], "label": ["x"]}))
     with pytest.raises(ImageReadError, match="broken.png"):
         dataset[0]
+
+
+def _equal_classes(classes: int, per_class: int, groups: int = 0) -> pd.DataFrame:
+    rows = [(f"{c}_{i}", f"class{c}", f"site{i % groups}" if groups else None)
+            for c in range(classes) for i in range(per_class)]
+    return pd.DataFrame(rows, columns=["file", "label", "group"])
+
+
+@pytest.mark.parametrize("classes, per_class", [(2, 5), (3, 7), (5, 8), (12, 9)])
+def test_a_split_too_small_for_its_classes_says_how_many_images_it_takes(classes, per_class):
+    splits = make_splits(_equal_classes(classes, per_class), group_col=None)  # the smallest that splits
+    assert all(split["label"].nunique() == classes for split in splits.values())
+    assert minimum_split_size(classes) <= classes * per_class
+    with pytest.raises(ValueError, match=rf"too few images for {classes} classes \({classes * (per_class - 1)} "
+                                         rf"images\): .*takes at least {minimum_split_size(classes)} images"):
+        make_splits(_equal_classes(classes, per_class - 1), group_col=None)
+
+
+def test_split_sizes_round_as_scikit_learn_does_and_groups_count_as_strata():
+    from sklearn.model_selection import train_test_split
+
+    for n in (10, 17, 64, 99, 2624):
+        rest, test = train_test_split(np.arange(n), test_size=0.25, random_state=0)
+        train, val = train_test_split(rest, test_size=0.15, random_state=0)
+        assert split_sizes(n) == {"train": len(train), "val": len(val), "test": len(test)}
+    with pytest.raises(ValueError, match=r"for 10 label x group strata .*or fewer groups \(group_col\)"):
+        make_splits(_equal_classes(2, 30, groups=5))  # 2 classes x 5 sites, 6 images each
+
+
+def test_a_class_missing_from_a_split_is_named():
+    table = pd.DataFrame({"file": [f"f{i}" for i in range(44)], "label": ["ok"] * 40 + ["defect"] * 4})
+    with pytest.warns(UserWarning, match=r"class\(es\) with no image in a split: \{'val': \['defect'\]\}"):
+        make_splits(table, group_col=None)

@@ -213,6 +213,25 @@ def test_predict_cli_recursive(head_export, folder, tmp_path):
     assert len(files) == 7 and "more/copy.png" in files  # without --recursive: 6 (see the CLI tests above)
 
 
+def test_predict_cli_all_files_reads_images_without_an_image_extension(head_export, folder, tmp_path, capsys):
+    _, path = head_export
+    shutil.copy(next(folder.glob("*.png")), folder / "scan_0001")  # a label table may list such names
+    (folder / ".thumbs").mkdir()
+    shutil.copy(next(folder.glob("*.png")), folder / ".thumbs" / "t.png")  # hidden: skipped, as training does
+    assert main([str(path), str(folder), "--out", str(tmp_path / "p.csv"), "--num-workers", "0",
+                 "--recursive"]) == 0
+    assert "scan_0001" not in read_predictions(tmp_path / "p.csv")["file"].tolist()
+    assert main([str(path), str(folder), "--out", str(tmp_path / "all.csv"), "--all-files", "--recursive",
+                 "--num-workers", "0"]) == 0
+    files = read_predictions(tmp_path / "all.csv")["file"].tolist()
+    assert len(files) == 7 and "scan_0001" in files and ".thumbs/t.png" not in files
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(folder / "scan_0001", only / "scan_0001")
+    assert main([str(path), str(only), "--out", str(tmp_path / "q.csv")]) == 2
+    assert "files with other extensions are read with --all-files" in capsys.readouterr().err
+
+
 def test_predict_cli_input_errors(head_export, folder, tmp_path, capsys):
     _, path = head_export
     out = str(tmp_path / "p.csv")

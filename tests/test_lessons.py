@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -152,3 +153,12 @@ def test_recipe_mirrors_follow_the_test_time_flips():
     assert lessons.recipe_mirrors("none") == ["horizontal mirror"]  # what "natural" would add
     with pytest.raises(ValueError, match="unknown mirror"):
         lessons.mirror_check(None, None, None, ["diagonal"])
+
+
+def test_threshold_for_recall_needs_a_positive_example():
+    from helpers import solutions
+
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    assert solutions.threshold_for_recall(scores, np.array([False, False, True, True]), 0.9) == 0.35
+    with pytest.raises(ValueError, match="no positive example"):
+        solutions.threshold_for_recall(scores, np.zeros(4, bool), 0.9)

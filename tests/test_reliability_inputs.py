@@ -110,8 +110,44 @@ def test_empty_label_is_named(tmp_path):
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(_png_bytes(_noise()))
     (tmp_path / "labels.csv").write_text("file,label\na.png,cat\nb.png,\n")
-    with pytest.raises(ValueError, match=r"empty 'label' for 1 file\(s\): \['b\.png'\]"):
+    with pytest.raises(ValueError, match=r"empty 'label' in 1 row\(s\): data rows \[2\] .*files \['b\.png'\]"):
         load_table(tmp_path, tmp_path / "labels.csv")
+
+
+def test_empty_file_and_group_cells_name_their_rows(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(_png_bytes(_noise()))
+    (tmp_path / "blank_file.csv").write_text("file,label\na.png,cat\n,dog\nb.png,dog\n")
+    with pytest.raises(ValueError, match=r"empty 'file' in 1 row\(s\): data rows \[2\]"):
+        load_table(tmp_path, tmp_path / "blank_file.csv")
+    (tmp_path / "blank_group.csv").write_text("file,label,site\na.png,cat,A\nb.png,dog,\nc.png,dog,  \n")
+    with pytest.raises(ValueError, match=r"empty 'site' in 2 row\(s\): data rows \[2, 3\].*or leave group_col unset"):
+        load_table(tmp_path, tmp_path / "blank_group.csv", group_col="site")  # not silently unstratified
+    assert load_table(tmp_path, tmp_path / "blank_group.csv")["label"].tolist() == ["cat", "dog", "dog"]
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_semicolon_and_tab_separated_tables_and_spaced_headers(tmp_path, separator):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(_png_bytes(_noise()))
+    (tmp_path / "labels.csv").write_text(f"file{separator}label\na.png{separator}cat\nb.png{separator}dog\n")
+    assert load_table(tmp_path, tmp_path / "labels.csv")["label"].tolist() == ["cat", "dog"]
+    (tmp_path / "spaced.csv").write_text("file, label\na.png,cat\nb.png,dog\n")
+    with pytest.warns(UserWarning, match=r"stripped spaces around column name\(s\) \[' label'\]"):
+        assert load_table(tmp_path, tmp_path / "spaced.csv")["label"].tolist() == ["cat", "dog"]
+
+
+def test_windows_paths_and_near_duplicate_labels(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "img" / name).write_bytes(_png_bytes(_noise()))
+    (tmp_path / "labels.csv").write_text("file,label\nimg\\a.png,Cat\nimg/b.png,cat\n")
+    with pytest.warns(UserWarning) as caught:
+        table = load_table(tmp_path, tmp_path / "labels.csv")
+    assert table["file"].tolist() == ["img/a.png", "img/b.png"]
+    messages = " ".join(str(w.message) for w in caught)
+    assert "read 1 path(s) written with backslashes" in messages
+    assert "differ only in case or spacing are separate classes: [['Cat', 'cat']]" in messages
 
 
 def test_label_unseen_in_training_is_an_error_not_a_new_class(tmp_path):
@@ -253,3 +289,23 @@ def test_exif_rotated_jpeg_comes_out_as_displayed(tmp_path, orientation, top, bo
     assert np.abs(loaded[2:8, 2:8] - top).max() <= 8 and np.abs(loaded[12:18, 2:8] - bottom).max() <= 8
     shown = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "rotated.jpg"))).astype(int)
     assert np.abs(loaded - shown).max() <= 8  # and it agrees with Pillow's reading of the tag
+
+
+def test_floating_point_images_outside_0_to_1_are_refused_not_whitened(tmp_path):
+    inside = np.linspace(0, 1, 16 * 16 * 3, dtype=np.float32).reshape(16, 16, 3)
+    cv2.imwrite(str(tmp_path / "unit.tiff"), inside)
+    assert read_image(tmp_path / "unit.tiff").max() == 255  # 0..1 floats: read as they are meant
+    cv2.imwrite(str(tmp_path / "bytes.tiff"), inside * 255)  # ImageJ-style 0..255 floats
+    with pytest.raises(ImageReadError, match=r"bytes\.tiff: floating-point pixels range over \[0, 255\]"):
+        read_image(tmp_path / "bytes.tiff")
+
+
+def test_class_folders_skip_hidden_and_system_folders_and_name_loose_images(tmp_path):
+    for folder in ("cat", "cat/.thumbs", "cat/@eaDir", "dog", "dog/sub", "__MACOSX/dog"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    for name in ("cat/1.png", "cat/.thumbs/1.png", "cat/@eaDir/1.png", "dog/sub/2.png", "__MACOSX/dog/2.png",
+                 "stray.png"):
+        (tmp_path / name).write_bytes(_png_bytes(_noise()))
+    with pytest.warns(UserWarning, match=r"1 image\(s\) directly in the folder belong to no class .*\['stray\.png'\]"):
+        table = scan_class_folders(tmp_path)
+    assert table.values.tolist() == [["cat/1.png", "cat"], ["dog/sub/2.png", "dog"]]
