@@ -510,10 +510,11 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     if label_col not in frame.columns:
         raise KeyError(f"no column {label_col!r} to stratify on; columns are {list(frame.columns)}")
     strata = frame[label_col].astype(str)
-    if group_col and group_col in frame.columns and frame[group_col].notna().all():
+    grouped = bool(group_col and group_col in frame.columns and frame[group_col].notna().all())
+    if grouped:
         strata = strata + "|" + frame[group_col].astype(str)
     counts = strata.value_counts()
-    what = "label x group" if "|" in strata.iloc[0] else "class"
+    what = "label x group" if grouped else "class"
     if (counts < 4).any():
         raise ValueError(f"too few images to stratify three splits: {counts[counts < 4].to_dict()} "
                          f"(each {what} needs at least 4)")
