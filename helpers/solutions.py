@@ -101,6 +101,12 @@ def _same(answer: object, expected: object, tolerance: float) -> bool:
     return answer == expected
 
 
+def _short(answer: object, limit: int = 200) -> str:
+    """``repr(answer)`` on one line, cut to ``limit`` characters (a Compose prints a dozen lines)."""
+    text = " ".join(repr(answer).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def check(name: str, attempt: Callable, *args, expected: object = None, tolerance: float = 1e-6,
           verify: Callable[[object], bool] | None = None, hint: str = "") -> object:
     """Run your ``attempt(*args)``; check its answer (equal to ``expected``, or ``verify(answer)``).
@@ -112,9 +118,16 @@ def check(name: str, attempt: Callable, *args, expected: object = None, toleranc
     source = "your answer"
     if answer is None:
         answer, source = _solution(name)(*args), "the reference solution (yours returned None)"
-    ok = verify(answer) if verify is not None else _same(answer, expected, tolerance)
+    try:
+        ok = verify(answer) if verify is not None else _same(answer, expected, tolerance)
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError) as err:
+        # A number was expected and a label came back, or a list where a Compose was: say so, with the hint.
+        wanted = f"something like {expected!r}" if expected is not None else "another kind of value"
+        raise AssertionError(f"exercise {name}: {source} is a {type(answer).__name__} ({_short(answer)}), where "
+                             f"the check needs {wanted}: {type(err).__name__}: {err}. {hint} "
+                             f"(solutions.show({name!r}) prints a solution)") from err
     if not ok:
-        shown = f"expected {expected!r}, got {answer!r}" if verify is None else f"got {answer!r}"
+        shown = f"expected {expected!r}, got {_short(answer)}" if verify is None else f"got {_short(answer)}"
         raise AssertionError(f"exercise {name}: {source} is not right: {shown}. {hint} "
                              f"(solutions.show({name!r}) prints a solution)")
     if source == "your answer":

@@ -81,8 +81,7 @@ def resolve(values: dict, ctx: distributed.Distributed, check_mirrors: bool = Tr
             print(f"[train] no split in {params.run}: making notebook 02's split", flush=True)
             workbook.prepare_split(params)
         if check_mirrors and workbook.settled_recipe(params.run) is None:
-            backbone = params.backbone or workbook.read_json(params.run / "decision.json",
-                                                             "01_analyze_approach")["backbone"]
+            backbone = params.backbone or workbook.read_decision(params)["backbone"]
             _, lost, recipe = workbook.check_mirrors(params, backbone)
             print(f"[train] notebook 02's mirror check ({params.run / 'mirror_check.csv'}): "
                   + (f"the {' and '.join(lost)} lost beyond the noise; " if lost else "no mirror lost; ")

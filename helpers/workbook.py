@@ -86,12 +86,13 @@ NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json", "mirror_check.csv"),
     "03_choose_freezing": ("strategy.json",),
     "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json"),
-    "05_evaluate": ("metrics.json", "model.pt2", "predictions.csv", "my_images"),
+    "05_evaluate": ("metrics.json", "model.pt2", "predictions.csv", "predict_demo"),
 }
 # Written into every run folder the workbook creates or takes over: only such folders are written to.
 RUN_MARKER = ".workbook_run.json"
 _WORKBOOK_FILES = {name for outputs in NOTEBOOK_OUTPUTS.values() for name in outputs} | {
-    f"{notebook}.ipynb" for notebook in NOTEBOOKS} | {"figures", "grid.csv", "grid.md", RUN_MARKER}
+    f"{notebook}.ipynb" for notebook in NOTEBOOKS} | {"figures", "grid.csv", "grid.md", RUN_MARKER,
+                                                     "my_images"}  # 05's demo folder in runs made before 2026-11-29
 
 
 def run_path(run_name: str) -> Path:
@@ -634,7 +635,8 @@ def training_budget(params: Params, strategy: str, backbone: str) -> dict:
         "freeze_batchnorm": True,
     }
     if params.smoke:
-        budget["why"] = "TL_SMOKE=1: the 64-image subset at 64 px for 2 epochs, to check that the code runs"
+        budget["why"] = (f"TL_SMOKE=1: the small subset at {budget['image_size']} px for {budget['epochs']} "
+                         f"epoch(s), to check that the code runs")
     elif params.device.type == "cuda":
         budget["why"] = (f"GPU ({params.device}): mixed precision, native {native} px, up to {budget['epochs']} "
                          f"epochs with fresh {params.augment!r} augmentation every epoch")
@@ -711,7 +713,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
             "val_probe": probe, "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"],
             "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),
-            "finished": True}
+            "split": split_fingerprint(params.run), "finished": True}
     files.write_json(params.run / "final.json", info)
     return info
 
@@ -732,12 +734,15 @@ def evaluation_recipe(params: Params, final_info: dict) -> str:
 
 
 def finished_final(run: Path) -> dict:
-    """``final.json`` of a finished notebook 04. A missing one, or one left from an earlier run while the
-    latest training was interrupted (a stale ``final.pt``), names 04 to run first."""
+    """``final.json`` of a finished notebook 04. A missing one, one left from an earlier run while the
+    latest training was interrupted (a stale ``final.pt``), or one trained on another split than the
+    run's split now (`check_same_split`), names 04 to run first."""
     if interrupted_training(run):
         raise RuntimeError(f"notebook 04_fine_tune did not finish in {run} ({run / 'fit.json'} does not say "
                            f"finished): run notebooks/04_fine_tune.ipynb first; it resumes from last.pt")
-    return read_json(run / "final.json", "04_fine_tune")
+    info = read_json(run / "final.json", "04_fine_tune")
+    check_same_split(info.get("split"), run, "final.json", "04_fine_tune")
+    return info
 
 
 def baselines(params: Params, sets: dict, device=None) -> dict:
@@ -766,6 +771,37 @@ def baselines(params: Params, sets: dict, device=None) -> dict:
     return out
 
 
+def read_decision(params: Params) -> dict:
+    """Notebook 01's ``decision.json``, refused when 01 decided for another task than this notebook runs
+    (01 rerun with ``task = "4class"`` in the same run would otherwise hand its backbone to a binary split)."""
+    decision = read_json(params.run / "decision.json", "01_analyze_approach")
+    if decision.get("task", params.task) != params.task:
+        raise ValueError(f"{params.run / 'decision.json'}: notebook 01 chose the backbone for task "
+                         f"{decision['task']!r}, but this notebook runs task {params.task!r}: rerun "
+                         f"notebooks/01_analyze_approach.ipynb with task={params.task!r}, or use a new run_name")
+    return decision
+
+
+def split_fingerprint(run: Path) -> str:
+    """A short hash of notebook 02's split (``train.csv``, ``val.csv``, ``test.csv``): notebooks 03-05 record
+    it with what they choose and train, and check it, so that a model is never scored on a newer split whose
+    test images it may have trained on (02 rerun with another seed in the same run)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("train.csv", "val.csv", "test.csv"):
+        digest.update(require(run / name, "02_prepare_dataset").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_same_split(recorded: str | None, run: Path, what: str, notebook: str) -> None:
+    """Raise when ``recorded`` (a `split_fingerprint` stored in ``what``) is not the run's split now."""
+    if recorded is not None and recorded != split_fingerprint(run):
+        raise ValueError(f"{run / what} was made on another split than the one in {run} now (notebook 02 ran "
+                         f"again since, e.g. with another seed): its test images may have been training images "
+                         f"then. Rerun notebooks/{notebook}.ipynb and the notebooks after it, or use a new run_name")
+
+
 # Notebook 04's setup as functions, shared with the command line (python -m helpers.train)
 
 
@@ -791,9 +827,13 @@ def fine_tune_model(params: Params):
     from .runtime import seed_everything
     from .selection import build_model
 
-    backbone = params.backbone or read_json(params.run / "decision.json", "01_analyze_approach")["backbone"]
+    backbone = params.backbone or read_decision(params)["backbone"]
     classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
-    strategy = params.strategy or read_json(params.run / "strategy.json", "03_choose_freezing")["strategy"]
+    strategy = params.strategy
+    if strategy is None:
+        chosen = read_json(params.run / "strategy.json", "03_choose_freezing")
+        check_same_split(chosen.get("split"), params.run, "strategy.json", "03_choose_freezing")
+        strategy = chosen["strategy"]
     seed_everything(params.seed)  # the new classifier's initial weights depend on it
     model = build_model(backbone, len(classes), strategy)
     return model, training_budget(params, strategy, backbone)

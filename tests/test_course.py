@@ -145,6 +145,39 @@ def test_smoke_mode_samples_your_folder_evenly_with_enough_of_each_class_to_spli
     assert workbook.smoke_subset(small).sort_index().equals(small.sort_index())  # nothing to cut
 
 
+def test_choices_and_models_of_an_older_split_are_refused(tmp_path):
+    run = str(tmp_path / "r")
+    params = workbook.resolve_params({"run_name": run}, smoke=True, settled=False)
+    workbook.prepare_split(params)
+    first = workbook.split_fingerprint(params.run)
+    workbook.files.write_json(params.run / "strategy.json", {"strategy": "head", "split": first})
+    workbook.files.write_json(params.run / "final.json", {"model": "probe", "finished": True, "split": first})
+    workbook.files.write_json(params.run / "decision.json", {"backbone": "efficientnet_lite0", "task": "binary"})
+    later = workbook.resolve_params({"run_name": run}, smoke=True, settled=False)
+    assert workbook.fine_tune_model(later)[0].strategy["name"] == "head"
+    assert workbook.finished_final(params.run)["model"] == "probe"
+    workbook.prepare_split(workbook.resolve_params({"run_name": run, "seed": 1}, smoke=True, settled=False))
+    assert workbook.split_fingerprint(params.run) != first  # 02 again, with another seed: another split
+    with pytest.raises(ValueError, match=r"final.json was made on another split .*Rerun notebooks/04_fine_tune"):
+        workbook.finished_final(params.run)  # 05 would score the old model on some of its training images
+    with pytest.raises(ValueError, match=r"strategy.json was made on another split .*notebooks/03_choose_freezing"):
+        workbook.fine_tune_model(later)
+    assert workbook.fine_tune_model(workbook.resolve_params({"run_name": run, "strategy": "head"}, smoke=True,
+                                                            settled=False))[0].strategy["name"] == "head"
+    workbook.files.write_json(params.run / "final.json", {"model": "probe", "finished": True})  # before the key
+    assert workbook.finished_final(params.run)["model"] == "probe"
+
+
+def test_a_decision_for_another_task_is_refused(tmp_path):
+    params = workbook.resolve_params({"run_name": str(tmp_path / "r")}, smoke=True, settled=False)
+    workbook.files.write_json(params.run / "decision.json", {"backbone": "efficientnet_lite2", "task": "4class"})
+    with pytest.raises(ValueError, match=r"chose the backbone for task '4class', but this notebook runs task "
+                                         r"'binary'"):
+        workbook.read_decision(params)
+    four = workbook.resolve_params({"run_name": str(tmp_path / "r"), "task": "4class"}, smoke=True, settled=False)
+    assert workbook.read_decision(four)["backbone"] == "efficientnet_lite2"
+
+
 def test_missing_input_names_the_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):
         workbook.read_json(tmp_path / "dataset.json", "02_prepare_dataset")

@@ -162,3 +162,18 @@ def test_threshold_for_recall_needs_a_positive_example():
     assert solutions.threshold_for_recall(scores, np.array([False, False, True, True]), 0.9) == 0.35
     with pytest.raises(ValueError, match="no positive example"):
         solutions.threshold_for_recall(scores, np.zeros(4, bool), 0.9)
+
+
+def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():
+    from helpers import solutions
+
+    table = pd.DataFrame({"label": ["a", "a", "b"]})
+    with pytest.raises(AssertionError, match=r"exercise majority_baseline: your answer is a str \('a'\), where the "
+                                             r"check needs something like 0\.66.*Count the labels"):
+        solutions.check("majority_baseline", lambda t: t["label"].value_counts().idxmax(), table,
+                        expected=2 / 3, hint="Count the labels.")
+    with pytest.raises(AssertionError, match=r"your answer is a list .*where the check needs another kind of value"):
+        solutions.check("with_rotation", lambda t, d: [1, 2], None, 15, verify=lambda t: t.transforms[-3] is None)
+    long = list(range(1000))
+    with pytest.raises(AssertionError, match=r"got \[0, 1, 2, .* \.\.\.\. "):
+        solutions.check("with_rotation", lambda t, d: long, None, 15, verify=lambda t: False)

@@ -165,7 +165,8 @@ def test_truncate_cuts_at_two_thirds_of_the_depth():
 
 @pytest.fixture()
 def run_with_two_models(tmp_path):
-    params = workbook.resolve_params({"run_name": str(tmp_path / "run")}, smoke=True)
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run")}, smoke=True, settled=False)
+    workbook.prepare_split(params)  # notebook 04 always trains on 02's split; final.json records which
     model = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "head")
     prep = resolve_preprocessing(model, 64, 1.0)
     save_model(model, ["functional", "defective"], prep, params.run / "probe.pt", meta={"phase": 1})
@@ -184,6 +185,7 @@ def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe_beyo
     scores = {"probe": probe, "fine_tuned": candidate, "noise": noise, "n": 100}
     info = workbook.choose_final(params, scores, "accuracy", train_seconds=15.0, epochs=3)
     assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == 3
+    assert info["split"] == workbook.split_fingerprint(params.run)
     source = "best.pt" if kept == "fine-tuned" else "probe.pt"
     assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
     assert json.loads((params.run / "final.json").read_text())["model"] == kept
