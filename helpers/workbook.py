@@ -30,7 +30,7 @@ from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_e
 from . import files
 from .metrics import class_weighting
 from .freezing import STRATEGIES
-from .models import TIMM_PREFIX, available_backbones, offline_backbones
+from .models import TIMM_PREFIX, available_backbones, check_weights_available, offline_backbones
 from .transforms import MAX_IMAGE_SIZE
 
 # The papermill parameters every notebook declares, with their notebook defaults.
@@ -305,6 +305,9 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
     backbone = p["backbone"]
     if backbone is not None and not str(backbone).startswith(TIMM_PREFIX):
         _check_choice("backbone", backbone, available_backbones() + [TIMM_PREFIX + "<timm model name>"])
+    if backbone is not None:
+        # Offline, a backbone without cached weights would otherwise fail sections later (01's probe).
+        check_weights_available(str(backbone))
     if p["strategy"] is not None:
         _check_choice("strategy", p["strategy"], list(STRATEGIES))
     if p["augment"] is not None:

@@ -203,11 +203,20 @@ def _class_folders(root, per_class=12, size=48):
     return root
 
 
-def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
-    monkeypatch.setenv("TL_SMOKE", "1")
-    data = _class_folders(tmp_path / "photos")
-    run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "task": "custom"}, smoke=True,
-                            progress=False)
+@pytest.fixture(scope="module")
+def class_folder_course(tmp_path_factory):
+    """(data folder, run folder) of the whole course, run once for this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("course")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TL_SMOKE", "1")
+        data = _class_folders(tmp_path / "photos")
+        run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "task": "custom"}, smoke=True,
+                                progress=False)
+    return data, run
+
+
+def test_course_end_to_end_on_class_folders(class_folder_course):
+    data, run = class_folder_course
     for notebook in workbook.NOTEBOOKS:
         executed = nbformat.read(run / f"{notebook}.ipynb", as_version=4)
         # What a reader of the executed copy meets: no warnings, no flood of progress-bar updates. One
@@ -241,3 +250,31 @@ def test_course_end_to_end_on_class_folders(tmp_path, monkeypatch):
     else:
         assert final["val_fine_tuned"] - final["val_probe"] > final["noise"] and (run / "best.pt").is_file()
     assert 0.0 <= metrics["baseline_majority"] <= 1.0
+
+
+def test_rerunning_phase_two_in_a_kernel_repeats_it(class_folder_course, monkeypatch):
+    """A learner reruns notebook 04's phase-2 cell: it must train the pretrained model again from the probe,
+    not keep training the model the first run already fine-tuned (the red-team pass saw epoch-1 losses of
+    3.19, then 8.57). Executed in one kernel, as JupyterLab would: the notebook up to the cell, the cell again."""
+    from nbclient import NotebookClient
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    data, run = class_folder_course
+    monkeypatch.setenv("TL_SMOKE", "1")
+    monkeypatch.setenv("TL_PROGRESS", "0")
+    source = load_notebook_node(str(course.notebooks_dir() / "04_fine_tune.ipynb"))  # as papermill reads it
+    ids = [cell.get("id") for cell in source.cells]
+    source.cells = source.cells[:ids.index("04-21") + 1]
+    notebook = parameterize_notebook(source, {"run_name": str(run), "data_root": str(data), "task": "custom",
+                                              "strategy": "last_n", "epochs": 2})
+    notebook.cells += [nbformat.v4.new_code_cell("first, first_seconds = history.copy(), phase_two_seconds"),
+                       nbformat.v4.new_code_cell(notebook.cells[-1].source),
+                       nbformat.v4.new_code_cell(
+                           "losses = ['train_loss', 'val_loss']\n"
+                           "assert len(history) == len(first), (len(first), len(history))\n"
+                           "assert np.allclose(history[losses], first[losses], rtol=1e-3, atol=1e-4), "
+                           "(first[losses], history[losses])\n"
+                           "assert phase_two_seconds < 10 * first_seconds + 5  # phase 2's own, not since the first")]
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(course.notebooks_dir())}}).execute()

