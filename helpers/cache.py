@@ -81,7 +81,8 @@ def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: 
                      progress: bool | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                      channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first ``stop`` groups over ``dataset`` once, in order; return (outputs, targets) on
-    the CPU. ``seed`` fixes the augmentation drawn, in this process and in the loader's workers."""
+    the CPU. ``seed`` fixes the augmentation drawn, in this process and in the loader's workers: it calls
+    `runtime.seed_everything(seed)`, so the global random generators are reseeded as a side effect."""
     model.eval().to(device)
     runtime.seed_everything(seed)
     loader = runtime.make_loader(dataset, batch_size, shuffle=False, device=device, seed=seed,

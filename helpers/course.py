@@ -28,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from .files import write_text
-from .workbook import NOTEBOOKS, TEXT_PARAMETERS, existing_outputs, run_folder, run_path, workbook_root
+from .workbook import (NOTEBOOKS, TEXT_PARAMETERS, check_parameters, existing_outputs, is_smoke, run_folder, run_path,
+                       workbook_root)
 
 SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "test_balanced_accuracy",
                 "test_macro_f1", "test_roc_auc", "ece",
@@ -150,8 +151,12 @@ def kernel_config() -> dict:
 
 
 def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bool = False,
-               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, overwrite: bool = False) -> Path:
+               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, overwrite: bool = False,
+               log_output: bool = False) -> Path:
     """Execute ``notebooks`` in order with ``parameters``; return the run folder.
+
+    ``log_output`` echoes every cell's output to the log as it runs (papermill's option; hundreds of
+    lines); without it the executed copies hold the outputs and the console shows one line per notebook.
 
     The folder must be new, empty or one the workbook made (`helpers.workbook.run_folder`);
     ``overwrite=True`` writes into any folder. Outputs of an earlier run that these notebooks
@@ -175,7 +180,7 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
         print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
         papermill.execute_notebook(str(notebooks_dir() / f"{notebook}.ipynb"), str(run / f"{notebook}.ipynb"),
                                    parameters={"run_name": name, **parameters}, kernel_name="python3",
-                                   cwd=str(notebooks_dir()), log_output=True, progress_bar=progress,
+                                   cwd=str(notebooks_dir()), log_output=log_output, progress_bar=progress,
                                    **kernel_config())
         print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
     return run
@@ -204,7 +209,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, object], smoke: bool,
-             notebooks: tuple[str, ...] = NOTEBOOKS, overwrite: bool = False) -> pd.DataFrame:
+             notebooks: tuple[str, ...] = NOTEBOOKS, overwrite: bool = False, log_output: bool = False) -> pd.DataFrame:
     """One course per combination; the metrics of all of them in grid.csv and grid.md."""
     from .files import write_csv
 
@@ -221,7 +226,7 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
     out = run_folder(name, overwrite=overwrite)  # checked before hours of runs, not after
     rows = []
     for combo, sub in zip(grid, names, strict=True):
-        run = run_course(sub, {**parameters, **combo}, smoke, notebooks, overwrite=overwrite)
+        run = run_course(sub, {**parameters, **combo}, smoke, notebooks, overwrite=overwrite, log_output=log_output)
         rows.append({"run": Path(sub).name, **combo, **read_metrics(run)})
     frame = pd.DataFrame(rows)
     write_csv(frame, out / "grid.csv")
@@ -242,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run only these notebooks, by number (e.g. 04 05); earlier outputs must exist")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing folder the workbook did not create (its files may be replaced)")
+    parser.add_argument("--log-output", action="store_true",
+                        help="echo every cell's output as it runs (the executed copies keep it either way)")
     return parser
 
 
@@ -261,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import tune_cpu
 
     tune_cpu()  # this process only; each notebook's setup cell tunes its own kernel
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill streams cell output here
-    smoke = args.smoke or os.environ.get("TL_SMOKE", "0") == "1"
+    # papermill logs each notebook's paths at INFO, and with --log-output every cell's output
+    logging.basicConfig(level=logging.INFO if args.log_output else logging.WARNING, format="%(message)s")
+    smoke = args.smoke or is_smoke()
     name = args.name or ("smoke" if smoke else "course")
     parameters = data_root_from_here({key: parse_value(value, key) for key, value in args.parameter})
     try:  # mistakes in the arguments themselves: a usage message, not a traceback
@@ -271,14 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         run_path(name)
     except ValueError as err:
         parser.error(str(err))
+    try:  # the values too (an unknown backbone, weights that cannot load, a missing folder), before any kernel
+        for combo in grid or [{}]:
+            check_parameters({**parameters, **combo}, smoke)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         if grid:
-            frame = run_grid(name, grid, parameters, smoke, notebooks, overwrite=args.overwrite)
+            frame = run_grid(name, grid, parameters, smoke, notebooks, overwrite=args.overwrite,
+                             log_output=args.log_output)
             print(f"\n[course] grid results ({run_path(name) / 'grid.csv'}):\n{markdown_table(frame)}")
         else:
             validate(parameters, notebook_parameters(notebooks))
-            run = run_course(name, parameters, smoke, notebooks, overwrite=args.overwrite)
+            run = run_course(name, parameters, smoke, notebooks, overwrite=args.overwrite,
+                             log_output=args.log_output)
             if "05_evaluate" in notebooks:
                 summary = pd.Series(read_metrics(run), name=name)
                 print(f"\n[course] results of {run}:\n{summary.to_string()}")

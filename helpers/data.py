@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .files import write_csv
+from .files import atomic_open, write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -544,6 +544,43 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     return splits
 
 
+def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label", per_class: int = 2) -> pd.DataFrame:
+    """At most ``n`` rows of ``frame`` (all when there are fewer), stratified on ``column``, keeping at least
+    ``per_class`` rows of every class (all of a class with fewer), so that the sample can still be
+    cross-validated, even where that takes the total above ``n`` (rare classes, or more classes than ``n``).
+    Where no class falls short, the rows are exactly scikit-learn's stratified ``train_test_split``."""
+    if n >= len(frame):
+        return frame.reset_index(drop=True)
+    from sklearn.model_selection import train_test_split
+
+    counts = frame[column].value_counts()
+    rare = frame[frame[column].isin(counts.index[counts < 2])]  # stratification needs 2 per class: keep these
+    rest = frame.drop(rare.index)
+    size = n - len(rare)
+    if size < rest[column].nunique():  # fewer rows than classes: one of each
+        part = rest.groupby(column, sort=False).head(1)
+    else:
+        part, _ = train_test_split(rest, train_size=size, stratify=rest[column], random_state=seed)
+    taken = part[column].value_counts()
+    short = [label for label in counts.index if taken.get(label, 0) < min(per_class, counts[label])]
+    if short:  # stratified rounding left a class below per_class: add its next rows
+        extra = [rest[(rest[column] == label) & ~rest.index.isin(part.index)].head(per_class - taken.get(label, 0))
+                 for label in short if label not in rare[column].values]
+        part = pd.concat([part, *extra])
+    return pd.concat([part, rare]).reset_index(drop=True)
+
+
+def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:
+    """The class index of every item of ``dataset``, looking through ``Subset``s without loading an image;
+    None for a dataset that does not say (no ``targets`` attribute)."""
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = targets_of(dataset.dataset)
+        return None if parent is None else [parent[i] for i in dataset.indices]
+    return None
+
+
 def minimum_split_size(strata: int, test_size: float = 0.25, val_size: float = 0.15) -> int:
     """The fewest images `make_splits` can split into three splits with one image per stratum in each."""
     n = strata
@@ -628,8 +665,12 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in table["file"]:
         target = dest / "images" / name
-        if not target.is_file():
-            shutil.copyfile(source / name, target)
+        if target.is_file() and target.stat().st_size == (source / name).stat().st_size:
+            continue  # copied by an earlier, interrupted call
+        # Copy, then rename: a copy killed half-way leaves a temporary file, never a truncated image.
+        partial = target.with_name(f".{name}.{os.getpid()}.tmp")
+        shutil.copyfile(source / name, partial)
+        os.replace(partial, target)
     table["file"] = "images/" + table["file"]
     write_csv(table, labels_path)
     return dest
@@ -641,8 +682,11 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     dest = Path(dest)
     labels_path = dest / "labels.csv"
     expected = per_stratum * 8
-    if labels_path.is_file() and len(pd.read_csv(labels_path)) == expected:
-        return dest
+    if labels_path.is_file():
+        done = pd.read_csv(labels_path)
+        first = cv2.imread(str(dest / done["file"].iloc[0]), cv2.IMREAD_UNCHANGED) if len(done) else None
+        if len(done) == expected and first is not None and first.shape[:2] == (size, size):
+            return dest  # made before with these settings (another size is made again)
     table = _elpv_labels()
     # Spread the picks over the whole file list instead of taking the first few of each stratum.
     chosen = []
@@ -654,8 +698,11 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     for name in picks["file"]:
         image = cv2.imread(str(source / name), cv2.IMREAD_UNCHANGED)
         small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        if not cv2.imwrite(str(dest / "images" / name), small):
-            raise OSError(f"could not write {dest / 'images' / name}")
+        encoded, data = cv2.imencode(".png", small)
+        if not encoded:
+            raise OSError(f"could not encode {source / name} as PNG")
+        with atomic_open(dest / "images" / name) as handle:
+            handle.write(data.tobytes())
     picks = picks.sort_values("file").copy()
     picks["file"] = "images/" + picks["file"]
     write_csv(picks, labels_path)

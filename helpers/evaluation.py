@@ -474,18 +474,40 @@ def plot_mistakes(pred: pd.DataFrame, dataset, k: int = 12) -> Figure:
 # Grad-CAM
 
 
-def gradcam_target_layer(model: nn.Module) -> nn.Conv2d:
-    """The last ``nn.Conv2d`` before global pooling: the finest feature map that still has
-    a spatial layout. Works on every `TransferModel` (also truncated ones), whose groups run
-    stem -> stages -> head -> classifier; the classifier is never searched."""
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The module whose output global pooling reads: the last spatial feature map, after the residual
+    additions, normalization and activation that end the network (pytorch-grad-cam's advice: ResNet's
+    ``layer4``, not the last ``nn.Conv2d`` inside its last block, which misses the skip path).
+
+    Candidates, in the order they run: every group but the head and the classifier, then the head's own
+    modules up to its pooling; the last one that outputs a 4-D map is the target. One small forward pass
+    finds it. Works on every `TransferModel`, truncated ones too."""
     groups = getattr(model, "groups", None)
     if groups is None:
         raise TypeError(f"expected a TransferModel from helpers.models.create_model, got {type(model).__name__}")
-    convs = [m for name, group in groups.items() if name != "classifier"
-             for m in group.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError(f"no nn.Conv2d before the classifier in groups {list(groups)}; Grad-CAM needs one")
-    return convs[-1]
+    candidates = [group for name, group in groups.items() if name not in ("head", "classifier")]
+    for module in groups["head"].children() if "head" in groups else []:
+        if "Pool" in type(module).__name__:
+            break  # what follows the pooling (ConvNeXt's LayerNorm2d) sees a 1 x 1 map
+        if not isinstance(module, (nn.Identity, nn.Dropout)):
+            candidates.append(module)
+    spatial = []
+    hooks = [module.register_forward_hook(
+        lambda mod, inp, out: spatial.append(mod) if torch.is_tensor(out) and out.ndim == 4 else None)
+        for module in candidates]
+    parameter = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not spatial:
+        raise ValueError(f"no spatial feature map before the classifier in groups {list(groups)}; Grad-CAM needs one")
+    return spatial[-1]
 
 
 def _normalize_of(dataset, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -651,5 +673,6 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "classes": classes,
         "n_test": int(len(pred)),
     }
-    assert tuple(summary) == METRICS_KEYS  # the documented schema and the dict stay in step
+    if tuple(summary) != METRICS_KEYS:  # the documented schema and the dict stay in step (not an assert: -O)
+        raise RuntimeError(f"metrics.json keys {list(summary)} differ from METRICS_KEYS {list(METRICS_KEYS)}")
     return summary

@@ -58,6 +58,13 @@ def unfreeze_last(model: TransferModel, n: int) -> TransferModel:
                                        key=model.group_names.index))
 
 
+def truncation_point(model: TransferModel) -> str:
+    """Where ``truncate`` cuts by default: the stage at two thirds of the depth, whose features are past the
+    generic edges and textures but before the most ImageNet-specific late stages."""
+    stages = [g for g in model.group_names if g.startswith("stage")]
+    return stages[max(0, round(2 * len(stages) / 3) - 1)]
+
+
 def truncate(model: TransferModel, after: str, num_classes: int | None = None, dropout: float = 0.2) -> TransferModel:
     """Cut the network after group ``after`` and put a new pooling head and classifier there.
 
@@ -73,7 +80,8 @@ def truncate(model: TransferModel, after: str, num_classes: int | None = None, d
     with torch.no_grad():
         was_training = model.training
         model.eval()
-        channels = model.forward_groups(torch.zeros(1, 3, 64, 64), 0, len(keep)).shape[1]
+        probe = torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device)  # a model on a GPU too
+        channels = model.forward_groups(probe, 0, len(keep)).shape[1]
         model.train(was_training)
     groups["head"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     groups["classifier"] = new_classifier(channels, num_classes or model.num_classes, dropout)
@@ -91,8 +99,9 @@ def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str |
     - ``initial``: the article's "fine-tune initial layers" read literally: the first ``n``
       groups (stem, stage1, ...) plus the classifier train, the middle stays frozen.
     - ``truncate``: the other reading of small & different: keep the generic early layers,
-      cut after group ``after`` (default: the middle stage) with a new head; the kept part
-      is frozen except its last ``n - 1`` groups (``n=1``: only the new classifier trains).
+      cut after group ``after`` (default: `truncation_point`, two thirds of the stages) with a
+      new head; the kept part is frozen except its last ``n - 1`` groups (``n=1``: only the new
+      classifier trains).
     - ``full``: everything trains from the pretrained checkpoint - large & different data.
     """
     _check_model(model)
@@ -118,8 +127,7 @@ def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str |
         set_trainable(model, body[:n] + ["classifier"])
         options = {"n": n}
     elif strategy == "truncate":
-        stages = [g for g in names if g.startswith("stage")]
-        after = after or stages[len(stages) // 2]
+        after = after or truncation_point(model)
         model = truncate(model, after)
         kept = model.group_names[:-2]
         if not 1 <= n <= len(kept) + 1:
@@ -305,7 +313,8 @@ def _last_batchnorm(model: TransferModel) -> nn.modules.batchnorm._BatchNorm | N
 
 def _shift(mean: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """Median over channels (last dim) of the squared shift of ``mean`` from the stored mean, in
-    stored standard deviations."""
+    stored standard deviations. torch's median: with an even number of channels, the lower of the two
+    middle values (the calibrated threshold was measured with it)."""
     z = (mean - bn.running_mean.double()) / (bn.running_var.double() + bn.eps).sqrt()
     return (z ** 2).median(-1).values
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageDataset
+from .data import ImageDataset, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import TransferModel, create_model, offline_backbones
@@ -109,16 +109,6 @@ def sample_loader(dataset: ImageDataset, n: int, seed: int = 0, batch_size: int 
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, picks.tolist()), batch_size=batch_size)
 
 
-def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label") -> pd.DataFrame:
-    """At most ``n`` rows of ``frame``, stratified on ``column`` (all rows when there are fewer)."""
-    if n >= len(frame):
-        return frame.reset_index(drop=True)
-    from sklearn.model_selection import train_test_split
-
-    part, _ = train_test_split(frame, train_size=n, stratify=frame[column], random_state=seed)
-    return part.reset_index(drop=True)
-
-
 def plot_similarity_scale(score: float, references: dict[str, float], threshold: float,
                           label: str = "this dataset") -> plt.Figure:
     """This dataset's similarity on the scale of the reference data sets it was calibrated with."""
@@ -159,13 +149,17 @@ def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], i
 
     from .probe import pooled_features
 
+    counts = frame["label"].value_counts()
+    if counts.min() < 2:
+        raise ValueError(f"cannot cross-validate a probe on {len(frame)} images: a class has only one of them "
+                         f"(images per class: {counts.to_dict()}); sample with lessons.subsample, which keeps 2")
     started = time.perf_counter()
     model = create_model(backbone, len(classes))
     dataset = ImageDataset(root, frame[["file", "label"]], classes=classes,
                            transform=eval_transform(model, image_size, crop_pct))
     features, targets = pooled_features(model, dataset, device)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
-    folds = min(folds, int(np.bincount(targets).min()))
+    folds = min(folds, int(counts.min()))
     scores = cross_validate(probe, features, targets, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                             scoring=("accuracy", "balanced_accuracy", "f1_macro"))
     return {"backbone": backbone, "images": len(dataset), "image_size": image_size, "features": features.shape[1],
@@ -545,12 +539,17 @@ def batchnorm_trap(make_head_model, batches: list[torch.Tensor], val_set, device
     return pd.DataFrame(rows)
 
 
-def majority_score(train: pd.DataFrame, scored: list[pd.DataFrame], metric: str = "accuracy") -> float:
+def majority_score(train: pd.DataFrame, scored: list[pd.DataFrame], metric: str = "accuracy",
+                   classes: list[str] | None = None) -> float:
     """``metric`` of always answering the most frequent training label, on the ``scored`` tables together
-    (the same images and the same metric the strategies are compared by)."""
+    (the same images and the same metric the strategies are compared by). Equally frequent labels go to the
+    first in ``classes`` (the one `helpers.probe.majority_baseline` answers), else the first in sorted order."""
     from .metrics import score
 
-    majority = train["label"].value_counts().index[0]
+    counts = train["label"].value_counts()
+    tied = counts.index[counts == counts.iloc[0]]
+    order = list(classes) if classes is not None else sorted(tied)
+    majority = min(tied, key=lambda label: order.index(label) if label in order else len(order))
     labels = pd.concat(scored)["label"].to_numpy()
     return score(metric, labels, np.array([majority] * len(labels), dtype=labels.dtype))
 
@@ -646,9 +645,9 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
             + (", a sign of overfitting that the best checkpoint guards against." if gap > 0.05 else
                ": training accuracy, averaged over the epoch while the weights still change and with dropout on, "
                "trails validation, so there is no overfitting yet." if gap < -0.05 else ".")
-            + (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}" if "train_seconds" in attrs
-               else "")
-            + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached") else "."))
+            + (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}"
+               + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached") else ".")
+               if "train_seconds" in attrs else ""))
 
 
 def _seconds(value: float) -> str:

@@ -26,3 +26,40 @@ def score(metric: str, targets: np.ndarray, predictions: np.ndarray) -> float:
     if metric == "macro_f1":
         return float(f1_score(targets, predictions, average="macro", zero_division=0))
     raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+
+
+def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndarray], rounds: int = 1000,
+                     seed: int = 0) -> np.ndarray:
+    """``metric`` of each model in ``predictions`` on ``rounds`` bootstrap resamples of the images (the same
+    resamples for every model, so differences stay paired): an array of shape (rounds, models).
+
+    The same numbers as calling `score` on ``targets[i]``, ``predictions[k][i]`` for each resample ``i``, computed
+    from per-class counts in one matrix product instead of a loop of scikit-learn calls (a macro-F1 bootstrap on a
+    few hundred images takes milliseconds, not seconds)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
+    targets = np.asarray(targets)
+    n = len(targets)
+    rng = np.random.default_rng(seed)
+    draws = np.stack([rng.integers(0, n, n) for _ in range(rounds)])  # one resample per row, as a loop draws them
+    counts = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(float)  # (rounds, n) multiplicities
+    classes = np.union1d(targets, np.concatenate([np.asarray(p) for p in predictions]))
+    is_target = (targets[:, None] == classes[None, :]).astype(float)  # (n, classes)
+    support = counts @ is_target  # (rounds, classes): images of each class in each resample
+    out = np.empty((rounds, len(predictions)))
+    for k, pred in enumerate(predictions):
+        pred = np.asarray(pred)
+        if metric == "accuracy":
+            out[:, k] = counts @ (pred == targets).astype(float) / n
+            continue
+        is_pred = (pred[:, None] == classes[None, :]).astype(float)
+        hits = counts @ (is_target * is_pred)  # true positives per class
+        if metric == "balanced_accuracy":  # mean recall over the classes present in the resample's targets
+            present = support > 0
+            out[:, k] = np.where(present, hits / np.where(present, support, 1), 0).sum(1) / present.sum(1)
+        else:  # macro-F1 over the classes in targets or predictions; a class never predicted scores 0
+            predicted = counts @ is_pred
+            seen = (support + predicted) > 0
+            f1 = np.where(seen, 2 * hits / np.where(seen, support + predicted, 1), 0)
+            out[:, k] = f1.sum(1) / seen.sum(1)
+    return out

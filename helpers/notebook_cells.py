@@ -22,6 +22,8 @@ from pathlib import Path
 
 import nbformat
 
+from .files import atomic_open
+
 # The workbook's public repository (https, no ".git"). Colab links and the setup cell's clone use it;
 # the environment variable TL_REPO_URL overrides it for the clone (a fork, a mirror, a local test).
 REPOSITORY = "https://github.com/YOUR-ACCOUNT/transfer-learning-workbook"
@@ -119,7 +121,8 @@ def sync_notebook(path: str | Path, root: str | Path, write: bool = True) -> lis
         differences.append("setup cell")
         cell.source, cell.outputs, cell.execution_count = setup_source(), [], None
     if differences and write:
-        nbformat.write(nb, path)
+        with atomic_open(path, "w") as handle:  # an interrupted rewrite never leaves half a notebook
+            nbformat.write(nb, handle)
     return differences
 
 

@@ -1,11 +1,11 @@
 """Label a folder of images with a trained model and write a CSV.
 
     python -m helpers.predict runs/course/model.pt2 my_cells/ --out predictions.csv
-    python -m helpers.predict runs/course/best.pt my_cells/ --out p.csv --recursive --skip-bad
+    python -m helpers.predict runs/course/final.pt my_cells/ --out p.csv --recursive --skip-bad
 
 MODEL is a file from `helpers.export.export_model` (``.pt2``) or a training checkpoint
-(``best.pt``, loaded with ``weights_only=True``). Both apply the preprocessing stored with the
-model. An export that would unpickle anything while loading is refused unless
+(``final.pt``, the course's final model, or any ``best.pt``; loaded with ``weights_only=True``). Both
+apply the preprocessing stored with the model. An export that would unpickle anything while loading is refused unless
 ``--trust-export`` (see `helpers.export.check_export_safe`). The CSV has one row per image:
 file (relative to FOLDER), predicted, confidence, ``prob_<class>``; text cells that a
 spreadsheet would run as a formula (starting with = + - @) get a leading ``'``. ``--out`` is
@@ -175,7 +175,8 @@ def escape_formulas(table: pd.DataFrame, columns: Sequence[str] = ("file", "pred
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m helpers.predict",
                                      description="Label every image in a folder with a trained model.")
-    parser.add_argument("model", type=Path, help="exported model (.pt2 from export_model) or checkpoint (best.pt)")
+    parser.add_argument("model", type=Path,
+                        help="exported model (.pt2 from export_model) or checkpoint (final.pt, best.pt)")
     parser.add_argument("folder", type=Path, help="folder of images")
     parser.add_argument("--out", type=Path, required=True, help="CSV to write (file, predicted, confidence, prob_*)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -136,8 +136,10 @@ def _worker_init(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
                 num_workers: int | None = None, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
-    """A DataLoader whose order and worker randomness follow ``seed`` (the same seed gives the
-    same batches and augmentations, with or without workers); pinned memory on CUDA only."""
+    """A DataLoader whose order and worker randomness follow ``seed``: the same seed gives the same
+    batches, and the same augmentations for the same number of workers (each worker's random stream
+    follows the seed; with none, the process's global one does, which `seed_everything` sets). Another
+    worker count draws other augmentations. Pinned memory on CUDA only."""
     workers = default_num_workers() if num_workers is None else num_workers
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,

@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from .data import ImageDataset
-from .freezing import STRATEGIES, apply_strategy
-from .metrics import class_weighting, score
+from .data import ImageDataset, subsample
+from .freezing import STRATEGIES, apply_strategy, truncation_point
+from .metrics import bootstrap_scores, class_weighting, score
 from .models import TransferModel, create_model
 from .probe import Probe, fit_probe, install_probe, pooled_features
 from .runtime import seed_everything
@@ -63,13 +63,6 @@ class Budget:
     max_train: int | None = None  # subsample the training part of each fold to at most this many images
     patience: int | None = None  # early stopping
     freeze_batchnorm: bool = True  # keep BatchNorm statistics, as phase 2 does (see helpers.training.TrainConfig)
-
-
-def truncation_point(model: TransferModel) -> str:
-    """Where ``truncate`` cuts: the stage at two thirds of the depth, whose features are past the
-    generic edges and textures but before the most ImageNet-specific late stages."""
-    stages = [g for g in model.group_names if g.startswith("stage")]
-    return stages[max(0, round(2 * len(stages) / 3) - 1)]
 
 
 def strategy_options(strategy: str, model: TransferModel | None = None) -> dict:
@@ -117,15 +110,6 @@ def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
             for a, b in splitter.split(pool, labels)]
 
 
-def _subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    if n is None or len(frame) <= n:
-        return frame
-    from sklearn.model_selection import train_test_split
-
-    part, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
-    return part.reset_index(drop=True)
-
-
 def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, classes: list[str], model: TransferModel,
               budget: Budget, crop_pct: float | None) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
     """(plain train, augmented train, validation) datasets of one fold."""
@@ -167,7 +151,9 @@ def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, 
     candidate, whose time it was counted in)."""
     if strategy == "truncate":  # another architecture: its own features
         return phase_one(model, train, device, seed, metric), False
-    key = (model.spec.name, tuple(train.files), budget.image_size, crop_pct, seed, metric)
+    # The root, labels and classes too: a kernel rerun with another data_root or label_col has the same names.
+    key = (model.spec.name, str(train.root), tuple(train.files), tuple(train.targets), tuple(train.classes),
+           budget.image_size, crop_pct, seed, metric)
     if key in _FOLD_PROBES:
         install_probe(model, _FOLD_PROBES[key])
         return _FOLD_PROBES[key], True
@@ -204,7 +190,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     started = time.perf_counter()
     seed_everything(seed)
     model = build_model(backbone, len(classes), strategy)
-    fit_part = _subsample(fit_part, budget.max_train, seed)
+    fit_part = fit_part if budget.max_train is None else subsample(fit_part, budget.max_train, seed)
     plain, augmented, val = _datasets(root, fit_part, score_part, classes, model, budget, crop_pct)
     shared_seconds = 0.0
     if strategy != CONTROL:
@@ -215,6 +201,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     pred = predict(model, val, device=device)
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
+            "targets": pred["target"].to_numpy(), "predicted": pred["predicted"].to_numpy(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "seconds": time.perf_counter() - started + shared_seconds}
 
@@ -231,12 +218,8 @@ def difference_se(metric: str, targets: np.ndarray, pred_a: np.ndarray, pred_b: 
     formula for accuracy, a bootstrap over the images for the other metrics (they are not per-image means)."""
     if metric == "accuracy":
         return paired_se(pred_a == targets, pred_b == targets)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(rounds):
-        i = rng.integers(0, len(targets), len(targets))
-        diffs.append(score(metric, targets[i], pred_a[i]) - score(metric, targets[i], pred_b[i]))
-    return float(np.std(diffs, ddof=1))
+    scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed)
+    return float(np.std(scores[:, 0] - scores[:, 1], ddof=1))
 
 
 def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned_pred: np.ndarray | None) -> dict:
@@ -251,23 +234,43 @@ def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned
     return out
 
 
-def summarize(runs: list[dict], guide_pick: str | None = None) -> pd.DataFrame:
-    """One row per strategy, best first (equal scores: the cheaper first, `COST_ORDER`): mean score over
-    folds, its standard error, the paired standard error of its difference to the best pretrained
-    strategy (``se_vs_best``), cost, and its rank (1 = best)."""
+def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "accuracy") -> pd.DataFrame:
+    """One row per strategy, best first (equal scores: the cheaper first, `COST_ORDER`): mean ``metric`` over
+    folds, its standard error, the standard error of its difference to the best pretrained strategy on the
+    same images (``se_vs_best``), cost, and its rank (1 = best).
+
+    For accuracy both errors are the usual formulas on the per-image hits; macro-F1 and balanced accuracy are
+    not means over images, so their errors come from a bootstrap over the images (paired for ``se_vs_best``;
+    with several folds, over the folds' pooled predictions). Each run needs ``targets`` and ``predicted`` then,
+    as `evaluate_candidate` returns them."""
     frame = pd.DataFrame(runs)
     table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
                                           trainable=("trainable", "first"), seconds=("seconds", "sum"))
     fold_se = frame.groupby("strategy")["score"].agg(lambda s: s.std(ddof=1) / math.sqrt(len(s)) if len(s) > 1
                                                      else np.nan)
-    correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
     table["cost"] = [COST_ORDER.index(s) for s in table.index]
     table = table.sort_values(["score", "cost"], ascending=[False, True], kind="stable")
     best = next(s for s in table.index if s != CONTROL)
-    table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else
-                   math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))
-                   for s in table.index]
-    table["se_vs_best"] = [paired_se(correct[best], correct[s]) if s != best else 0.0 for s in table.index]
+    if metric == "accuracy":
+        correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
+        one_fold_se = {s: math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))
+                       for s in table.index}
+        vs_best = [paired_se(correct[best], correct[s]) if s != best else 0.0 for s in table.index]
+    else:
+        missing = {"targets", "predicted"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"summarize({metric!r}) needs each run's {sorted(missing)} (as evaluate_candidate "
+                             f"returns them): the error of {metric} is bootstrapped from the predictions")
+        targets = np.concatenate(list(frame[frame["strategy"] == best]["targets"]))
+        predicted = {s: np.concatenate(list(g["predicted"])) for s, g in frame.groupby("strategy")}
+        names = list(table.index)
+        boot = bootstrap_scores(metric, targets, [predicted[s] for s in names])
+        one_fold_se = dict(zip(names, boot.std(axis=0, ddof=1), strict=True))
+        best_column = boot[:, names.index(best)]
+        vs_best = [float(np.std(best_column - boot[:, k], ddof=1)) if s != best else 0.0
+                   for k, s in enumerate(names)]
+    table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else one_fold_se[s] for s in table.index]
+    table["se_vs_best"] = vs_best
     table["rank"] = np.arange(1, len(table) + 1)
     table["guide_pick"] = table.index == guide_pick
     return table.drop(columns="cost").reset_index()

@@ -3,15 +3,16 @@
     python -m helpers.train --run-name big --backbone efficientnet_lite0 --strategy last_n
     torchrun --nproc_per_node=4 -m helpers.train --run-name big --epochs 20        # 4 GPUs
     TL_SMOKE=1 torchrun --nproc_per_node=2 -m helpers.train --run-name ddp-smoke \\
-        --backbone efficientnet_lite0 --strategy head --device cpu                  # 2 CPU processes, tiny data
+        --backbone efficientnet_lite0 --strategy last_n --device cpu                # 2 CPU processes, tiny data
 
 Takes the notebooks' parameters (``--run-name``, ``--data-root``, ``--labels-csv``, ``--backbone``,
 ``--strategy``, ``--image-size``, ``--epochs``, ``--batch-size``, ``--lr``, ``--seed`` ...; see
 `helpers.workbook.PARAMETERS`), fills the unset ones as notebook 04 does, and trains as it does:
 phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt``, ``history.csv``,
-``fit.json``), and the floor (``final.pt``, ``final.json``: the fine-tuned model only if it beats the
-probe on validation by more than the noise) in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``.
-Without ``--backbone`` / ``--strategy`` it reads notebook 01's / 03's choice from the run folder;
+``fit.json``; only for a strategy that trains more than a classifier), and the floor (``final.pt``,
+``final.json``: the fine-tuned model only if it beats the probe on validation by more than the noise)
+in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it
+reads notebook 01's / 03's choice from the run folder (so on a new run name, give both);
 without notebook 02's split there, it makes the same split first, and where 02 did not settle the
 augmentation recipe it runs 02's mirror check (``mirror_check.csv``; ``--no-mirror-check`` skips it).
 An interrupted run continues from ``last.pt``, also when torchrun restarts it (``--max-restarts``).
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, metavar="VALUE",
                             type=lambda text, key=name: parse_value(text, key),
                             help=f"notebook parameter {name} (default: {default})")
-    parser.add_argument("--smoke", action="store_true", help="TL_SMOKE=1: the 64-image ELPV subset, 64 px, 2 epochs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="TL_SMOKE=1: the 64-image ELPV subset (or about 64 of your images), 64 px, 2 epochs")
     parser.add_argument("--lr-scaling", choices=list(LR_SCALING), default="sqrt",
                         help="how the learning rate grows with the number of processes (default: sqrt)")
     parser.add_argument("--sync-batchnorm", action="store_true",

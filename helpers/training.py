@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import cache as feature_cache
 from . import distributed
 from .checkpoint import atomic_save, describe_model, load_checkpoint
+from .data import targets_of
 from .files import write_csv, write_json
 from .freezing import param_groups, unfreeze_last
 from .metrics import METRICS, score
@@ -126,6 +127,14 @@ class TrainConfig:
 # The loop
 
 
+def _loss_weight(criterion: nn.Module, y: torch.Tensor) -> float:
+    """What a batch's mean loss is averaged over: its size, or with class weights the sum of its images'
+    weights (how ``CrossEntropyLoss`` normalizes), so that the epoch's loss is the weighted mean over all
+    images whatever the batches held."""
+    weight = getattr(criterion, "weight", None)
+    return float(weight[y].sum()) if weight is not None else float(len(y))
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None, scheduler=None,
                     dtype: torch.dtype | None = None, channels_last: bool = True,
@@ -135,7 +144,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     step; the scheduler steps per batch. Returns the mean loss and accuracy."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)  # fp16 needs one; else a no-op
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, weight_sum, correct, seen = 0.0, 0.0, 0, 0
     for x, y in with_progress(loader, desc, progress):
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, dtype):
@@ -154,27 +163,30 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             scheduler.step()
         if ema is not None:
             ema.update(model)
-        loss_sum += loss.item() * len(y)
+        loss_sum += loss.item() * _loss_weight(criterion, y)
+        weight_sum += _loss_weight(criterion, y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-    return {"loss": loss_sum / seen, "accuracy": correct / seen}
+    return {"loss": loss_sum / weight_sum, "accuracy": correct / seen}
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device, *,
              dtype: torch.dtype | None = None, channels_last: bool = True) -> dict:
-    """Mean loss, targets and predicted classes of ``model`` over ``loader``, in eval mode."""
+    """Mean loss (weighted, with class weights), targets and predicted classes of ``model`` over ``loader``,
+    in eval mode."""
     model.eval()
-    loss_sum, targets, predictions = 0.0, [], []
+    loss_sum, weight_sum, targets, predictions = 0.0, 0.0, [], []
     for x, y in loader:
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)
-        loss_sum += criterion(logits.float(), y).item() * len(y)
+        loss_sum += criterion(logits.float(), y).item() * _loss_weight(criterion, y)
+        weight_sum += _loss_weight(criterion, y)
         targets.append(y.cpu())
         predictions.append(logits.argmax(1).cpu())
     targets, predictions = torch.cat(targets).numpy(), torch.cat(predictions).numpy()
-    return {"loss": loss_sum / len(targets), "targets": targets, "predictions": predictions}
+    return {"loss": loss_sum / weight_sum, "targets": targets, "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------------------
@@ -218,7 +230,7 @@ def make_criterion(config: TrainConfig, model: TransferModel, train_set: Dataset
     """Cross-entropy with the configured label smoothing and class weights."""
     weights = config.class_weights
     if weights == "balanced":
-        targets = np.asarray(train_set.targets)
+        targets = np.asarray(targets_of(train_set))
         present = np.unique(targets)
         balanced = np.ones(model.num_classes, dtype=np.float32)
         balanced[present] = compute_class_weight("balanced", classes=present, y=targets)
@@ -256,6 +268,9 @@ def _check_inputs(model: TransferModel, train_set: Dataset, val_set: Dataset, co
     if isinstance(config.class_weights, tuple) and len(config.class_weights) != model.num_classes:
         raise ValueError(f"class_weights needs {model.num_classes} values (one per class), "
                          f"got shape ({len(config.class_weights)},)")
+    if config.class_weights == "balanced" and targets_of(train_set) is None:
+        raise ValueError(f"class_weights='balanced' counts the training labels, but a {type(train_set).__name__} "
+                         f"has no `targets`: use an ImageDataset (or a Subset of one), or give one weight per class")
     groups = len(model.group_names)
     for epoch, n in config.unfreeze_schedule.items():
         if n > groups:

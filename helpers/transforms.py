@@ -102,8 +102,8 @@ def resolve_preprocessing(backbone: BackboneSpec | TransferModel, image_size: in
     ImageNet crop.
     """
     spec = _spec(backbone)
-    return Preprocessing(image_size=int(image_size or spec.input_size),
-                         crop_pct=float(crop_pct or spec.input_size / spec.resize_size),
+    return Preprocessing(image_size=int(spec.input_size if image_size is None else image_size),
+                         crop_pct=float(spec.input_size / spec.resize_size if crop_pct is None else crop_pct),
                          mean=spec.mean, std=spec.std, interpolation=spec.interpolation)
 
 

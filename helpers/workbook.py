@@ -3,7 +3,8 @@
 Every notebook has the same papermill ``parameters`` cell (the names in ``PARAMETERS``) with
 plain assignments, many of them ``None``. The next cell calls `resolve_params`, which checks
 the values and fills each ``None`` with a default that depends on the machine (GPU or CPU) and
-on ``TL_SMOKE=1`` (the CI budget: the 64-image ELPV subset, 64 px, one epoch). A value the user
+on ``TL_SMOKE=1`` (the CI budget: the 64-image ELPV subset or a sample of your folder, 64 px, one
+epoch in notebook 03's comparison and two in 04). A value the user
 set, in the notebook or with ``papermill -p``, always wins.
 
 State flows through the run folder ``runs/<run_name>/``: split CSVs, ``dataset.json``,
@@ -244,9 +245,10 @@ class UnsettledRecipeWarning(UserWarning):
     """Notebooks 03-05 run on a split whose augmentation recipe notebook 02 did not settle."""
 
 
-def _data_source(p: dict, smoke: bool) -> dict:
+def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
     """Where the images and labels come from, as `Params` fields: ELPV (``data_root`` left at None, the
-    tiny copy in smoke mode) or the user's folder, checked to exist."""
+    tiny copy in smoke mode; copied out of its package unless ``materialize`` is False) or the user's
+    folder, checked to exist."""
     elpv = p["data_root"] is None
     if elpv:
         task = p["task"] or "binary"
@@ -255,7 +257,9 @@ def _data_source(p: dict, smoke: bool) -> dict:
             if p[name] is not None:
                 raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
         root = workbook_root() / "data"
-        data_root = make_tiny_elpv(root / "elpv_tiny") if smoke else prepare_elpv(root / "elpv")
+        data_root = root / ("elpv_tiny" if smoke else "elpv")
+        if materialize:
+            data_root = make_tiny_elpv(data_root) if smoke else prepare_elpv(data_root)
         labels_csv, file_col, group_col = data_root / "labels.csv", "file", "type"
         label_col = ELPV_TASKS[task][0]
         stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
@@ -279,23 +283,13 @@ def _data_source(p: dict, smoke: bool) -> dict:
             "group_col": group_col, "task": task, "elpv": elpv, "stratify_col": stratify_col}
 
 
-def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
-    """Check the notebook parameters and fill the ``None`` ones with defaults.
-
-    Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
-    key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
-    finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
-    names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
-    With ``settled`` (notebooks 03-05 and the command line; 02 decides it afresh, 01 runs before it)
-    an ``augment`` left at ``None`` takes the recipe notebook 02 settled on for this run (`settle_augment`);
-    a split with none settled (02 stopped before its mirror check, or the command line made the split) gets
-    the default recipe and an `UnsettledRecipeWarning`.
-    """
+def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
+    """The parameters with defaults filled in and every value checked (``device`` resolved to a
+    torch.device), and the names the user set; nothing is read or written on disk."""
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown}; valid parameters are {list(PARAMETERS)}")
     p = {**PARAMETERS, **params}
-    smoke = is_smoke() if smoke is None else smoke
     user_set = tuple(k for k in PARAMETERS if p[k] != PARAMETERS[k])
     p.update({name: _as_text(name, p[name]) for name in TEXT_PARAMETERS})
     for name in ("file_col", "label_col"):
@@ -323,15 +317,39 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
     from .runtime import pick_device
 
-    device = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
+    p["device"] = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
+    return p, user_set
 
+
+def check_parameters(params: dict, smoke: bool | None = None) -> None:
+    """Every check `resolve_params` makes on ``params`` (names, values, backbone weights, task, data
+    folders) without touching the run folder or copying data: the course runner calls it before it
+    starts a kernel, so a mistake is one line of error, not a notebook's traceback."""
+    p, _ = _checked(params)
+    _data_source(p, is_smoke() if smoke is None else smoke, materialize=False)
+
+
+def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
+    """Check the notebook parameters and fill the ``None`` ones with defaults.
+
+    Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
+    key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
+    finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
+    names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
+    With ``settled`` (notebooks 03-05 and the command line; 02 decides it afresh, 01 runs before it)
+    an ``augment`` left at ``None`` takes the recipe notebook 02 settled on for this run (`settle_augment`);
+    a split with none settled (02 stopped before its mirror check, or the command line made the split) gets
+    the default recipe and an `UnsettledRecipeWarning`.
+    """
+    p, user_set = _checked(params)
+    smoke = is_smoke() if smoke is None else smoke
     source = _data_source(p, smoke)
 
     run_name = p["run_name"] or ("smoke" if smoke else "course")
     run = run_folder(str(run_name))
     params = Params(run_name=str(run_name), run=run, **source,
-                    backbone=backbone, strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
-                    batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=device, smoke=smoke,
+                    backbone=p["backbone"], strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
+                    batch_size=p["batch_size"], lr=p["lr"], seed=p["seed"], device=p["device"], smoke=smoke,
                     augment_recipe=p["augment"],
                     settled_augment=settled_recipe(run) if settled and p["augment"] is None else None,
                     user_set=user_set)

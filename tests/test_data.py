@@ -87,6 +87,13 @@ def test_elpv_materializes_all_2624_labelled_images(tmp_path):
     before = (root / "labels.csv").stat().st_mtime_ns
     prepare_elpv(root)
     assert (root / "labels.csv").stat().st_mtime_ns == before
+    # A copy killed half-way (labels.csv is written last): the truncated image is copied again
+    cell = root / table["file"].iat[7]
+    full = cell.read_bytes()
+    cell.write_bytes(full[:500])
+    (root / "labels.csv").unlink()
+    prepare_elpv(root)
+    assert cell.read_bytes() == full and not list((root / "images").glob(".*"))
 
 
 def test_tiny_dataset_is_deterministic(tmp_path, tiny_root):
@@ -95,6 +102,8 @@ def test_tiny_dataset_is_deterministic(tmp_path, tiny_root):
     pd.testing.assert_frame_equal(a, b)
     assert len(a) == 64 and a.groupby(["label4", "type"]).size().eq(8).all()
     assert read_image(tiny_root / a["file"].iat[0]).shape == (64, 64, 3)
+    smaller = make_tiny_elpv(tmp_path / "again", size=32)  # another size is made again, not the old copy returned
+    assert read_image(smaller / a["file"].iat[0]).shape == (32, 32, 3)
 
 
 def test_splits_are_disjoint_stratified_and_reproducible(tmp_path, tiny_root):
@@ -181,3 +190,28 @@ def test_a_class_missing_from_a_split_is_named():
     table = pd.DataFrame({"file": [f"f{i}" for i in range(44)], "label": ["ok"] * 40 + ["defect"] * 4})
     with pytest.warns(UserWarning, match=r"class\(es\) with no image in a split: \{'val': \['defect'\]\}"):
         make_splits(table, group_col=None)
+
+
+def test_subsample_keeps_two_of_every_class_so_the_sample_can_be_cross_validated():
+    from sklearn.model_selection import train_test_split
+
+    from helpers.data import subsample
+    from helpers.lessons import linear_probe
+
+    frame = pd.DataFrame({"file": [f"{i}.png" for i in range(1003)],
+                          "label": ["big"] * 700 + ["mid"] * 300 + ["rare"] * 3})
+    # scikit-learn's stratified rounding alone keeps 1 of the 3 rare images: no 2-fold split is possible
+    plain, _ = train_test_split(frame, train_size=400, stratify=frame["label"], random_state=0)
+    assert plain["label"].value_counts()["rare"] == 1
+    sample = subsample(frame, 400, seed=0)
+    assert sample["label"].value_counts().to_dict() == {"big": 279, "mid": 120, "rare": 2}
+    assert not sample["file"].duplicated().any()
+    # a class with a single image is kept whole; with no class short, the rows are scikit-learn's own
+    single = pd.DataFrame({"file": [f"{i}" for i in range(102)], "label": ["a"] * 100 + ["b", "c"]})
+    assert subsample(single, 50, seed=0)["label"].value_counts()[["b", "c"]].tolist() == [1, 1]
+    even = pd.DataFrame({"file": [f"{i}" for i in range(100)], "label": ["a", "b"] * 50})
+    expected, _ = train_test_split(even, train_size=40, stratify=even["label"], random_state=3)
+    assert subsample(even, 40, seed=3)["file"].tolist() == expected["file"].tolist()
+    with pytest.raises(ValueError, match=r"a class has only one of them \(images per class: \{'a': 5, 'b': 1\}\)"):
+        linear_probe("efficientnet_lite0", ".", pd.DataFrame({"file": list("abcdef"), "label": ["a"] * 5 + ["b"]}),
+                     ["a", "b"], 64)

@@ -281,26 +281,26 @@ def test_families_cover_the_registry():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_gradcam_target_layer_every_backbone_family(name):
+def test_gradcam_target_layer_is_the_map_global_pooling_reads(name):
     m = create_model(name, 2, pretrained=False).eval()
     layer = ev.gradcam_target_layer(m)
-    assert isinstance(layer, torch.nn.Conv2d)
-    seen = []
-    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    pool = next(c for c in m.groups["head"].modules() if "Pool" in type(c).__name__)
+    seen = {}
+    handles = [layer.register_forward_hook(lambda mod, inp, out: seen.setdefault("layer", []).append(out)),
+               pool.register_forward_hook(lambda mod, inp, out: seen.setdefault("pool", []).append(inp[0]))]
     with torch.no_grad():
         m(torch.zeros(1, 3, 64, 64))
-    handle.remove()
-    assert len(seen) == 1 and len(seen[0]) == 4  # a spatial map, hit once per forward
-    # Nothing convolutional runs after it before the classifier.
-    convs = [mod for g in list(m.groups.values())[:-1] for mod in g.modules() if isinstance(mod, torch.nn.Conv2d)]
-    assert convs[-1] is layer
+    for handle in handles:
+        handle.remove()
+    (out,), (pooled,) = seen["layer"], seen["pool"]
+    # A spatial map, hit once per forward, and exactly what the pooling reads (after any residual add,
+    # normalization and activation: not the last Conv2d inside ResNet's or ConvNeXt's last block)
+    assert out.ndim == 4 and torch.equal(out, pooled)
 
 
 def test_gradcam_target_layer_of_truncated_model():
     m = apply_strategy(create_model("efficientnet_lite0", 2, pretrained=False), "truncate", after="stage3")
-    layer = ev.gradcam_target_layer(m)
-    stage3_convs = [x for x in m.groups["stage3"].modules() if isinstance(x, torch.nn.Conv2d)]
-    assert layer is stage3_convs[-1]
+    assert ev.gradcam_target_layer(m) is m.groups["stage3"]
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,18 @@ def test_majority_score_uses_the_metric_the_models_are_compared_by():
     assert math.isclose(lessons.majority_score(train, scored, "macro_f1"), 2 / 9)
 
 
+def test_equally_frequent_labels_give_the_majority_answer_notebook_05_gives():
+    from helpers.probe import majority_baseline
+
+    train = pd.DataFrame({"label": ["b", "a", "b", "a"]})
+    test = pd.DataFrame({"label": ["a", "a", "a", "b"]})
+    for classes in (["a", "b"], ["b", "a"]):
+        train_index, test_index = (frame["label"].map(classes.index).to_numpy() for frame in (train, test))
+        expected = majority_baseline(train_index, test_index)["accuracy"]
+        assert lessons.majority_score(train, [test], "accuracy", classes) == expected
+    assert lessons.majority_score(train, [test]) == 0.75  # without classes: the first in sorted order, "a"
+
+
 def test_accuracy_margin_is_never_zero_and_shrinks_with_more_images():
     assert lessons.accuracy_margin(1.0, 50) > 0.03  # a perfect score on 50 images is not a certainty
     assert lessons.accuracy_margin(0.0, 50) == pytest.approx(lessons.accuracy_margin(1.0, 50))

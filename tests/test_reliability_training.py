@@ -277,6 +277,18 @@ def test_fit_refuses_inconsistent_label_encodings(tiny_root, tiny_splits):
         fit(three, train, val, epochs=1, progress=False, num_workers=0)
 
 
+def test_balanced_class_weights_read_the_labels_through_a_subset(tiny_root, tiny_splits):
+    from torch.utils.data import Subset, TensorDataset
+
+    train, val = make_sets(tiny_root, tiny_splits)
+    history = fit(fresh_model("head"), Subset(train, list(range(0, len(train), 2))), val, epochs=1,
+                  class_weights="balanced", progress=False, num_workers=0)
+    assert len(history) == 1
+    tensors = TensorDataset(torch.zeros(4, 3, 64, 64), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"class_weights='balanced' counts the training labels, but a TensorDataset"):
+        fit(fresh_model("head"), tensors, val, epochs=1, class_weights="balanced", progress=False, num_workers=0)
+
+
 @pytest.fixture(scope="module")
 def one_epoch_run(tiny_root, tiny_splits, tmp_path_factory):
     """A finished 1-epoch run (head strategy, lr 1e-3) whose last.pt the resume tests try to continue.

@@ -164,3 +164,21 @@ def test_device_choice():
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="cuda"):
         pick_device("tpu")
+
+
+def test_evaluate_reports_the_weighted_mean_loss_of_the_whole_set_whatever_the_batches():
+    # With class weights, CrossEntropyLoss averages each batch over its images' weights; summing batch means
+    # times batch sizes (as before) gave a number that depended on how the images fell into batches.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from helpers.training import evaluate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3), torch.tensor([0, 0, 0, 1, 1, 0, 0, 1])
+    model = torch.nn.Linear(3, 2)
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0]), label_smoothing=0.1)
+    whole = criterion(model(x), y).item()
+    for batch_size in (3, 4, 8):
+        result = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=batch_size), criterion,
+                          torch.device("cpu"), channels_last=False)
+        assert result["loss"] == pytest.approx(whole, rel=1e-6), batch_size
