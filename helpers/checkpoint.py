@@ -85,8 +85,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" not in str(err).lower():
-            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({err})") from err
+        # Refused objects are named as a GLOBAL; anything else (a JSON file, random bytes) is no pickle at all.
+        if "weights only" not in str(err).lower() or "global" not in str(err).lower():
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({detail[:200]})") from err
         # The pickle holds Python objects beyond tensors and plain containers: loading them
         # would run code from the file, so we refuse.
         raise ValueError(f"refusing to load {path}: it contains Python objects that weights_only=True does "

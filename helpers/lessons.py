@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from pathlib import Path
+from typing import Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,9 +20,9 @@ import torch
 from torch import nn
 
 from .data import ImageDataset, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
-from .transforms import eval_transform
+from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
-from .models import TransferModel, create_model, offline_backbones
+from .models import BackboneSpec, TransferModel, create_model, offline_backbones
 
 # ----------------------------------------------------------------------------------------
 # 01: the guide, backbones, similarity, linear probe
@@ -132,8 +134,9 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
     return fig
 
 
-def linear_probe(backbone: str, root, frame: pd.DataFrame, classes: list[str], image_size: int,
-                 crop_pct: float | None = None, folds: int = 5, seed: int = 0, device=None) -> dict:
+def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: list[str], image_size: int,
+                 crop_pct: float | None = None, folds: int = 5, seed: int = 0,
+                 device: str | torch.device | None = None) -> dict:
     """Cross-validated logistic regression on a frozen backbone's pooled features: accuracy, balanced accuracy
     and macro-F1 (mean over the folds).
 
@@ -262,7 +265,8 @@ def plot_intensity(dataset: ImageDataset, n: int = 200, seed: int = 0) -> plt.Fi
     return fig
 
 
-def plot_pipeline(image: torch.Tensor, spec, image_size: int, crop_pct: float | None = None) -> plt.Figure:
+def plot_pipeline(image: torch.Tensor, spec: BackboneSpec | TransferModel, image_size: int,
+                  crop_pct: float | None = None) -> plt.Figure:
     """The eval transform step by step on one uint8 image: raw, SquarePad, Resize, CenterCrop, Normalize.
 
     The normalized tensor is shown mapped back to colours (x * std + mean), not stretched to its own
@@ -287,7 +291,8 @@ def plot_pipeline(image: torch.Tensor, spec, image_size: int, crop_pct: float | 
     return fig
 
 
-def plot_augmentations(image: torch.Tensor, transform, n: int = 8, seed: int = 0, preprocessing=None) -> plt.Figure:
+def plot_augmentations(image: torch.Tensor, transform: Callable, n: int = 8, seed: int = 0,
+                       preprocessing: Preprocessing | None = None) -> plt.Figure:
     """``n`` random training views of one image, mapped back to colours (x * std + mean of ``preprocessing``,
     by default the transform's own), so that brightness is shown as the network receives it."""
     torch.manual_seed(seed)
@@ -338,7 +343,7 @@ MIN_MIRROR_IMAGES = 5
 DIAGNOSTIC_USE = "scored on mirrors"  # the row of mirror_check that no training or test-time use imitates
 
 
-def stratified_subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
+def stratified_subset(dataset: ImageDataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
     """About ``n`` items of ``dataset`` (a few more when rare classes round up), every class kept in its share
     and present at least once; a dataset without ``targets`` is sampled at random, as by `subset`."""
     targets = getattr(dataset, "targets", None)
@@ -353,8 +358,8 @@ def stratified_subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset
     return torch.utils.data.Subset(dataset, sorted(picks))
 
 
-def mirror_check(model: TransferModel, train_set, val_set, mirrors: list[str], max_train: int = 400,
-                 seed: int = 0, device=None) -> pd.DataFrame:
+def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDataset, mirrors: list[str],
+                 max_train: int = 400, seed: int = 0, device: str | torch.device | None = None) -> pd.DataFrame:
     """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone.
 
     The probe is fitted on the features of (about ``max_train``, stratified) training images as stored,
@@ -494,14 +499,15 @@ def strategy_table(backbone: str, num_classes: int) -> pd.DataFrame:
     return pd.DataFrame(rows).round({"trainable_share": 4})
 
 
-def subset(dataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
+def subset(dataset: ImageDataset, n: int, seed: int = 0) -> torch.utils.data.Subset:
     """At most ``n`` items of ``dataset``, drawn at random (seeded)."""
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False))
     return torch.utils.data.Subset(dataset, picks.tolist())
 
 
-def score_of(model: nn.Module, dataset, device=None, metric: str = "accuracy") -> float:
+def score_of(model: nn.Module, dataset: ImageDataset, device: str | torch.device | None = None,
+             metric: str = "accuracy") -> float:
     """``metric`` of ``model`` on an `ImageDataset` (eval mode)."""
     from .evaluation import predict
     from .metrics import score
@@ -514,7 +520,8 @@ def first_batchnorm(model: TransferModel) -> nn.modules.batchnorm._BatchNorm:
     return next(m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def batchnorm_trap(make_head_model, batches: list[torch.Tensor], val_set, device=None) -> pd.DataFrame:
+def batchnorm_trap(make_head_model: Callable[[], TransferModel], batches: list[torch.Tensor], val_set: ImageDataset,
+                   device: str | torch.device | None = None) -> pd.DataFrame:
     """What training mode does to a frozen network, with and without `keep_frozen_eval`.
 
     ``make_head_model()`` returns a ``head`` model whose classifier was fitted on the frozen features.
@@ -582,7 +589,8 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
 # 04: speed of a training step on this device
 
 
-def training_step_speed(backbone: str, device, image_size: int, batch_size: int, steps: int = 3) -> pd.DataFrame:
+def training_step_speed(backbone: str, device: str | torch.device, image_size: int, batch_size: int,
+                        steps: int = 3) -> pd.DataFrame:
     """Images per second of full training steps (forward, backward, AdamW) for each precision and memory
     layout this device supports; each figure is the median of ``steps`` timed steps after a warm-up step.
     On a CPU, which other programs share, the settings take turns, one step each per round, so a busy

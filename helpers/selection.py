@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.model_selection import StratifiedKFold
 
 from .data import ImageDataset, subsample
@@ -119,7 +120,8 @@ def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, clas
     return make(fit_part, plain), make(fit_part, augmented), make(score_part, plain)
 
 
-def phase_one(model: TransferModel, train: ImageDataset, device, seed: int, metric: str = "accuracy") -> Probe:
+def phase_one(model: TransferModel, train: ImageDataset, device: str | torch.device, seed: int,
+              metric: str = "accuracy") -> Probe:
     """Fit the classifier on the frozen features exactly (convex, for ``metric``: `fit_probe`) and put it
     into ``model``."""
     started = time.perf_counter()
@@ -129,7 +131,8 @@ def phase_one(model: TransferModel, train: ImageDataset, device, seed: int, metr
     return probe
 
 
-def start_from_probe(model: TransferModel, baseline: TransferModel, train: ImageDataset, device, seed: int,
+def start_from_probe(model: TransferModel, baseline: TransferModel, train: ImageDataset,
+                     device: str | torch.device, seed: int,
                      metric: str = "accuracy") -> None:
     """Phase 1 for ``model``'s strategy, given ``baseline``, the linear probe (a ``head`` model whose classifier
     phase 1 fitted): last_n, initial and full read the same frozen features up to the classifier, so they
@@ -145,7 +148,7 @@ def start_from_probe(model: TransferModel, baseline: TransferModel, train: Image
 _FOLD_PROBES: dict[tuple, Probe] = {}
 
 
-def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, device, seed: int,
+def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, device: str | torch.device, seed: int,
                       budget: Budget, crop_pct: float | None, metric: str) -> tuple[Probe, bool]:
     """The fold's phase-1 probe, installed in ``model``; and whether it was reused (fitted for an earlier
     candidate, whose time it was counted in)."""
@@ -162,8 +165,8 @@ def _shared_phase_one(model: TransferModel, strategy: str, train: ImageDataset, 
     return _FOLD_PROBES[key], False
 
 
-def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budget: Budget, seed: int, device,
-              **fit_options) -> pd.DataFrame:
+def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budget: Budget, seed: int,
+              device: str | torch.device, **fit_options: object) -> pd.DataFrame:
     """Fine-tune the strategy's groups from the phase-1 classifier (see `helpers.training.fit`)."""
     from .training import fit
 
@@ -180,7 +183,7 @@ def phase_two(model: TransferModel, train: ImageDataset, val: ImageDataset, budg
 
 def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, score_part: pd.DataFrame,
                        classes: list[str], root: Path, budget: Budget, crop_pct: float | None, seed: int,
-                       device, metric: str = "accuracy") -> dict:
+                       device: str | torch.device, metric: str = "accuracy") -> dict:
     """Train ``strategy`` on one fold with the two-phase recipe; its validation score and predictions.
 
     ``seconds`` is what the strategy costs on its own: a phase-1 probe shared with an earlier candidate

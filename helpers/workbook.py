@@ -147,7 +147,9 @@ def run_folder(run_name: str, overwrite: bool = False) -> Path:
 def existing_outputs(run: Path, notebooks: tuple[str, ...]) -> list[str]:
     """The files in ``run`` that running ``notebooks`` again will replace."""
     names = [name for notebook in notebooks for name in (*NOTEBOOK_OUTPUTS.get(notebook, ()), f"{notebook}.ipynb")]
-    return [name for name in names if (run / name).exists()]
+    figures = [f"figures/{path.name}" for notebook in notebooks  # save_figure names them <NN>_<what>.png
+               for path in sorted((run / "figures").glob(f"{notebook[:2]}_*.png"))]
+    return [name for name in names if (run / name).exists()] + figures
 
 
 @dataclass(frozen=True)
@@ -551,8 +553,9 @@ def require(path: str | os.PathLike, notebook: str) -> Path:
     """``path`` if it exists, else an error saying which notebook writes it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first "
-                                f"(with the same run_name), or the whole course: python -m helpers.course")
+        raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first, with the same run_name "
+                                f"and parameters (from the command line: python -m helpers.course --name "
+                                f"{path.parent} --notebooks {notebook[:2]} ..., with the same -p values)")
     return path
 
 

@@ -178,6 +178,15 @@ def test_a_decision_for_another_task_is_refused(tmp_path):
     assert workbook.read_decision(four)["backbone"] == "efficientnet_lite2"
 
 
+def test_a_rerun_lists_the_files_and_figures_it_replaces(tmp_path):
+    (tmp_path / "figures").mkdir()
+    for name in ("metrics.json", "final.json", "05_evaluate.ipynb", "figures/05_gradcam.png",
+                 "figures/04_learning_curves.png"):
+        (tmp_path / name).write_text("x")
+    assert workbook.existing_outputs(tmp_path, ("05_evaluate",)) == ["metrics.json", "05_evaluate.ipynb",
+                                                                     "figures/05_gradcam.png"]
+
+
 def test_missing_input_names_the_notebook(tmp_path):
     with pytest.raises(FileNotFoundError, match="02_prepare_dataset"):
         workbook.read_json(tmp_path / "dataset.json", "02_prepare_dataset")

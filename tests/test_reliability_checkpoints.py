@@ -88,6 +88,10 @@ def test_wrong_format_version_and_foreign_files_are_refused(trained, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.pt is damaged"):
         load_checkpoint(tmp_path / "empty.pt")
+    # Not a pickle at all (a JSON file): not "contains Python objects", which would wrongly suggest a risk
+    (tmp_path / "settings.json").write_text('{"lr": 0.001}')
+    with pytest.raises(ValueError, match=r"settings\.json is damaged or not a PyTorch checkpoint \(Unsupported "):
+        load_checkpoint(tmp_path / "settings.json")
     with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
         load_checkpoint(tmp_path / "missing.pt")
 
