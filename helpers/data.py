@@ -557,7 +557,7 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label",
     rare = frame[frame[column].isin(counts.index[counts < 2])]  # stratification needs 2 per class: keep these
     rest = frame.drop(rare.index)
     size = n - len(rare)
-    if size < rest[column].nunique():  # fewer rows than classes: one of each
+    if rest.empty or size < rest[column].nunique():  # fewer rows than classes: one of each
         part = rest.groupby(column, sort=False).head(1)
     else:
         part, _ = train_test_split(rest, train_size=size, stratify=rest[column], random_state=seed)

@@ -4,8 +4,8 @@ Every notebook has the same papermill ``parameters`` cell (the names in ``PARAME
 plain assignments, many of them ``None``. The next cell calls `resolve_params`, which checks
 the values and fills each ``None`` with a default that depends on the machine (GPU or CPU) and
 on ``TL_SMOKE=1`` (the CI budget: the 64-image ELPV subset or a sample of your folder, 64 px, one
-epoch in notebook 03's comparison and two in 04). A value the user
-set, in the notebook or with ``papermill -p``, always wins.
+epoch in notebook 03's comparison and two in 04). A value the user set, in the notebook or with
+``papermill -p``, always wins.
 
 State flows through the run folder ``runs/<run_name>/``: split CSVs, ``dataset.json``,
 ``decision.json``, ``strategy.json``, checkpoints, history, metrics and figures. `require`

@@ -209,6 +209,7 @@ def test_subsample_keeps_two_of_every_class_so_the_sample_can_be_cross_validated
     # a class with a single image is kept whole; with no class short, the rows are scikit-learn's own
     single = pd.DataFrame({"file": [f"{i}" for i in range(102)], "label": ["a"] * 100 + ["b", "c"]})
     assert subsample(single, 50, seed=0)["label"].value_counts()[["b", "c"]].tolist() == [1, 1]
+    assert subsample(single.tail(2), 1)["label"].tolist() == ["b", "c"]  # only single-image classes: all kept
     even = pd.DataFrame({"file": [f"{i}" for i in range(100)], "label": ["a", "b"] * 50})
     expected, _ = train_test_split(even, train_size=40, stratify=even["label"], random_state=3)
     assert subsample(even, 40, seed=3)["file"].tolist() == expected["file"].tolist()
