@@ -280,12 +280,22 @@ def _outside_root(files: pd.Series) -> list[str]:
     return [f for f in files if outside(f)]
 
 
+def _file_identity(path: Path) -> tuple[int, int] | Path:
+    """What makes two names one file: device and inode where the file exists (that also catches hard links and
+    case-insensitive file systems, which resolved paths miss), else the resolved path."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return path.resolve()
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else path.resolve()  # some file systems report inode 0
+
+
 def _same_file_twice(files: pd.Series, paths: list[Path]) -> list[str]:
     """Groups of listed names that are the same file (``img/a.png``, ``./img/a.png``,
-    ``img/../img/a.png`` or a link to it), as ``'a' = 'b'`` strings."""
-    seen: dict[Path, list[str]] = {}
+    ``img/../img/a.png``, a symbolic or hard link to it), as ``'a' = 'b'`` strings."""
+    seen: dict[tuple[int, int] | Path, list[str]] = {}
     for name, path in zip(files, paths, strict=True):
-        seen.setdefault(path.resolve(), []).append(name)
+        seen.setdefault(_file_identity(path), []).append(name)
     return [" = ".join(repr(n) for n in names) for names in seen.values() if len(names) > 1]
 
 
@@ -402,12 +412,12 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
 
 
 def overlapping_files(splits: dict[str, pd.DataFrame], root: str | os.PathLike) -> list[str]:
-    """Files that occur in more than one split, compared as resolved paths (so ``a.png`` in
-    train and ``./a.png`` in test count as the same image), as 'file (train, test)' strings."""
-    where: dict[Path, list[tuple[str, str]]] = {}
+    """Files that occur in more than one split, compared as files (so ``a.png`` in train and ``./a.png``,
+    or a hard link to it, in test count as the same image), as 'file (train, test)' strings."""
+    where: dict[tuple[int, int] | Path, list[tuple[str, str]]] = {}
     for split, frame in splits.items():
         for name in frame["file"]:
-            where.setdefault((Path(root) / name).resolve(), []).append((split, name))
+            where.setdefault(_file_identity(Path(root) / name), []).append((split, name))
     shared = [entries for entries in where.values() if len({s for s, _ in entries}) > 1]
     return [f"{entries[0][1]} ({', '.join(s for s, _ in entries)})" for entries in shared]
 

@@ -237,6 +237,12 @@ def test_splits_are_compared_by_resolved_path(tmp_path):
     assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
     splits["test"] = pd.DataFrame({"file": ["img/y.png"]})
     assert overlapping_files({k: v for k, v in splits.items() if k != "val"}, tmp_path) == []
+    # A hard link is the same image under another name: resolved paths differ, the inode does not
+    os.link(tmp_path / "img" / "x.png", tmp_path / "img" / "x_copy.png")
+    splits["test"] = pd.DataFrame({"file": ["img/x_copy.png"]})
+    assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
+    with pytest.raises(ValueError, match=r"different spellings.*'img/x\.png' = 'img/x_copy\.png'"):
+        load_table(tmp_path, pd.DataFrame({"file": ["img/x.png", "img/x_copy.png"], "label": ["a", "b"]}))
 
 
 # ----------------------------------------------------------------------------------------
