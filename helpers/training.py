@@ -163,8 +163,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             scheduler.step()
         if ema is not None:
             ema.update(model)
-        loss_sum += loss.item() * _loss_weight(criterion, y)
-        weight_sum += _loss_weight(criterion, y)
+        weight = _loss_weight(criterion, y)
+        loss_sum += loss.item() * weight
+        weight_sum += weight
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     return {"loss": loss_sum / weight_sum, "accuracy": correct / seen}
@@ -181,8 +182,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = model(x)
-        loss_sum += criterion(logits.float(), y).item() * _loss_weight(criterion, y)
-        weight_sum += _loss_weight(criterion, y)
+        weight = _loss_weight(criterion, y)
+        loss_sum += criterion(logits.float(), y).item() * weight
+        weight_sum += weight
         targets.append(y.cpu())
         predictions.append(logits.argmax(1).cpu())
     targets, predictions = torch.cat(targets).numpy(), torch.cat(predictions).numpy()
