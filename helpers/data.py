@@ -8,6 +8,7 @@ split, and a bad file must fail with its name instead of a cryptic stack trace.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -422,6 +423,31 @@ def overlapping_files(splits: dict[str, pd.DataFrame], root: str | os.PathLike) 
     return [f"{entries[0][1]} ({', '.join(s for s, _ in entries)})" for entries in shared]
 
 
+def identical_files(root: str | os.PathLike, files: Sequence[str]) -> list[list[str]]:
+    """Groups of listed files whose bytes are identical: one picture saved under several names (a download
+    run twice, a copy in a second class folder). A split by file name could put one copy in train and the
+    other in test, and the test score would then reward memory. Only exact copies are found: a resized or
+    re-encoded copy has other bytes."""
+    # Files of different sizes cannot be equal, so only files that share their size with another are read.
+    by_size: dict[int, list[str]] = {}
+    for name in files:
+        by_size.setdefault((Path(root) / name).stat().st_size, []).append(name)
+    by_content: dict[str, list[str]] = {}
+    for names in by_size.values():
+        if len(names) > 1:
+            for name in names:
+                by_content.setdefault(_content_digest(Path(root) / name), []).append(name)
+    return [names for names in by_content.values() if len(names) > 1]
+
+
+def _content_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ImageDataset(Dataset):
     """Images in a folder with labels from a table (or from class subfolders).
 
@@ -506,11 +532,14 @@ class ImageDataset(Dataset):
 
 
 def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | None = "group",
-                test_size: float = 0.25, val_size: float = 0.15, seed: int = 0) -> dict[str, pd.DataFrame]:
+                test_size: float = 0.25, val_size: float = 0.15, seed: int = 0,
+                copies: Sequence[Sequence[str]] = ()) -> dict[str, pd.DataFrame]:
     """Seeded train/val/test split, stratified on label x group.
 
     ``test_size`` is the share of all images held out for testing (25 % as in Deitsch et al.
     2019); ``val_size`` is the share of the remaining training images used for validation.
+    ``copies`` are groups of ``file`` names that hold one picture (`identical_files`): each group
+    lands whole in the split of its first name, and its names must agree on the label and group.
     """
     from sklearn.model_selection import train_test_split
 
@@ -519,6 +548,10 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
             raise ValueError(f"{name} must be in (0, 1), got {value}")
     if label_col not in frame.columns:
         raise KeyError(f"no column {label_col!r} to stratify on; columns are {list(frame.columns)}")
+    # Split one row per picture, then let every further copy follow its first into the same split.
+    agree_on = [c for c in dict.fromkeys(["label", label_col, group_col]) if c in frame.columns]
+    followers = _copy_followers(frame, copies, agree_on)
+    everything, frame = frame, frame.drop(index=list(followers))
     strata = frame[label_col].astype(str)
     grouped = bool(group_col and group_col in frame.columns and frame[group_col].notna().all())
     if grouped:
@@ -543,8 +576,10 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
 
     rest, test = train_test_split(frame, test_size=test_size, stratify=strata, random_state=seed)
     train, val = train_test_split(rest, test_size=val_size, stratify=strata.loc[rest.index], random_state=seed)
-    splits = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
-              "test": test.reset_index(drop=True)}
+    splits = {"train": train, "val": val, "test": test}
+    for name, split in splits.items():
+        own = [row for row, first in followers.items() if first in split.index]
+        splits[name] = pd.concat([split, everything.loc[own]]).reset_index(drop=True)
     absent = {name: sorted(set(frame[label_col].astype(str)) - set(split[label_col].astype(str)))
               for name, split in splits.items()}
     absent = {name: labels for name, labels in absent.items() if labels}
@@ -552,6 +587,26 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
         warnings.warn(f"class(es) with no image in a split: {absent}; with so few images of a class its results "
                       f"cannot be judged (add images of it if you can)", stacklevel=2)
     return splits
+
+
+def _copy_followers(frame: pd.DataFrame, copies: Sequence[Sequence[str]], columns: list[str]) -> dict:
+    """Row of each later copy -> row of its group's first copy; copies whose labels disagree are an error."""
+    row_of = dict(zip(frame["file"], frame.index, strict=True)) if len(copies) else {}
+    followers, conflicts = {}, []
+    for names in copies:
+        unknown = [n for n in names if n not in row_of]
+        if unknown:
+            raise KeyError(f"copies name file(s) that are not in the table: {unknown[:10]}")
+        rows = [row_of[n] for n in names]
+        values = frame.loc[rows, columns].astype(str).agg("|".join, axis=1)
+        if values.nunique() > 1:
+            conflicts.append(" = ".join(f"{n!r} ({v})" for n, v in zip(names, values, strict=True)))
+        followers.update({row: rows[0] for row in rows[1:]})
+    if conflicts:
+        raise ValueError(f"{len(conflicts)} picture(s) stored more than once with different labels (byte-identical "
+                         f"files; one picture cannot be two classes: delete or relabel the wrong copy): "
+                         f"{conflicts[:10]}")
+    return followers
 
 
 def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label", per_class: int = 2) -> pd.DataFrame:

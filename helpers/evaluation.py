@@ -596,17 +596,40 @@ def published_results() -> pd.DataFrame:
                "'average accuracy' not defined (binary at p>=0.5 or over the 4 classes)")
     song = ("Song et al. 2024, J. Quality Technology",
             "separate models per cell type, stratified 80/20 split, repeated")
+    song_binary = (song[0], song[1] + "; binary: the four classes merged into functional and defective")
+    # ``task`` is this workbook's task name ("binary", "4class") or "unclear"; ``cell_type`` "all" is both types.
     rows = [
-        (*deitsch, "VGG-19 (ImageNet, fine-tuned)", "unclear (binary or 4-class)", "all", "accuracy", 0.8842, False),
-        (*deitsch, "SVM on hand-crafted features", "unclear (binary or 4-class)", "all", "accuracy", 0.8244, False),
+        (*deitsch, "VGG-19 (ImageNet, fine-tuned)", "unclear", "all", "accuracy", 0.8842, False),
+        (*deitsch, "SVM on hand-crafted features", "unclear", "all", "accuracy", 0.8244, False),
         (*song, "VGG-19", "4class", "mono", "accuracy", 0.81, True),
         (*song, "VGG-19", "4class", "poly", "accuracy", 0.80, True),
         (*song, "VGG-19", "4class", "mono", "macro_f1", 0.63, False),
         (*song, "VGG-19", "4class", "poly", "macro_f1", 0.59, False),
-        (*song, "VGG-19", "binary (4 classes merged)", "mono and poly", "accuracy", 0.90, True),
+        (*song_binary, "VGG-19", "binary", "all", "accuracy", 0.90, True),
     ]
     return pd.DataFrame(rows, columns=["source", "protocol", "model", "task", "cell_type", "metric", "value",
                                        "approximate"])
+
+
+def published_comparison(published: pd.DataFrame, task: str, metrics: dict) -> list[str]:
+    """One Markdown line per published figure that may be for ``task`` (the same task, or "unclear"): the figure
+    beside this run's test score in the same metric, over both cell types (``cell_type`` "all") or over the same
+    group (``metrics["per_group"]``, ELPV's mono and poly)."""
+    lines = []
+    for row in published.itertuples():
+        if row.task not in (task, "unclear"):
+            continue
+        if row.cell_type == "all":
+            ours, where = metrics[f"test_{row.metric}"], "both cell types"
+        elif row.cell_type in metrics.get("per_group", {}):
+            ours, where = metrics["per_group"][row.cell_type][row.metric], f"{row.cell_type} cells"
+        else:
+            continue  # a group this run did not score
+        task_name = "task unclear" if row.task == "unclear" else row.task
+        value = f"{'≈' if row.approximate else ''}{row.value:.3f}"
+        lines.append(f"- {row.source.split(',')[0]}: {row.model} ({task_name}), {where}, "
+                     f"{row.metric.replace('_', '-')}: {value}; this run {ours:.3f} ({ours - row.value:+.3f})")
+    return lines
 
 
 def _fit_epochs(fit_summary: dict) -> int:

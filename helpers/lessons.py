@@ -638,24 +638,43 @@ def training_step_speed(backbone: str, device: str | torch.device, image_size: i
     return table.round({"images_per_second": 1, "speedup": 2})
 
 
-def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: int | None = None) -> str:
+def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: int | None = None,
+                    constant: float | None = None) -> str:
     """What a `fit` history says, in one paragraph of Markdown: the best epoch (the checkpoint `fit` keeps),
-    early stopping, the train-validation gap at the last epoch, and where the time went."""
+    whether validation was still improving or had turned down, early stopping, the train-validation gap at the
+    last epoch, and where the time went. ``constant``: the validation score of always answering one class (the
+    same metric), to say when the model has learned little beyond it."""
     column = f"val_{metric}" if f"val_{metric}" in history.columns else "val_accuracy"
+    name = column[4:].replace("_", " ")
     best, last = history.loc[history[column].idxmax()], history.iloc[-1]
+    declined = last[column] < best[column]  # validation turned down after its best epoch
     gap = last["train_accuracy"] - last["val_accuracy"]
     attrs = history.attrs
-    return (f"Best validation {column[4:].replace('_', ' ')} {best[column]:.3f} at epoch {int(best['epoch'])} of "
-            f"{len(history)}"
+    text = (f"Best validation {name} {best[column]:.3f} at epoch {int(best['epoch'])} of {len(history)}"
             + (f" (stopped early: no improvement for {patience} epochs)" if attrs.get("stopped_early") else "")
-            + f". At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
-              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}"
-            + (", a sign of overfitting that the best checkpoint guards against." if gap > 0.05 else
-               ": training accuracy, averaged over the epoch while the weights still change and with dropout on, "
-               "trails validation, so there is no overfitting yet." if gap < -0.05 else ".")
-            + (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}"
-               + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached") else ".")
-               if "train_seconds" in attrs else ""))
+            + (f"; it fell to {last[column]:.3f} by the last epoch, and the best checkpoint keeps epoch "
+               f"{int(best['epoch'])}." if declined else
+               ", and the last epoch scored as high: validation had not turned down yet, so more epochs may help."
+               if len(history) > 1 and not attrs.get("stopped_early") else "."))
+    if constant is not None and best[column] - constant < 0.02:
+        text += (f" That is only {best[column] - constant:+.3f} against always answering the most frequent class "
+                 f"({constant:.3f}): the model has learned little so far.")
+    text += (f" At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
+             f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}")
+    if gap > 0.05:
+        text += (", a sign of overfitting that the best checkpoint guards against." if declined else
+                 ": the model fits its training images better, but with validation not yet turning down this is "
+                 "not overfitting yet.")
+    elif gap < -0.05:
+        text += (": training accuracy, averaged over the epoch while the weights still change and with dropout on, "
+                 "trails validation, so there is no overfitting yet.")
+    else:
+        text += "."
+    if "train_seconds" in attrs:
+        text += (f" Training took {_seconds(attrs['train_seconds'])} on {attrs['device']}"
+                 + (f", {_seconds(attrs['cache_seconds'])} of it for the feature cache." if attrs.get("cached")
+                    else "."))
+    return text
 
 
 def _seconds(value: float) -> str:

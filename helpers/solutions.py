@@ -5,8 +5,10 @@ An exercise cell defines a function with your code; the check cell after it call
 
 - your function returns an answer: it is checked against ``expected`` and a wrong one fails with
   a hint;
-- your function still returns None (not attempted): the reference solution runs instead, so
-  the notebook (and CI, which runs every notebook) proves the exercise is solvable.
+- your function still raises ``NotImplementedError`` (the stub, not attempted): the reference
+  solution runs instead, so the notebook (and CI, which runs every notebook) proves the exercise
+  is solvable, and the cells after it use the reference's answer;
+- your function returns None (a forgotten ``return``): that is an error, not "not attempted".
 
 ``solutions.show(name)`` prints a reference solution when you want to compare or are stuck.
 """
@@ -111,13 +113,17 @@ def check(name: str, attempt: Callable, *args, expected: object = None, toleranc
           verify: Callable[[object], bool] | None = None, hint: str = "") -> object:
     """Run your ``attempt(*args)``; check its answer (equal to ``expected``, or ``verify(answer)``).
 
-    Returns the answer. If ``attempt`` returns None, the reference solution answers instead (and
-    is checked the same way), with a note saying so.
+    Returns the answer. While ``attempt`` is the stub (it raises ``NotImplementedError``), the reference
+    solution answers instead (and is checked the same way), with a note saying so.
     """
-    answer = attempt(*args)
-    source = "your answer"
+    try:
+        answer, source = attempt(*args), "your answer"
+    except NotImplementedError:
+        answer, source = _solution(name)(*args), "the reference solution (yours is not written yet)"
     if answer is None:
-        answer, source = _solution(name)(*args), "the reference solution (yours returned None)"
+        raise AssertionError(f"exercise {name}: your function returned None: does it end with `return ...`? "
+                             f"(While it still raises NotImplementedError, the reference solution runs instead.) "
+                             f"{hint}")
     try:
         ok = verify(answer) if verify is not None else _same(answer, expected, tolerance)
     except (TypeError, ValueError, AttributeError, IndexError, KeyError) as err:
@@ -133,6 +139,7 @@ def check(name: str, attempt: Callable, *args, expected: object = None, toleranc
     if source == "your answer":
         print(f"exercise {name}: your answer checks out.")
     else:
-        print(f"exercise {name}: not attempted yet (your function returned None); the reference solution ran "
-              f"in its place and checks out, so the cells below can use its answer.")
+        print(f"exercise {name}: not attempted yet (your function still raises NotImplementedError), so the "
+              f"reference solution ran in its place: its answer, not yours, was checked, and the cells below use "
+              f"it. Delete the `raise` line and write yours.")
     return answer

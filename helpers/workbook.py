@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .data import (ELPV_TASKS, load_splits, load_table, make_splits, make_tiny_elpv, minimum_split_size,
-                   overlapping_files, prepare_elpv)
+from .data import (ELPV_TASKS, identical_files, load_splits, load_table, make_splits, make_tiny_elpv,
+                   minimum_split_size, overlapping_files, prepare_elpv)
 from . import files
 from .metrics import class_weighting
 from .freezing import STRATEGIES
@@ -478,11 +478,15 @@ def classes_of(params: Params, table: pd.DataFrame) -> list[str]:
     return list(ELPV_TASKS[params.task][1]) if params.elpv else sorted(table["label"].unique())
 
 
-def split_table(params: Params, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The seeded, stratified train/val/test split (the same for every notebook with the same seed)."""
+def split_table(params: Params, table: pd.DataFrame,
+                copies: list[list[str]] | None = None) -> dict[str, pd.DataFrame]:
+    """The seeded, stratified train/val/test split (the same for every notebook with the same seed); the copies
+    of one picture (`helpers.data.identical_files`, found here when not given) stay together in one split."""
     label_col = "stratum" if "stratum" in table.columns else "label"
     group_col = "group" if table["group"].notna().all() else None
-    return make_splits(table, label_col=label_col, group_col=group_col, seed=params.seed)
+    if copies is None:
+        copies = identical_files(params.data_root, table["file"].tolist())
+    return make_splits(table, label_col=label_col, group_col=group_col, seed=params.seed, copies=copies)
 
 
 def class_counts(table: pd.DataFrame) -> pd.DataFrame:
@@ -730,10 +734,12 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"goes to the baseline: the course keeps the probe as the final model, since a model "
                        f"has to show that it beats the baseline to replace it.")
     else:
+        verdict = ("below it by more than the noise" if probe - tuned > noise else
+                   "a tie within the noise, and a tie goes to the baseline")
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
-                       f"probe's {probe:.3f} (two standard errors of the difference on these {scores['n']} images: "
-                       f"±{noise:.3f}): the course keeps the probe (a classifier on the frozen backbone) as the final "
-                       f"model rather than ship something worse than its own baseline.")
+                       f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "
+                       f"{scores['n']} images: ±{noise:.3f}): {verdict}. The course keeps the probe (a classifier on "
+                       f"the frozen backbone) as the final model.")
     info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
             "val_probe": probe, "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"],
             "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),

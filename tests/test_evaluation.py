@@ -380,3 +380,20 @@ def test_published_results():
     assert sorted(deitsch["value"]) == [0.8244, 0.8842]
     assert table_["protocol"].str.len().min() > 20
     assert table_["value"].between(0, 1).all()
+    assert set(table_["task"]) == {"binary", "4class", "unclear"}
+
+
+def test_published_figures_are_compared_on_the_same_task_metric_and_cell_type():
+    scores = {"accuracy": 0.7, "balanced_accuracy": 0.6, "macro_f1": 0.5}
+    metrics = {"test_accuracy": 0.75, "test_macro_f1": 0.55,
+               "per_group": {"mono": {**scores, "accuracy": 0.8}, "poly": {**scores, "macro_f1": 0.4}}}
+    four = ev.published_comparison(ev.published_results(), "4class", metrics)
+    assert not any("binary" in line for line in four)  # Song's binary figure is not a 4-class result
+    assert len(four) == 6  # Deitsch's two (task unclear) and Song's four per-cell-type rows
+    assert "- Song et al. 2024: VGG-19 (4class), mono cells, accuracy: ≈0.810; this run 0.800 (-0.010)" in four
+    assert "- Song et al. 2024: VGG-19 (4class), poly cells, macro-f1: 0.590; this run 0.400 (-0.190)" in four
+    assert ("- Deitsch et al. 2019: VGG-19 (ImageNet, fine-tuned) (task unclear), both cell types, accuracy: 0.884; "
+            "this run 0.750 (-0.134)") in four
+    binary = ev.published_comparison(ev.published_results(), "binary", metrics)
+    assert len(binary) == 3 and "(binary), both cell types, accuracy: ≈0.900; this run 0.750 (-0.150)" in binary[-1]
+    assert len(ev.published_comparison(ev.published_results(), "4class", {**metrics, "per_group": {}})) == 2

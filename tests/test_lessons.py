@@ -73,8 +73,23 @@ def test_history_summary_reports_the_best_epoch_and_the_gap_from_the_history():
     text = lessons.history_summary(history)
     assert "0.800 at epoch 2 of 3" in text and "a gap of +0.300" in text and "overfitting" in text
     assert "12 s on cpu, 3.0 s of it for the feature cache" in text
+    assert "fell to 0.700 by the last epoch, and the best checkpoint keeps epoch 2" in text
     history.attrs.update(stopped_early=True)
     assert "no improvement for 2 epochs" in lessons.history_summary(history, patience=2)
+
+
+def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_constant_answer():
+    # Training above validation, but validation best at the last epoch: still improving, not overfitting
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_accuracy": [0.70, 0.80, 0.80],
+                            "val_accuracy": [0.60, 0.65, 0.70], "train_loss": [1.0, 0.5, 0.4],
+                            "val_loss": [1.1, 0.9, 0.8]})
+    text = lessons.history_summary(history)
+    assert "0.700 at epoch 3 of 3" in text and "had not turned down yet, so more epochs may help" in text
+    assert "a gap of +0.100" in text and "not overfitting yet" in text and "sign of overfitting" not in text
+    assert "learned little" not in text
+    assert "only +0.010 against always answering the most frequent class (0.690)" in lessons.history_summary(
+        history, constant=0.69)
+    assert "learned little" not in lessons.history_summary(history, constant=0.60)
 
 
 def test_training_step_speed_measures_every_layout_side_by_side():
@@ -174,6 +189,23 @@ def test_threshold_for_recall_needs_a_positive_example():
     assert solutions.threshold_for_recall(scores, np.array([False, False, True, True]), 0.9) == 0.35
     with pytest.raises(ValueError, match="no positive example"):
         solutions.threshold_for_recall(scores, np.zeros(4, bool), 0.9)
+
+
+def test_an_unwritten_exercise_runs_the_reference_but_a_forgotten_return_is_an_error(capsys):
+    from helpers import solutions
+
+    table = pd.DataFrame({"label": ["a", "a", "b"]})
+
+    def stub(t):
+        raise NotImplementedError
+
+    assert solutions.check("majority_baseline", stub, table, expected=2 / 3) == pytest.approx(2 / 3)
+    assert "not attempted yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"exercise majority_baseline: your function returned None: does it "
+                                             r"end with `return \.\.\.`\?"):
+        solutions.check("majority_baseline", lambda t: None, table, expected=2 / 3)
+    assert solutions.check("majority_baseline", lambda t: 2 / 3, table, expected=2 / 3) == pytest.approx(2 / 3)
+    assert "your answer checks out" in capsys.readouterr().out
 
 
 def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():

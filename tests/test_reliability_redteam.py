@@ -4,6 +4,7 @@ the workbook (crafted model files, odd CSVs, odd parameters, interruptions) and 
 Everything runs on tiny generated images and an untrained EfficientNet-Lite0 at 32 px.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 
 from helpers import course, workbook
 from helpers.checkpoint import describe_model, load_checkpoint
-from helpers.data import (ImageDataset, ImageReadError, load_table, overlapping_files, read_image,
+from helpers.data import (ImageDataset, ImageReadError, identical_files, load_table, overlapping_files, read_image,
                           scan_class_folders)
 from helpers.export import UnsafeExportError, check_export_safe, export_model, load_exported
 from helpers.freezing import apply_strategy
@@ -243,6 +244,39 @@ def test_splits_are_compared_by_resolved_path(tmp_path):
     assert overlapping_files(splits, tmp_path) == ["img/x.png (train, test)"]
     with pytest.raises(ValueError, match=r"different spellings.*'img/x\.png' = 'img/x_copy\.png'"):
         load_table(tmp_path, pd.DataFrame({"file": ["img/x.png", "img/x_copy.png"], "label": ["a", "b"]}))
+
+
+def test_copies_of_one_picture_under_other_names_stay_in_one_split(tmp_path):
+    root = tmp_path / "data"
+    # 12 distinct pictures a class; picture 0 of each class saved again (byte for byte) under three more names
+    for label, base in (("cat", 0), ("dog", 100)):
+        for i in range(12):
+            _image(root / label / f"{i}.png", base + 5 * i)
+        for copy in ("copy_a.png", "copy_b.png", "copy_c.png"):
+            (root / label / copy).write_bytes((root / label / "0.png").read_bytes())
+    _image(root / "cat" / "same_size.png", 77)  # as large as the others, other bytes: not a copy
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(root)}, smoke=True)
+    table = workbook.label_table(params)
+    copies = identical_files(root, table["file"].tolist())
+    assert sorted(sorted(names) for names in copies) == [
+        [f"{label}/{n}" for n in ("0.png", "copy_a.png", "copy_b.png", "copy_c.png")] for label in ("cat", "dog")]
+    for seed in range(5):  # with 4 copies of 2 pictures among 26 files, a split by name separates them every time
+        splits = workbook.split_table(dataclasses.replace(params, seed=seed), table)
+        split_of = {name: split for split, frame in splits.items() for name in frame["file"]}
+        assert sorted(split_of) == sorted(table["file"])
+        assert all(len({split_of[name] for name in names}) == 1 for names in copies), seed
+
+
+def test_one_picture_with_two_labels_is_refused_with_its_names(tmp_path):
+    root = tmp_path / "data"
+    for label, base in (("cat", 0), ("dog", 100)):
+        for i in range(6):
+            _image(root / label / f"{i}.png", base + 5 * i)
+    (root / "dog" / "stray.png").write_bytes((root / "cat" / "3.png").read_bytes())
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(root)}, smoke=True)
+    with pytest.raises(ValueError, match=r"1 picture\(s\) stored more than once with different labels.*"
+                                         r"'cat/3\.png' \(cat\) = 'dog/stray\.png' \(dog\)"):
+        workbook.split_table(params, workbook.label_table(params))
 
 
 # ----------------------------------------------------------------------------------------
