@@ -240,7 +240,8 @@ def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned
 def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "accuracy") -> pd.DataFrame:
     """One row per strategy, best first (equal scores: the cheaper first, `COST_ORDER`): mean ``metric`` over
     folds, its standard error, the standard error of its difference to the best pretrained strategy on the
-    same images (``se_vs_best``), cost, and its rank (1 = best).
+    same images (``se_vs_best``), on how many images its answer differs from the probe's
+    (``differs_from_probe``), and its rank (1 = best).
 
     For accuracy both errors are the usual formulas on the per-image hits; macro-F1 and balanced accuracy are
     not means over images, so their errors come from a bootstrap over the images (paired for ``se_vs_best``;
@@ -274,9 +275,27 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
                    for k, s in enumerate(names)]
     table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else one_fold_se[s] for s in table.index]
     table["se_vs_best"] = vs_best
+    table["differs_from_probe"] = _answers_changed(frame, table.index)
     table["rank"] = np.arange(1, len(table) + 1)
     table["guide_pick"] = table.index == guide_pick
     return table.drop(columns="cost").reset_index()
+
+
+def _answers_changed(frame: pd.DataFrame, names) -> list[float]:
+    """Per strategy, on how many scored images its answer differs from the linear probe's (``head``): phase 2
+    starts from the probe's classifier, so this is how far fine-tuning moved it. NaN without ``head`` or
+    without the predictions."""
+    if "head" not in set(frame["strategy"]) or not {"predicted", "files"} <= set(frame.columns):
+        return [math.nan] * len(names)
+    groups = dict(list(frame.groupby("strategy")))  # each strategy's folds, in the order they ran
+    files = {s: [f for fold in g["files"] for f in fold] for s, g in groups.items()}
+    predicted = {s: np.concatenate(list(g["predicted"])) for s, g in groups.items()}
+    out = []
+    for name in names:
+        if files[name] != files["head"]:
+            raise ValueError(f"{name} and head were scored on different images; compare runs of the same folds")
+        out.append(float((predicted[name] != predicted["head"]).sum()))
+    return out
 
 
 def ties_with_best(table: pd.DataFrame) -> list[str]:

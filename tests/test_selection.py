@@ -271,8 +271,28 @@ def test_macro_f1_ties_are_judged_with_macro_f1_noise():
     gap = by_name.loc["full", "score"] - by_name.loc["head", "score"]
     assert gap > 0.05 and by_name.loc["head", "se_vs_best"] > gap / selection.TIE_SE
     assert selection.choose(table)[0] == "head"
+    assert by_name.loc["full", "differs_from_probe"] == 4 and by_name.loc["head", "differs_from_probe"] == 0
     with pytest.raises(ValueError, match=r"needs each run's \['predicted', 'targets'\]"):
         selection.summarize([_run("full", full == targets), _run("head", head == targets)], metric="macro_f1")
+
+
+def test_the_comparison_counts_the_answers_phase_two_changed_and_needs_the_same_images():
+    targets = np.array([0, 1, 0, 1, 0, 1])
+
+    def run(strategy, pred, fold, files):
+        pred = np.array(pred)
+        return {"strategy": strategy, "score": float(np.mean(pred == targets)), "correct": pred == targets,
+                "targets": targets, "predicted": pred, "files": files, "trainable": 1, "seconds": 1.0, "fold": fold}
+
+    names = [f"{i}.png" for i in range(6)]
+    runs = [run("head", [0, 1, 0, 1, 0, 0], 0, names), run("full", [0, 1, 1, 1, 0, 1], 0, names),
+            run("head", [1, 1, 0, 1, 0, 1], 1, names), run("full", [1, 1, 0, 0, 0, 1], 1, names)]
+    table = selection.summarize(runs).set_index("strategy")
+    assert table.loc["full", "differs_from_probe"] == 3 and table.loc["head", "differs_from_probe"] == 0  # 2 + 1
+    assert np.isnan(selection.summarize(runs[1::2]).set_index("strategy").loc["full", "differs_from_probe"])
+    runs[1]["files"] = names[::-1]
+    with pytest.raises(ValueError, match="full and head were scored on different images"):
+        selection.summarize(runs)
 
 
 def test_validation_scores_rescore_both_checkpoints_on_the_same_images(run_with_two_models, tiny_sets):
