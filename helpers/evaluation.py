@@ -46,6 +46,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay, accuracy_score,
                              precision_recall_fscore_support, roc_auc_score)
 from torch import nn
+from torch.utils.data import Dataset
 
 from .metrics import score
 from .runtime import amp_dtype, autocast, make_loader, pick_device, to_device
@@ -117,7 +118,7 @@ def _table(logits: np.ndarray, frame: pd.DataFrame, classes: list[str]) -> pd.Da
     return table
 
 
-def predict(model: nn.Module, dataset, batch_size: int = 64, device: str | torch.device | None = None,
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: str | torch.device | None = None,
             tta: str | None = None, num_workers: int | None = None) -> pd.DataFrame:
     """One row per image of ``dataset`` (an `ImageDataset`), in dataset order.
 
@@ -449,7 +450,7 @@ def _dataset_positions(dataset, files: Sequence[str]) -> list[int]:
     return [where[f] for f in files]
 
 
-def plot_mistakes(pred: pd.DataFrame, dataset, k: int = 12) -> Figure:
+def plot_mistakes(pred: pd.DataFrame, dataset: Dataset, k: int = 12) -> Figure:
     """The ``k`` most confident mistakes as an image grid: true class, predicted class, probability."""
     _check_dataset(dataset)
     mistakes = most_confident_mistakes(pred, k)
@@ -521,7 +522,7 @@ def _normalize_of(dataset, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor
     return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
 
-def gradcam_maps(model: nn.Module, dataset, indices: Sequence[int], target_class: int | str | None = None,
+def gradcam_maps(model: nn.Module, dataset: Dataset, indices: Sequence[int], target_class: int | str | None = None,
                  target_layer: nn.Module | None = None,
                  device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grad-CAM heat maps for ``dataset[indices]``.
@@ -561,7 +562,7 @@ def gradcam_maps(model: nn.Module, dataset, indices: Sequence[int], target_class
     return images, cams, probs
 
 
-def gradcam_overlays(model: nn.Module, dataset, indices: Sequence[int], target_class: int | str | None = None,
+def gradcam_overlays(model: nn.Module, dataset: Dataset, indices: Sequence[int], target_class: int | str | None = None,
                      target_layer: nn.Module | None = None, device: str | torch.device | None = None) -> Figure:
     """A grid of Grad-CAM heat maps over the images (as the model saw them, un-normalized),
     titled with the true class and the predicted class and its probability."""

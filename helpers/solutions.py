@@ -47,8 +47,8 @@ def train_last_two_stages_and_head(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def train_one_epoch_clipped(model: nn.Module, loader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                            device: torch.device, max_norm: float) -> float:
+def train_one_epoch_clipped(model: nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                            criterion: nn.Module, device: torch.device, max_norm: float) -> float:
     """04: the hand-written epoch with gradient clipping; returns the mean training loss."""
     model.train()
     total, seen = 0.0, 0

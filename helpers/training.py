@@ -136,9 +136,10 @@ def _loss_weight(criterion: nn.Module, y: torch.Tensor) -> float:
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                    device: torch.device, *, scaler: torch.amp.GradScaler | None = None, scheduler=None,
+                    device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     dtype: torch.dtype | None = None, channels_last: bool = True,
-                    max_grad_norm: float | None = None, ema=None, progress: bool = False,
+                    max_grad_norm: float | None = None, ema: WeightAverage | None = None, progress: bool = False,
                     desc: str = "train") -> dict:
     """One pass over ``loader``: forward (under autocast), loss, backward (through the scaler),
     step; the scheduler steps per batch. Returns the mean loss and accuracy."""
@@ -212,7 +213,8 @@ class WeightAverage:
         self.average.update(getattr(model, "model", model), step=self.steps)  # GroupsFrom wraps the model
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning-rate schedule: linear warm-up, then cosine decay (or flat); or one-cycle."""
     total = config.epochs * steps_per_epoch
     warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)

@@ -224,14 +224,14 @@ def is_deterministic(transform: Callable | None) -> bool:
 UNKNOWN = object()  # what `transform_of` returns for a dataset without a transform attribute
 
 
-def transform_of(dataset) -> object:
+def transform_of(dataset: torch.utils.data.Dataset) -> object:
     """The ``transform`` of a dataset (looking through ``Subset``s), or `UNKNOWN` if it has none."""
     while not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     return getattr(dataset, "transform", UNKNOWN)
 
 
-def preprocessing_of(dataset) -> Preprocessing | None:
+def preprocessing_of(dataset: torch.utils.data.Dataset) -> Preprocessing | None:
     """The `Preprocessing` a dataset's transform was built from, or None if it cannot tell."""
     transform = transform_of(dataset)
     return getattr(transform, "preprocessing", None)

@@ -22,6 +22,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import pandas as pd
 import torch
@@ -33,6 +34,13 @@ from .metrics import class_weighting
 from .freezing import STRATEGIES
 from .models import TIMM_PREFIX, available_backbones, check_weights_available, offline_backbones
 from .transforms import MAX_IMAGE_SIZE
+
+if TYPE_CHECKING:  # for type hints only: these modules load lazily where they are used
+    from matplotlib.figure import Figure
+
+    from .data import ImageDataset
+    from .models import TransferModel
+    from .selection import Budget
 
 # The papermill parameters every notebook declares, with their notebook defaults.
 PARAMETERS: dict[str, object] = {
@@ -529,7 +537,7 @@ def _same_setting(name: str, a: object, b: object) -> bool:
     return a == b
 
 
-def load_datasets(params: Params, train_tf, eval_tf) -> dict:
+def load_datasets(params: Params, train_tf: Callable | None, eval_tf: Callable | None) -> dict:
     """The train/val/test ``ImageDataset``s of the split notebook 02 wrote (needs its outputs)."""
     from .data import ImageDataset
 
@@ -578,7 +586,7 @@ def interrupted_training(run: Path) -> bool:
     return summary.get("finished") is not True
 
 
-def save_figure(fig, params: Params, name: str) -> None:
+def save_figure(fig: Figure, params: Params, name: str) -> None:
     """Save a matplotlib figure as ``<run>/figures/<name>.png``. Returns nothing, so that a notebook
     cell ending with this call shows the figure and not a file name."""
     path = params.run / "figures" / f"{name}.png"
@@ -626,7 +634,7 @@ def _native_size(backbone: str) -> int:
         backbone, 2, pretrained=False).spec.input_size
 
 
-def comparison_budget(params: Params, backbone: str):
+def comparison_budget(params: Params, backbone: str) -> Budget:
     """Notebook 03's budget: the same for every strategy. GPU: the backbone's native size and all images;
     CPU: a subset at a reduced size, cached where the strategy allows; smoke: the tiny data."""
     from .selection import Budget
@@ -688,7 +696,8 @@ def load_split_tables(params: Params) -> dict[str, pd.DataFrame]:
     return load_splits(params.run)
 
 
-def validation_scores(params: Params, val, metric: str, fine_tuned: bool, device=None) -> dict:
+def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned: bool,
+                      device: str | torch.device | None = None) -> dict:
     """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``best.pt`` on the same
     validation images, with the noise of the difference (`selection.floor_scores`): what `choose_final` decides on."""
     from .checkpoint import model_from_checkpoint
@@ -775,7 +784,7 @@ def finished_final(run: Path) -> dict:
     return info
 
 
-def baselines(params: Params, sets: dict, device=None) -> dict:
+def baselines(params: Params, sets: dict, device: str | torch.device | None = None) -> dict:
     """The majority class and the linear probe on the test split, and notebook 03's from-scratch control."""
     from .checkpoint import model_from_checkpoint
     from .evaluation import compute_metrics, predict
@@ -847,7 +856,7 @@ def prepare_split(params: Params) -> dict:
     return config
 
 
-def fine_tune_model(params: Params):
+def fine_tune_model(params: Params) -> tuple[TransferModel, dict]:
     """Notebook 04's model and budget: ``(model, training_budget(...))``.
 
     The backbone is the ``backbone`` parameter, else notebook 01's choice (``decision.json``); the
@@ -869,7 +878,7 @@ def fine_tune_model(params: Params):
     return model, training_budget(params, strategy, backbone)
 
 
-def fine_tune_datasets(params: Params, model, budget: dict) -> dict:
+def fine_tune_datasets(params: Params, model: TransferModel, budget: dict) -> dict:
     """Notebook 04's datasets at the budget's image size: ``train`` with the budget's augmentation (phase
     2), ``train_plain`` without (phase 1, the probe), ``val`` and ``test`` with the evaluation transform."""
     from .transforms import eval_transform, train_transform
