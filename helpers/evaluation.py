@@ -598,7 +598,8 @@ def published_results() -> pd.DataFrame:
     song = ("Song et al. 2024, J. Quality Technology",
             "separate models per cell type, stratified 80/20 split, repeated")
     song_binary = (song[0], song[1] + "; binary: the four classes merged into functional and defective")
-    # ``task`` is this workbook's task name ("binary", "4class") or "unclear"; ``cell_type`` "all" is both types.
+    # ``task``: this workbook's task name ("binary", "4class") or "unclear". ``cell_type``: "all" (one model, both
+    # types scored together), "mono" or "poly", or "mono and poly" (a model per type, each scoring about this).
     rows = [
         (*deitsch, "VGG-19 (ImageNet, fine-tuned)", "unclear", "all", "accuracy", 0.8842, False),
         (*deitsch, "SVM on hand-crafted features", "unclear", "all", "accuracy", 0.8244, False),
@@ -606,30 +607,48 @@ def published_results() -> pd.DataFrame:
         (*song, "VGG-19", "4class", "poly", "accuracy", 0.80, True),
         (*song, "VGG-19", "4class", "mono", "macro_f1", 0.63, False),
         (*song, "VGG-19", "4class", "poly", "macro_f1", 0.59, False),
-        (*song_binary, "VGG-19", "binary", "all", "accuracy", 0.90, True),
+        (*song_binary, "VGG-19", "binary", "mono and poly", "accuracy", 0.90, True),
     ]
     return pd.DataFrame(rows, columns=["source", "protocol", "model", "task", "cell_type", "metric", "value",
                                        "approximate"])
 
 
-def published_comparison(published: pd.DataFrame, task: str, metrics: dict) -> list[str]:
-    """One Markdown line per published figure that may be for ``task`` (the same task, or "unclear"): the figure
-    beside this run's test score in the same metric, over both cell types (``cell_type`` "all") or over the same
-    group (``metrics["per_group"]``, ELPV's mono and poly)."""
+def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
+                         pred: pd.DataFrame | None = None) -> list[str]:
+    """One Markdown line per published figure that may be for ``task``, beside this run's test score in the same
+    metric and on the same cell types (both together for ``cell_type`` "all"; per group, from
+    ``metrics["per_group"]``, for "mono", "poly" and "mono and poly"). A figure of the same task gets the signed
+    difference and, given the test predictions ``pred`` (`predict`'s table), two bootstrap standard errors of this
+    run's score on those images; a figure whose task is unclear gets neither, since it may be another task's."""
+    from .metrics import bootstrap_scores
+
     lines = []
     for row in published.itertuples():
         if row.task not in (task, "unclear"):
             continue
-        if row.cell_type == "all":
-            ours, where = metrics[f"test_{row.metric}"], "both cell types"
-        elif row.cell_type in metrics.get("per_group", {}):
-            ours, where = metrics["per_group"][row.cell_type][row.metric], f"{row.cell_type} cells"
-        else:
-            continue  # a group this run did not score
-        task_name = "task unclear" if row.task == "unclear" else row.task
-        value = f"{'≈' if row.approximate else ''}{row.value:.3f}"
-        lines.append(f"- {row.source.split(',')[0]}: {row.model} ({task_name}), {where}, "
-                     f"{row.metric.replace('_', '-')}: {value}; this run {ours:.3f} ({ours - row.value:+.3f})")
+        groups = ["all"] if row.cell_type == "all" else [g.strip() for g in row.cell_type.split(" and ")]
+        for group in groups:
+            if group == "all":
+                ours, where, rows = metrics[f"test_{row.metric}"], "both cell types", pred
+            elif group in metrics.get("per_group", {}):
+                ours, where = metrics["per_group"][group][row.metric], f"{group} cells"
+                rows = None if pred is None else pred[pred["group"] == group]
+            else:
+                continue  # a group this run did not score
+            value, name = f"{'≈' if row.approximate else ''}{row.value:.3f}", row.metric.replace("_", "-")
+            head = f"- {row.source.split(',')[0]}: {row.model}"
+            if row.task == "unclear":
+                lines.append(f"{head} (task not stated), {where}, {name}: {value}; this run {ours:.3f} (no "
+                             f"difference given: the figure may be for the other task)")
+                continue
+            detail = f"{ours - row.value:+.3f}"
+            if rows is not None and len(rows):
+                spread = bootstrap_scores(row.metric, rows["target"].to_numpy(), [rows["predicted"].to_numpy()])
+                margin = 2 * spread[:, 0].std(ddof=1)
+                detail += (f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}"
+                           if margin > 0 else f"; every resample of its {len(rows)} images scores the same, so the "
+                           f"bootstrap cannot measure its noise")
+            lines.append(f"{head} ({row.task}), {where}, {name}: {value}; this run {ours:.3f} ({detail})")
     return lines
 
 

@@ -70,20 +70,24 @@ def count_flops(model: nn.Module, image_size: int) -> int:
     return int(counter.get_total_flops())
 
 
-def cpu_latency_ms(model: nn.Module, image_size: int, repeats: int = 3) -> float:
-    """Milliseconds for one image (batch 1) on the CPU: the best of ``repeats`` runs after a warm-up
-    (the minimum is the run least disturbed by other processes)."""
-    model.eval()
-    x = torch.zeros(1, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
-    model.to(memory_format=torch.channels_last)
-    times = []
+def cpu_latency_ms(models: list[nn.Module], image_sizes: list[int], repeats: int = 3) -> list[float]:
+    """Milliseconds for one image (batch 1) on the CPU, per model: the best of ``repeats`` timed passes after a
+    warm-up pass (the minimum is the pass least disturbed by other processes). The passes are interleaved, one
+    per model in turn, so that a few seconds of a busy machine slow one pass of several models, not every pass
+    of one of them."""
+    inputs = []
+    for model, size in zip(models, image_sizes, strict=True):
+        model.eval().to(memory_format=torch.channels_last)
+        inputs.append(torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            started = time.perf_counter()
-            model(x)
-            if i:  # the first pass allocates and picks kernels
-                times.append(time.perf_counter() - started)
-    return 1000 * min(times)
+        for round_ in range(repeats + 1):
+            for model, x, kept in zip(models, inputs, times, strict=True):
+                started = time.perf_counter()
+                model(x)
+                if round_:  # the first pass allocates and picks kernels
+                    kept.append(time.perf_counter() - started)
+    return [1000 * min(kept) for kept in times]
 
 
 def compare_backbones(names: list[str], num_classes: int | None = None, repeats: int = 3) -> pd.DataFrame:
@@ -93,14 +97,13 @@ def compare_backbones(names: list[str], num_classes: int | None = None, repeats:
     and cost; ImageNet top-1 (of the released weights) only where their metadata gives it.
     """
     offline = set(offline_backbones())
-    rows = []
-    for name in names:
-        model = create_model(name, num_classes, pretrained=False)
-        size = model.spec.input_size
-        rows.append({"backbone": name, "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
-                     "GFLOPs": count_flops(model, size) / 1e9, "input_size": size, "source": model.spec.source,
-                     "offline": name in offline, "imagenet_top1": model.spec.imagenet_top1,
-                     "cpu_ms_per_image": cpu_latency_ms(model, size, repeats)})
+    models = [create_model(name, num_classes, pretrained=False) for name in names]
+    sizes = [model.spec.input_size for model in models]
+    latency = cpu_latency_ms(models, sizes, repeats)
+    rows = [{"backbone": name, "parameters_M": sum(p.numel() for p in model.parameters()) / 1e6,
+             "GFLOPs": count_flops(model, size) / 1e9, "input_size": size, "source": model.spec.source,
+             "offline": name in offline, "imagenet_top1": model.spec.imagenet_top1, "cpu_ms_per_image": ms}
+            for name, model, size, ms in zip(names, models, sizes, latency, strict=True)]
     return pd.DataFrame(rows).round({"parameters_M": 2, "GFLOPs": 2, "cpu_ms_per_image": 1})
 
 
@@ -122,7 +125,7 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
         ax.annotate(name, (value, 0), xytext=(0, (12, -18, 24, -30)[i % 4]), textcoords="offset points",
                     ha="center", fontsize=7, color="dimgrey")
     ax.plot(score, 0, "D", color="darkred", markersize=9)
-    ax.annotate(f"{label}: {score:.2f}", (score, 0), xytext=(0, 30), textcoords="offset points", ha="center",
+    ax.annotate(f"{label}: {score:.2f}", (score, 0), xytext=(0, 44), textcoords="offset points", ha="center",
                 fontsize=9, color="darkred", weight="bold", arrowprops={"arrowstyle": "-", "color": "darkred"})
     ax.axvline(threshold, color="black", ls="--", lw=1)
     ax.text(threshold / 2, -0.8, "different from ImageNet", ha="center", fontsize=8)
@@ -639,11 +642,12 @@ def training_step_speed(backbone: str, device: str | torch.device, image_size: i
 
 
 def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: int | None = None,
-                    constant: float | None = None) -> str:
+                    constant: float | None = None, noise: float | None = None) -> str:
     """What a `fit` history says, in one paragraph of Markdown: the best epoch (the checkpoint `fit` keeps),
     whether validation was still improving or had turned down, early stopping, the train-validation gap at the
-    last epoch, and where the time went. ``constant``: the validation score of always answering one class (the
-    same metric), to say when the model has learned little beyond it."""
+    last epoch, and where the time went. ``constant``: the validation score of always answering the most frequent
+    class (the same metric); the best epoch within ``noise`` of it (two standard errors; 0.02 when not given)
+    has learned little."""
     column = f"val_{metric}" if f"val_{metric}" in history.columns else "val_accuracy"
     name = column[4:].replace("_", " ")
     best, last = history.loc[history[column].idxmax()], history.iloc[-1]
@@ -656,9 +660,12 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
                f"{int(best['epoch'])}." if declined else
                ", and the last epoch scored as high: validation had not turned down yet, so more epochs may help."
                if len(history) > 1 and not attrs.get("stopped_early") else "."))
-    if constant is not None and best[column] - constant < 0.02:
-        text += (f" That is only {best[column] - constant:+.3f} against always answering the most frequent class "
-                 f"({constant:.3f}): the model has learned little so far.")
+    if constant is not None:
+        above, noise = best[column] - constant, 0.02 if noise is None else noise
+        text += (f" Always answering the most frequent class scores {constant:.3f} here: the best epoch is "
+                 f"{abs(above):.3f} {'above' if above >= 0 else 'below'} that"
+                 + (f", within the noise (±{noise:.3f}), so the model has learned little so far." if above <= noise
+                    else "."))
     text += (f" At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}")
     if gap > 0.05:

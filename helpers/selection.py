@@ -281,7 +281,7 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     return table.drop(columns="cost").reset_index()
 
 
-def _answers_changed(frame: pd.DataFrame, names) -> list[float]:
+def _answers_changed(frame: pd.DataFrame, names) -> list[int] | list[float]:
     """Per strategy, on how many scored images its answer differs from the linear probe's (``head``): phase 2
     starts from the probe's classifier, so this is how far fine-tuning moved it. NaN without ``head`` or
     without the predictions."""
@@ -294,7 +294,7 @@ def _answers_changed(frame: pd.DataFrame, names) -> list[float]:
     for name in names:
         if files[name] != files["head"]:
             raise ValueError(f"{name} and head were scored on different images; compare runs of the same folds")
-        out.append(float((predicted[name] != predicted["head"]).sum()))
+        out.append(int((predicted[name] != predicted["head"]).sum()))
     return out
 
 

@@ -140,6 +140,6 @@ def check(name: str, attempt: Callable, *args, expected: object = None, toleranc
         print(f"exercise {name}: your answer checks out.")
     else:
         print(f"exercise {name}: not attempted yet (your function still raises NotImplementedError), so the "
-              f"reference solution ran in its place: its answer, not yours, was checked, and the cells below use "
-              f"it. Delete the `raise` line and write yours.")
+              f"reference solution ran in its place: its answer, not yours, was checked (and is what any later "
+              f"cell uses). Delete the `raise` line and write yours.")
     return answer

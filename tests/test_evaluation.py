@@ -392,8 +392,34 @@ def test_published_figures_are_compared_on_the_same_task_metric_and_cell_type():
     assert len(four) == 6  # Deitsch's two (task unclear) and Song's four per-cell-type rows
     assert "- Song et al. 2024: VGG-19 (4class), mono cells, accuracy: ≈0.810; this run 0.800 (-0.010)" in four
     assert "- Song et al. 2024: VGG-19 (4class), poly cells, macro-f1: 0.590; this run 0.400 (-0.190)" in four
-    assert ("- Deitsch et al. 2019: VGG-19 (ImageNet, fine-tuned) (task unclear), both cell types, accuracy: 0.884; "
-            "this run 0.750 (-0.134)") in four
+    assert ("- Deitsch et al. 2019: VGG-19 (ImageNet, fine-tuned) (task not stated), both cell types, accuracy: "
+            "0.884; this run 0.750 (no difference given: the figure may be for the other task)") in four
     binary = ev.published_comparison(ev.published_results(), "binary", metrics)
-    assert len(binary) == 3 and "(binary), both cell types, accuracy: ≈0.900; this run 0.750 (-0.150)" in binary[-1]
+    # Song's binary figure is per cell type (a model for each): compared with each group's score
+    assert [line for line in binary if "(binary)" in line] == [
+        "- Song et al. 2024: VGG-19 (binary), mono cells, accuracy: ≈0.900; this run 0.800 (-0.100)",
+        "- Song et al. 2024: VGG-19 (binary), poly cells, accuracy: ≈0.900; this run 0.700 (-0.200)"]
     assert len(ev.published_comparison(ev.published_results(), "4class", {**metrics, "per_group": {}})) == 2
+
+
+def test_published_comparison_gives_each_score_its_own_bootstrap_noise():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, 400)
+    predicted = np.where(rng.random(400) < 0.7, targets, rng.integers(0, 4, 400))
+    group = np.where(np.arange(400) < 100, "mono", "poly")
+    pred = pd.DataFrame({"target": targets, "predicted": predicted, "group": group})
+    per_group = {g: {"accuracy": float((predicted == targets)[group == g].mean()), "macro_f1": 0.5}
+                 for g in ("mono", "poly")}
+    lines = ev.published_comparison(ev.published_results(), "4class",
+                                    {"test_accuracy": 0.7, "test_macro_f1": 0.6, "per_group": per_group}, pred)
+    margins = {line.split(", ")[1]: float(line.rsplit("±", 1)[1].rstrip(")")) for line in lines
+               if "accuracy" in line and "Song" in line}
+    assert "on its 100 images" in next(line for line in lines if "mono cells, accuracy" in line)
+    # 100 mono images are noisier than 300 poly ones, and close to the binomial two standard errors
+    assert margins["mono cells"] > 1.5 * margins["poly cells"]
+    accuracy = per_group["mono"]["accuracy"]
+    assert margins["mono cells"] == pytest.approx(2 * np.sqrt(accuracy * (1 - accuracy) / 100), rel=0.15)
+    all_wrong = pred.assign(predicted=(pred["target"] + 1) % 4)  # no spread to bootstrap: not a margin of zero
+    lines = ev.published_comparison(ev.published_results(), "4class",
+                                    {"test_accuracy": 0.0, "test_macro_f1": 0.0, "per_group": per_group}, all_wrong)
+    assert "every resample of its 100 images scores the same, so the bootstrap cannot measure its noise" in lines[2]

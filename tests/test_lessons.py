@@ -87,9 +87,34 @@ def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_const
     assert "0.700 at epoch 3 of 3" in text and "had not turned down yet, so more epochs may help" in text
     assert "a gap of +0.100" in text and "not overfitting yet" in text and "sign of overfitting" not in text
     assert "learned little" not in text
-    assert "only +0.010 against always answering the most frequent class (0.690)" in lessons.history_summary(
-        history, constant=0.69)
-    assert "learned little" not in lessons.history_summary(history, constant=0.60)
+    assert ("Always answering the most frequent class scores 0.690 here: the best epoch is 0.010 above that, "
+            "within the noise (±0.020), so the model has learned little") in lessons.history_summary(history,
+                                                                                            constant=0.69)
+    assert "0.050 below that, within the noise" in lessons.history_summary(history, constant=0.75)
+    assert "0.100 above that." in lessons.history_summary(history, constant=0.60)  # clear of it: no warning
+    assert "learned little" in lessons.history_summary(history, constant=0.60, noise=0.12)  # wider noise
+
+
+def test_cpu_latency_times_each_model_in_interleaved_rounds():
+    import time
+
+    from torch import nn
+
+    calls = []
+
+    class Slow(nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds, self.layer = name, seconds, nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            calls.append(self.name)
+            time.sleep(self.seconds)
+            return self.layer(x)
+
+    latency = lessons.cpu_latency_ms([Slow("fast", 0.0), Slow("slow", 0.02)], [8, 8], repeats=3)
+    assert calls == ["fast", "slow"] * 4  # a warm-up round, then three timed rounds, one pass of each in turn
+    assert latency[1] >= 20 and latency[0] < latency[1]
 
 
 def test_training_step_speed_measures_every_layout_side_by_side():
