@@ -139,15 +139,18 @@ def plot_similarity_scale(score: float, references: dict[str, float], threshold:
 
 def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: list[str], image_size: int,
                  crop_pct: float | None = None, folds: int = 5, seed: int = 0,
-                 device: str | torch.device | None = None) -> dict:
+                 device: str | torch.device | None = None, metric: str = "accuracy") -> dict:
     """Cross-validated logistic regression on a frozen backbone's pooled features: accuracy, balanced accuracy
     and macro-F1 (mean over the folds).
 
     A cheap stand-in for fine-tuning: how linearly separable are the classes in this
     backbone's feature space? ``frame`` is a label table (file, label[, group]). The same
     lines as notebook 01 writes by hand: standardize, ``LogisticRegression(C=0.1)``,
-    stratified k-fold (k = ``folds``, at most the smallest class's count).
+    stratified k-fold (k = ``folds``, at most the smallest class's count). For a ``metric`` that
+    counts every class the same (macro-F1), the classes are weighted by inverse frequency, as the
+    probe of notebook 04 weighs them (`helpers.metrics.class_weighting`).
     """
+    from .metrics import class_weighting
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_validate
     from sklearn.pipeline import make_pipeline
@@ -164,7 +167,8 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     dataset = ImageDataset(root, frame[["file", "label"]], classes=classes,
                            transform=eval_transform(model, image_size, crop_pct))
     features, targets = pooled_features(model, dataset, device)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000,
+                                                               class_weight=class_weighting(metric)))
     folds = min(folds, int(counts.min()))
     scores = cross_validate(probe, features, targets, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                             scoring=("accuracy", "balanced_accuracy", "f1_macro"))
@@ -362,7 +366,8 @@ def stratified_subset(dataset: ImageDataset, n: int, seed: int = 0) -> torch.uti
 
 
 def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDataset, mirrors: list[str],
-                 max_train: int = 400, seed: int = 0, device: str | torch.device | None = None) -> pd.DataFrame:
+                 max_train: int = 400, seed: int = 0, device: str | torch.device | None = None,
+                 metric: str = "accuracy") -> pd.DataFrame:
     """Does a mirror image keep its label? Measured with a linear probe on the frozen backbone.
 
     The probe is fitted on the features of (about ``max_train``, stratified) training images as stored,
@@ -375,16 +380,20 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
     - ``trained on mirrors``: the probe refitted on the training images *and* their mirrors (C halved, so
       that doubling the images does not also weaken the regularization), scored on the images as stored:
       what augmentation does to training.
-    ``loss_beyond_noise`` marks an accuracy below the reference by more than two paired standard errors
-    (``margin``). A loss within the margin is no evidence either way; several rows at two standard errors
+    ``score`` is ``metric`` (the run's selection metric: macro-F1 catches a mirror that ruins a rare class,
+    which accuracy hides), ``accuracy`` is reported beside it. ``loss_beyond_noise`` marks a score below the
+    reference by more than two standard errors of the paired difference (``margin``; a bootstrap over the images
+    for macro-F1, `helpers.selection.difference_se`). A loss within the margin is no evidence either way; several
+    rows at two standard errors
     each also raise the odds of one false alarm, which is why a loss only takes the flips out of the recipe
     (`helpers.workbook.settle_augment`), a cheap change, and nothing else.
     """
     from sklearn.base import clone
     from sklearn.exceptions import ConvergenceWarning
 
+    from .metrics import score
     from .probe import fit_probe, pooled_features
-    from .selection import TIE_SE, paired_se
+    from .selection import TIE_SE, difference_se
 
     unknown = [m for m in mirrors if m not in MIRRORS]
     if unknown:
@@ -393,12 +402,14 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
         raise ValueError("mirror_check needs validation images; the validation split is empty")
     few = stratified_subset(train_set, max_train, seed)
     train_features, train_targets = pooled_features(model, few, device)
-    probe = fit_probe(train_features, train_targets, seed=seed)
+    probe = fit_probe(train_features, train_targets, seed=seed, metric=metric)  # weighted as the run's probe is
     val_features, targets = pooled_features(model, val_set, device)
     classes = probe.pipeline.classes_
     reference = probe.predict(val_features)
-    rows = [{"mirror": "none", "use": "as stored", "accuracy": float((reference == targets).mean()),
-             "difference": 0.0, "margin": 0.0, "changed_answers": 0, "loss_beyond_noise": False}]
+    reference_score = score(metric, targets, reference)
+    rows = [{"mirror": "none", "use": "as stored", "metric": metric, "score": reference_score,
+             "accuracy": float((reference == targets).mean()), "difference": 0.0, "margin": 0.0,
+             "changed_answers": 0, "loss_beyond_noise": False}]
     for name in mirrors:
         mirrored_val = pooled_features(model, Mirrored(val_set, MIRRORS[name]), device)[0]
         mirrored_train = pooled_features(model, Mirrored(few, MIRRORS[name]), device)[0]
@@ -411,17 +422,17 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
         for use, pred in ((DIAGNOSTIC_USE, probe.predict(mirrored_val)),
                           ("averaged at test", classes[averaged.argmax(1)]),
                           ("trained on mirrors", augmented.predict(val_features))):
-            correct, reference_correct = pred == targets, reference == targets
-            difference = float(correct.mean() - reference_correct.mean())
-            margin = TIE_SE * paired_se(correct, reference_correct)
-            rows.append({"mirror": name, "use": use, "accuracy": float(correct.mean()), "difference": difference,
-                         "margin": margin, "changed_answers": int((pred != reference).sum()),
+            difference = float(score(metric, targets, pred) - reference_score)
+            margin = TIE_SE * difference_se(metric, targets, pred, reference, seed=seed)
+            rows.append({"mirror": name, "use": use, "metric": metric, "score": score(metric, targets, pred),
+                         "accuracy": float((pred == targets).mean()), "difference": difference, "margin": margin,
+                         "changed_answers": int((pred != reference).sum()),
                          "loss_beyond_noise": bool(len(targets) >= MIN_MIRROR_IMAGES and difference < -margin)})
     return pd.DataFrame(rows)
 
 
 def mirror_conflicts(check: pd.DataFrame, recipe: str) -> list[str]:
-    """The mirrors ``recipe`` uses for which some row of `mirror_check`'s table lost accuracy beyond the noise."""
+    """The mirrors ``recipe`` uses for which some row of `mirror_check`'s table lost beyond the noise."""
     from .transforms import TTA_FLIPS
 
     uses = recipe_mirrors(recipe) if TTA_FLIPS[recipe] else []
@@ -430,11 +441,12 @@ def mirror_conflicts(check: pd.DataFrame, recipe: str) -> list[str]:
 
 
 def _mirror_score(row: pd.Series) -> str:
+    value = row.get("score", row["accuracy"])  # tables written before the score column hold accuracy only
     if not row["changed_answers"]:
-        return f"{row['use']} {row['accuracy']:.3f} (no answer changed)"
+        return f"{row['use']} {value:.3f} (no answer changed)"
     if row["margin"] == 0:  # every changed answer was wrong before and after
-        return f"{row['use']} {row['accuracy']:.3f} ({row['changed_answers']} answers changed, all wrong either way)"
-    return f"{row['use']} {row['accuracy']:.3f} ({row['difference']:+.3f}, noise ±{row['margin']:.3f})"
+        return f"{row['use']} {value:.3f} ({row['changed_answers']} answers changed, all wrong either way)"
+    return f"{row['use']} {value:.3f} ({row['difference']:+.3f}, noise ±{row['margin']:.3f})"
 
 
 def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | None = None) -> str:
@@ -445,13 +457,14 @@ def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | 
     """
     from .transforms import TTA_FLIPS, WITHOUT_MIRRORS
 
-    reference = check.iloc[0]["accuracy"]
+    first = check.iloc[0]
+    reference, name = first.get("score", first["accuracy"]), str(first.get("metric", "accuracy")).replace("_", "-")
     if images < MIN_MIRROR_IMAGES:
         return (f"With {images} validation image(s) a mirror's effect cannot be judged (the check needs at least "
                 f"{MIN_MIRROR_IMAGES}): decide from what your images show.")
-    lines = [f"As stored, the probe scores {reference:.3f} on {images} validation images."]
+    lines = [f"As stored, the probe scores {reference:.3f} ({name}) on {images} validation images."]
     for mirror, rows in check.iloc[1:].groupby("mirror", sort=False):
-        verdict = ("**it loses accuracy beyond the noise**" if rows["loss_beyond_noise"].any() else
+        verdict = (f"**it loses {name} beyond the noise**" if rows["loss_beyond_noise"].any() else
                    "no loss beyond the noise")
         lines.append(f"- **{mirror}**: " + "; ".join(_mirror_score(row) for _, row in rows.iterrows())
                      + f": {verdict}.")

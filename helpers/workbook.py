@@ -433,7 +433,8 @@ def check_mirrors(params: Params, backbone: str) -> tuple[pd.DataFrame, list[str
     as_stored = eval_transform(model, params.image_size or model.spec.input_size, params.crop_pct)
     sets = load_datasets(params, as_stored, as_stored)
     table = mirror_check(model, sets["train"], sets["val"], recipe_mirrors(params.augment),
-                         max_train=pick(None, 64, 400, 1000, params), seed=params.seed, device=params.device)
+                         max_train=pick(None, 64, 400, 1000, params), seed=params.seed, device=params.device,
+                         metric=selection_metric(params))
     files.write_csv(table, params.run / "mirror_check.csv")
     conflicts = mirror_conflicts(table, params.augment)
     return table, conflicts, settle_augment(params, conflicts)

@@ -141,20 +141,25 @@ def _half_bright(n: int, seed: int) -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(images, labels)
 
 
-def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_that_keeps_it():
+@pytest.mark.parametrize("metric", ["accuracy", "macro_f1"])
+def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_that_keeps_it(metric):
     model = create_model("efficientnet_lite0", 2)
     check = lessons.mirror_check(model, _half_bright(40, 0), _half_bright(30, 1),
-                                 ["horizontal mirror", "vertical mirror"], device="cpu")
+                                 ["horizontal mirror", "vertical mirror"], device="cpu", metric=metric)
     assert list(check["use"]) == ["as stored"] + ["scored on mirrors", "averaged at test", "trained on mirrors"] * 2
-    assert check.iloc[0]["accuracy"] > 0.9
+    assert (check["metric"] == metric).all() and check.iloc[0]["accuracy"] > 0.9 and check.iloc[0]["score"] > 0.9
+    assert check["difference"].tolist() == pytest.approx((check["score"] - check.iloc[0]["score"]).tolist())
+    if metric == "accuracy":
+        assert check["score"].tolist() == check["accuracy"].tolist()
     horizontal = check[check["mirror"] == "horizontal mirror"].set_index("use")
     vertical = check[check["mirror"] == "vertical mirror"].set_index("use")
-    assert horizontal.loc["scored on mirrors", "accuracy"] < 0.5
+    assert horizontal.loc["scored on mirrors", "score"] < 0.5
     assert horizontal.loc["scored on mirrors", "changed_answers"] > 15
     # training on mirrors labelled as the original teaches the probe contradictions: it must lose too
     assert horizontal.loc["trained on mirrors", "loss_beyond_noise"]
     assert horizontal["loss_beyond_noise"].all()
-    assert not vertical["loss_beyond_noise"].any() and (vertical["accuracy"] > 0.9).all()
+    assert not vertical["loss_beyond_noise"].any() and (vertical["score"] > 0.9).all()
+    assert f"it loses {metric.replace('_', '-')} beyond the noise" in lessons.mirror_advice(check, "natural", 30)
     natural = lessons.mirror_advice(check, "natural", 30)  # a recipe the user set: advice only
     assert 'set `augment = "natural_no_flip"`' in natural and "averages over it" in natural
     assert 'set `augment = "cells_no_flip"`' in lessons.mirror_advice(check, "cells", 30)
