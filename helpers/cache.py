@@ -29,6 +29,11 @@ from .freezing import frozen_prefix_length
 from .models import TransferModel
 from .transforms import UNKNOWN, is_deterministic, transform_of
 
+
+class CachedViewsWarning(UserWarning):
+    """Augmented training data is cached as a few fixed views: epochs cycle through them instead of drawing
+    fresh augmentations (a trade of augmentation for speed that ``cache=True`` asks for)."""
+
 # Share of the currently available memory the cache may take: training needs the rest.
 MEMORY_SHARE = 0.5
 
@@ -70,7 +75,8 @@ def plan(model: TransferModel, train_set: Dataset, cache: str | bool, views: int
         return 0, 0
     if random:
         warnings.warn(f"caching {views} augmented view(s) per training image: epochs cycle through them "
-                      f"instead of drawing fresh augmentations (faster, but less augmentation)", stacklevel=3)
+                      f"instead of drawing fresh augmentations (faster, but less augmentation)", CachedViewsWarning,
+                      stacklevel=3)
         return prefix, views
     return prefix, 1
 

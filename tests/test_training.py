@@ -7,7 +7,7 @@ from helpers.data import ImageDataset
 from helpers.transforms import train_transform
 from helpers.freezing import apply_strategy, frozen_prefix_length
 from helpers.models import BACKBONES, create_model
-from helpers.cache import extract_features
+from helpers.cache import CachedViewsWarning, extract_features
 from helpers.training import fit
 from helpers.runtime import pick_device, seed_everything
 
@@ -63,7 +63,7 @@ def test_random_augmentation_is_not_cached_unless_asked(tiny_root, tiny_splits, 
                              transform=train_transform(BACKBONES["efficientnet_lite0"], 64, augment="cells"))
     model = apply_strategy(create_model("efficientnet_lite0", 2), "head")
     assert not fit(model, augmented, val, epochs=1, progress=False, num_workers=0).attrs["cached"]
-    with pytest.warns(UserWarning, match="2 augmented view"):
+    with pytest.warns(CachedViewsWarning, match="2 augmented view"):
         history = fit(model, augmented, val, epochs=2, cache=True, cache_views=2, progress=False, num_workers=0)
     assert history.attrs["cached"] and history.attrs["cache_views"] == 2
 
