@@ -422,9 +422,10 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
         for use, pred in ((DIAGNOSTIC_USE, probe.predict(mirrored_val)),
                           ("averaged at test", classes[averaged.argmax(1)]),
                           ("trained on mirrors", augmented.predict(val_features))):
-            difference = float(score(metric, targets, pred) - reference_score)
+            mirrored_score = score(metric, targets, pred)
+            difference = float(mirrored_score - reference_score)
             margin = TIE_SE * difference_se(metric, targets, pred, reference, seed=seed)
-            rows.append({"mirror": name, "use": use, "metric": metric, "score": score(metric, targets, pred),
+            rows.append({"mirror": name, "use": use, "metric": metric, "score": mirrored_score,
                          "accuracy": float((pred == targets).mean()), "difference": difference, "margin": margin,
                          "changed_answers": int((pred != reference).sum()),
                          "loss_beyond_noise": bool(len(targets) >= MIN_MIRROR_IMAGES and difference < -margin)})
@@ -677,7 +678,8 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
         above, noise = best[column] - constant, 0.02 if noise is None else noise
         text += (f" Always answering the most frequent class scores {constant:.3f} here: the best epoch is "
                  f"{abs(above):.3f} {'above' if above >= 0 else 'below'} that"
-                 + (f", within the noise (±{noise:.3f}), so the model has learned little so far." if above <= noise
+                 + (f", within the noise (±{noise:.3f}), so the model has learned little so far." if abs(above) <= noise
+                    else f", by more than the noise (±{noise:.3f}): worse than a constant answer." if above < 0
                     else "."))
     text += (f" At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}")

@@ -90,7 +90,9 @@ def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_const
     assert ("Always answering the most frequent class scores 0.690 here: the best epoch is 0.010 above that, "
             "within the noise (±0.020), so the model has learned little") in lessons.history_summary(history,
                                                                                             constant=0.69)
-    assert "0.050 below that, within the noise" in lessons.history_summary(history, constant=0.75)
+    assert "0.050 below that, within the noise" in lessons.history_summary(history, constant=0.75, noise=0.06)
+    assert ("0.050 below that, by more than the noise (±0.020): worse than a constant answer"
+            in lessons.history_summary(history, constant=0.75))
     assert "0.100 above that." in lessons.history_summary(history, constant=0.60)  # clear of it: no warning
     assert "learned little" in lessons.history_summary(history, constant=0.60, noise=0.12)  # wider noise
 
