@@ -260,7 +260,7 @@ def test_copies_of_one_picture_under_other_names_stay_in_one_split(tmp_path):
     copies = identical_files(root, table["file"].tolist())
     assert sorted(sorted(names) for names in copies) == [
         [f"{label}/{n}" for n in ("0.png", "copy_a.png", "copy_b.png", "copy_c.png")] for label in ("cat", "dog")]
-    for seed in range(5):  # with 4 copies of 2 pictures among 26 files, a split by name separates them every time
+    for seed in range(5):  # 4 files of each of 2 pictures among 31: a split by name separates them every time
         splits = workbook.split_table(dataclasses.replace(params, seed=seed), table)
         split_of = {name: split for split, frame in splits.items() for name in frame["file"]}
         assert sorted(split_of) == sorted(table["file"])
