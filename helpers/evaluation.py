@@ -48,7 +48,7 @@ from sklearn.metrics import (ConfusionMatrixDisplay, PrecisionRecallDisplay, Roc
 from torch import nn
 from torch.utils.data import Dataset
 
-from .metrics import score
+from .metrics import score, score_margin
 from .runtime import amp_dtype, autocast, make_loader, pick_device, to_device
 
 TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra views: flips of these dims
@@ -620,8 +620,6 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
     ``metrics["per_group"]``, for "mono", "poly" and "mono and poly"). A figure of the same task gets the signed
     difference and, given the test predictions ``pred`` (`predict`'s table), two bootstrap standard errors of this
     run's score on those images; a figure whose task is unclear gets neither, since it may be another task's."""
-    from .metrics import bootstrap_scores
-
     lines = []
     for row in published.itertuples():
         if row.task not in (task, "unclear"):
@@ -643,8 +641,7 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
                 continue
             detail = f"{ours - row.value:+.3f}"
             if rows is not None and len(rows):
-                spread = bootstrap_scores(row.metric, rows["target"].to_numpy(), [rows["predicted"].to_numpy()])
-                margin = 2 * spread[:, 0].std(ddof=1)
+                margin = score_margin(row.metric, rows["target"].to_numpy(), rows["predicted"].to_numpy())
                 detail += (f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}"
                            if margin > 0 else f"; every resample of its {len(rows)} images scores the same, so the "
                            f"bootstrap cannot measure its noise")

@@ -63,3 +63,11 @@ def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndar
             f1 = np.where(seen, 2 * hits / np.where(seen, support + predicted, 1), 0)
             out[:, k] = f1.sum(1) / seen.sum(1)
     return out
+
+
+def score_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, rounds: int = 1000,
+                 seed: int = 0) -> float:
+    """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`): the
+    noise of a score that is not a mean over images (macro-F1), and of accuracy without a formula's assumptions.
+    0.0 when every resample scores the same (all right, or all wrong)."""
+    return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed)[:, 0].std(ddof=1))

@@ -423,3 +423,15 @@ def test_published_comparison_gives_each_score_its_own_bootstrap_noise():
     lines = ev.published_comparison(ev.published_results(), "4class",
                                     {"test_accuracy": 0.0, "test_macro_f1": 0.0, "per_group": per_group}, all_wrong)
     assert "every resample of its 100 images scores the same, so the bootstrap cannot measure its noise" in lines[2]
+
+
+def test_score_margin_is_two_bootstrap_standard_errors_and_zero_without_spread():
+    from helpers.metrics import score_margin
+
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 2, 400)
+    predicted = np.where(rng.random(400) < 0.8, targets, 1 - targets)
+    accuracy = float((predicted == targets).mean())
+    assert score_margin("accuracy", targets, predicted) == pytest.approx(
+        2 * np.sqrt(accuracy * (1 - accuracy) / 400), rel=0.1)
+    assert score_margin("macro_f1", targets, targets) == 0.0
