@@ -234,8 +234,32 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
     return frame
 
 
+# What `-p KEY VALUE` can set (helpers.workbook.PARAMETERS; a test keeps the two lists equal).
+PARAMETERS_HELP = """\
+notebook parameters (-p KEY VALUE; unset: the default for this machine and data):
+  run_name      folder under runs/ (or an absolute path); --name sets it too
+  data_root     your image folder (one subfolder per class, or with labels_csv); unset: ELPV
+  labels_csv    CSV of file and label columns, relative to data_root or absolute
+  file_col      its file column (default: file)
+  label_col     its label column (default: label)
+  group_col     optional subgroup column (scanner, site): splits balanced and results reported per group
+  subject_col   optional column naming who/what each image shows (patient, specimen): kept in one split
+  task          ELPV: binary or 4class; your own data: custom (the default there)
+  backbone      e.g. efficientnet_lite0 (offline), resnet50, timm/<name>; unset: notebook 01's pick
+  strategy      head, last_n, initial, truncate or full; unset: notebook 03's choice
+  image_size, epochs, batch_size, lr   budget overrides (they change 01's probe and 03's comparison too)
+  augment       an augmentation recipe (helpers.transforms.AUGMENTATIONS); unset: notebook 02 decides
+  seed          the split's and training's seed (default 0)
+  device        auto, cpu, cuda or mps
+
+example, your own images:
+  python -m helpers.course --name mine -p data_root /data/my_images
+  python -m helpers.course --name xray -p data_root /data/xray -p labels_csv labels.csv -p subject_col patient
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helpers.course", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m helpers.course", description=__doc__, epilog=PARAMETERS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=None, help="run folder under runs/ (default: course, or smoke)")
     parser.add_argument("--smoke", action="store_true", help="TL_SMOKE=1: tiny data, minimal budget")

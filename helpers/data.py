@@ -26,6 +26,8 @@ from torch.utils.data import Dataset
 from .files import atomic_open, write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Folder names of a dataset split beforehand (train/val/test): never taken for class names.
+SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout")
 
 # Largest image (width x height) `read_image` decodes: 100 megapixels, about 300 MB as RGB, more
 # than any camera in common use. A tiny PNG can declare 20000 x 20000 px and take gigabytes once
@@ -48,8 +50,17 @@ class ImageReadError(ValueError):
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read any common image as an RGB ``uint8`` array of shape (H, W, 3).
 
-    Grayscale is repeated to three channels, alpha is dropped, 16-bit is scaled to 8-bit.
-    JPEGs are decoded with ``IMREAD_COLOR`` because only that flag applies the EXIF
+    Grayscale is repeated to three channels, alpha is dropped, 16-bit is scaled to 8-bit
+    (`to_rgb_uint8`); see `decode_image` for the checks made first.
+    """
+    return to_rgb_uint8(decode_image(path), path)
+
+
+def decode_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file as stored (OpenCV's BGR order, its own bit depth and channels).
+
+    Raises `ImageReadError`, naming the file, for an empty, truncated, oversized or undecodable
+    file. JPEGs are decoded with ``IMREAD_COLOR`` because only that flag applies the EXIF
     orientation and converts CMYK; everything else with ``IMREAD_UNCHANGED`` so that the
     bit depth and channels are seen as stored.
     """
@@ -74,7 +85,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
-    return to_rgb_uint8(image, path)
+    return image
 
 
 def max_image_pixels() -> int:
@@ -192,6 +203,12 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     if len(class_dirs) == 1:
         raise ValueError(f"{root}: only one class folder, {class_dirs[0].name!r}; a classifier needs at least "
                          f"two (one subfolder per class){skipped}")
+    split_names = [d.name for d in class_dirs if d.name.casefold() in SPLIT_FOLDER_NAMES]
+    if len(split_names) == len(class_dirs):  # train/ and test/ as two classes would train on nonsense, silently
+        raise ValueError(f"{root}: its subfolders {split_names} look like a split made beforehand, not classes; "
+                         f"the workbook makes its own split (with copies and subjects kept together), so point "
+                         f"data_root at one folder of class subfolders (merge the splits' class folders), or list "
+                         f"every image with its class in a labels_csv")
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if loose:  # no class folder says what they are: name them rather than drop them unmentioned
         warnings.warn(f"{root}: {len(loose)} image(s) directly in the folder belong to no class and are not used: "
@@ -263,9 +280,10 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _check_column_names(file_col: object, label_col: object, group_col: object) -> None:
-    for name, value in (("file_col", file_col), ("label_col", label_col), ("group_col", group_col)):
-        if name == "group_col" and value is None:
+def _check_column_names(file_col: object, label_col: object, group_col: object, subject_col: object) -> None:
+    for name, value in (("file_col", file_col), ("label_col", label_col), ("group_col", group_col),
+                        ("subject_col", subject_col)):
+        if name in ("group_col", "subject_col") and value is None:
             continue
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must be a column name (text), got {value!r}")
@@ -341,8 +359,10 @@ def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
 
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
                file_col: str = "file", label_col: str = "label", group_col: str | None = None,
-               check_empty: bool = True, allow_outside_root: bool = False) -> pd.DataFrame:
-    """Validated table with columns ``file``, ``label`` (str) and ``group`` (str or None).
+               subject_col: str | None = None, check_empty: bool = True,
+               allow_outside_root: bool = False) -> pd.DataFrame:
+    """Validated table with columns ``file``, ``label`` (str) and ``group`` (str or None), plus ``subject``
+    (str) when ``subject_col`` names who or what each image shows (a patient, a specimen, a panel).
 
     ``table`` is a CSV path (UTF-8), a DataFrame, or None for the class-per-subfolder layout.
     Fails, naming the culprit, on: missing folder, missing column, empty labels, a file listed
@@ -357,11 +377,12 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    _check_column_names(file_col, label_col, group_col)
+    _check_column_names(file_col, label_col, group_col, subject_col)
     if table is None:
-        if group_col is not None:
-            raise ValueError(f"group_col {group_col!r} needs a label table: class folders of {root} give only "
-                             f"file and label (pass labels_csv, or leave group_col unset)")
+        for name, col in (("group_col", group_col), ("subject_col", subject_col)):
+            if col is not None:
+                raise ValueError(f"{name} {col!r} needs a label table: class folders of {root} give only "
+                                 f"file and label (pass labels_csv, or leave {name} unset)")
         frame = scan_class_folders(root)
         file_col, label_col = "file", "label"
         source = f"class folders of {root}"
@@ -372,16 +393,18 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
                 raise FileNotFoundError(f"label table not found: {table}")
             table = _read_label_csv(Path(table))
         frame = table
-        for col in (file_col, label_col, group_col):
+        for col in (file_col, label_col, group_col, subject_col):
             if col is not None and col not in frame.columns:
                 raise KeyError(f"{source} has no column {col!r}; its columns are {list(frame.columns)}")
     if len(frame) == 0:
         raise ValueError(f"{source} lists no images")
 
-    for col in (file_col, label_col, group_col):
+    for col in (file_col, label_col, group_col, subject_col):
         blank = _blank_rows(frame, col) if col is not None else []
         if blank:  # a stray row, or a cell left empty: name the rows, as a spreadsheet numbers them
             hint = " (fill them, e.g. with 'unknown', or leave group_col unset)" if col == group_col else ""
+            if col == subject_col:  # 'unknown' would make one large subject of every unlabelled image
+                hint = " (give each image its subject; an image of its own can use its file name)"
             files = "" if col == file_col else f", files {[str(frame[file_col].iat[i - 1]) for i in blank[:10]]}"
             raise ValueError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
                              f"under the header is 1){files}{hint}")
@@ -389,6 +412,8 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     out["label"] = _strip_labels(frame[label_col].astype(str), source, label_col).to_numpy()
     _warn_near_duplicate_labels(out["label"], source)
     out["group"] = frame[group_col].astype(str).str.strip().to_numpy() if group_col else None
+    if subject_col:
+        out["subject"] = frame[subject_col].astype(str).str.strip().to_numpy()
 
     duplicated = out["file"][out["file"].duplicated()].unique().tolist()
     if duplicated:
@@ -533,13 +558,17 @@ class ImageDataset(Dataset):
 
 def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | None = "group",
                 test_size: float = 0.25, val_size: float = 0.15, seed: int = 0,
-                copies: Sequence[Sequence[str]] = ()) -> dict[str, pd.DataFrame]:
+                copies: Sequence[Sequence[str]] = (), subject_col: str | None = None) -> dict[str, pd.DataFrame]:
     """Seeded train/val/test split, stratified on label x group.
 
     ``test_size`` is the share of all images held out for testing (25 % as in Deitsch et al.
     2019); ``val_size`` is the share of the remaining training images used for validation.
     ``copies`` are groups of ``file`` names that hold one picture (`identical_files`): each group
     lands whole in the split of its first name, and its names must agree on the label and group.
+    ``subject_col`` names who or what each image shows (a patient, a specimen): all images of one
+    subject then land in one split, so the test score is on subjects the model never saw. Whole
+    subjects are dealt out (scikit-learn's ``StratifiedGroupKFold``), so the shares are close to
+    ``test_size`` and ``val_size`` rather than exact.
     """
     from sklearn.model_selection import train_test_split
 
@@ -548,9 +577,11 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
             raise ValueError(f"{name} must be in (0, 1), got {value}")
     if label_col not in frame.columns:
         raise KeyError(f"no column {label_col!r} to stratify on; columns are {list(frame.columns)}")
-    # Split one row per picture, then let every further copy follow its first into the same split.
     agree_on = [c for c in dict.fromkeys(["label", label_col, group_col]) if c in frame.columns]
     followers = _copy_followers(frame, copies, agree_on)
+    if subject_col is not None:
+        return _subject_splits(frame, label_col, group_col, test_size, val_size, seed, copies, subject_col)
+    # Split one row per picture, then let every further copy follow its first into the same split.
     everything, frame = frame, frame.drop(index=list(followers))
     strata = frame[label_col].astype(str)
     grouped = bool(group_col and group_col in frame.columns and frame[group_col].notna().all())
@@ -580,13 +611,82 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     for name, split in splits.items():
         own = [row for row, first in followers.items() if first in split.index]
         splits[name] = pd.concat([split, everything.loc[own]]).reset_index(drop=True)
-    absent = {name: sorted(set(frame[label_col].astype(str)) - set(split[label_col].astype(str)))
-              for name, split in splits.items()}
-    absent = {name: labels for name, labels in absent.items() if labels}
-    if absent:  # a class this rare is scored on nothing, or chosen on nothing: say so now, not in notebook 05
-        warnings.warn(f"class(es) with no image in a split: {absent}; with so few images of a class its results "
-                      f"cannot be judged (add images of it if you can)", stacklevel=2)
+    _warn_absent_classes(splits, label_col)
     return splits
+
+
+def _warn_absent_classes(splits: dict[str, pd.DataFrame], label_col: str) -> None:
+    """A class this rare is scored on nothing, or chosen on nothing: say so now, not in notebook 05."""
+    every = set().union(*(set(split[label_col].astype(str)) for split in splits.values()))
+    absent = {name: sorted(every - set(split[label_col].astype(str))) for name, split in splits.items()}
+    absent = {name: labels for name, labels in absent.items() if labels}
+    if absent:
+        warnings.warn(f"class(es) with no image in a split: {absent}; with so few images of a class its results "
+                      f"cannot be judged (add images of it if you can)", stacklevel=3)
+
+
+def _subject_splits(frame: pd.DataFrame, label_col: str, group_col: str | None, test_size: float, val_size: float,
+                    seed: int, copies: Sequence[Sequence[str]], subject_col: str) -> dict[str, pd.DataFrame]:
+    """`make_splits` with whole subjects dealt out: test first, then validation from the rest."""
+    if subject_col not in frame.columns or frame[subject_col].isna().any():
+        raise KeyError(f"subject column {subject_col!r} is missing or has empty cells; columns are "
+                       f"{list(frame.columns)}")
+    units = _subject_units(frame, copies, subject_col)  # copies of one picture join their subjects into one
+    strata = frame[label_col].astype(str)
+    if group_col and group_col in frame.columns and frame[group_col].notna().all():
+        strata = strata + "|" + frame[group_col].astype(str)
+    rest, test = _hold_out_subjects(frame, strata, units, test_size, seed, "test")
+    train, val = _hold_out_subjects(rest, strata.loc[rest.index], units.loc[rest.index], val_size, seed, "val")
+    splits = {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
+              "test": test.reset_index(drop=True)}
+    _warn_absent_classes(splits, label_col)
+    return splits
+
+
+def _subject_units(frame: pd.DataFrame, copies: Sequence[Sequence[str]], subject_col: str) -> pd.Series:
+    """Per row, the unit that must stay in one split: its subject, merged with the subjects of its copies."""
+    parent = {s: s for s in frame[subject_col].astype(str)}
+
+    def root(s: str) -> str:
+        while parent[s] != s:
+            parent[s] = parent[parent[s]]
+            s = parent[s]
+        return s
+
+    subject_of = dict(zip(frame["file"], frame[subject_col].astype(str), strict=True))
+    for names in copies:
+        first = root(subject_of[names[0]])
+        for name in names[1:]:
+            parent[root(subject_of[name])] = first
+    return frame[subject_col].astype(str).map(root)
+
+
+def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series, share: float, seed: int,
+                       split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, held out): about ``share`` of ``frame``'s images, whole subjects only, stratified where it can."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = max(2, round(1 / share))
+    if units.nunique() < folds:
+        raise ValueError(f"too few subjects to hold out a {split} split of about {share:.0%}: {units.nunique()} "
+                         f"subject(s) among {len(frame)} images, at least {folds} needed (more subjects, or leave "
+                         f"subject_col unset if images of one subject are not alike)")
+    with warnings.catch_warnings():
+        # "The least populated class in y has only n members": `_warn_absent_classes` says what that means here.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+        keep, held = next(splitter.split(frame, strata.to_numpy(), units.to_numpy()))
+    return frame.iloc[keep], frame.iloc[held]
+
+
+def shared_subjects(splits: dict[str, pd.DataFrame]) -> list[str]:
+    """Subjects with images in more than one split, as 'subject (train, test)' strings; [] without subjects."""
+    where: dict[str, list[str]] = {}
+    for name, frame in splits.items():
+        if "subject" in frame.columns:
+            for subject in frame["subject"].dropna().astype(str).unique():
+                where.setdefault(subject, []).append(name)
+    return [f"{subject} ({', '.join(names)})" for subject, names in where.items() if len(names) > 1]
 
 
 def _copy_followers(frame: pd.DataFrame, copies: Sequence[Sequence[str]], columns: list[str]) -> dict:

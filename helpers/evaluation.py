@@ -145,6 +145,27 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: st
     return _table(logits, dataset.frame, classes)
 
 
+def save_predictions(pred: pd.DataFrame, path: str | Path, calibrated: pd.DataFrame | None = None) -> Path:
+    """Write `predict`'s table as CSV for your own error analysis: per image, its file, group, true and
+    predicted class, whether that is right, the top probability (and after temperature scaling, given
+    ``calibrated``), and one probability per class. Cells a spreadsheet would run as formulas are escaped."""
+    from .files import write_csv
+    from .predict import escape_formulas
+
+    table = pred[["file", "group", "true", "pred"]].copy()
+    if table["group"].isna().all():
+        table = table.drop(columns="group")
+    table["correct"] = (pred["target"] == pred["predicted"]).to_numpy()
+    table["confidence"] = pred["confidence"].to_numpy()
+    if calibrated is not None:
+        if not (calibrated["file"].to_numpy() == pred["file"].to_numpy()).all():
+            raise ValueError("calibrated predictions are for other images than pred (or in another order)")
+        table["calibrated_confidence"] = calibrated["confidence"].to_numpy()
+    for column in (c for c in pred.columns if c.startswith("prob_")):
+        table[column] = pred[column].to_numpy()
+    return write_csv(escape_formulas(table, ("file", "true", "pred")), path)
+
+
 # ----------------------------------------------------------------------------------------
 # Metrics
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .data import ImageDataset, subsample
 from .freezing import STRATEGIES, apply_strategy, truncation_point
@@ -98,17 +98,26 @@ def protocol(n_val: int, min_holdout: int = MIN_HOLDOUT, folds: int = 3) -> dict
 
 def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
                seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """(fit part, score part) per fold: the given split, or stratified folds of train + val."""
+    """(fit part, score part) per fold: the given split, or stratified folds of train + val (whole subjects
+    per fold when the tables have a ``subject`` column, as `helpers.data.make_splits` splits them)."""
     if plan["name"] == "holdout":
         return [(train, val)]
     pool = pd.concat([train, val], ignore_index=True)
     labels = pool["label"].to_numpy()
     folds = min(plan["folds"], int(pd.Series(labels).value_counts().min()))
+    subjects = pool["subject"].astype(str).to_numpy() if "subject" in pool.columns else None
+    if subjects is not None:
+        folds = min(plan["folds"], len(set(subjects)))
     if folds < 2:
-        raise ValueError(f"cannot cross-validate: a class has fewer than 2 images among {len(pool)}")
-    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True))
-            for a, b in splitter.split(pool, labels)]
+        raise ValueError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
+                         f"subjects) among {len(pool)}")
+    if subjects is None:
+        parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels)
+    else:
+        with warnings.catch_warnings():  # a class with fewer subjects than folds is simply missing from some
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            parts = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(pool, labels, subjects))
+    return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True)) for a, b in parts]
 
 
 def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, classes: list[str], model: TransferModel,

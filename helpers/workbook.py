@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .data import (ELPV_TASKS, identical_files, load_splits, load_table, make_splits, make_tiny_elpv,
-                   minimum_split_size, overlapping_files, prepare_elpv)
+                   minimum_split_size, overlapping_files, prepare_elpv, shared_subjects)
 from . import files
 from .metrics import class_weighting
 from .freezing import STRATEGIES
@@ -50,6 +50,7 @@ PARAMETERS: dict[str, object] = {
     "file_col": "file",
     "label_col": "label",
     "group_col": None,  # optional column of subgroups (ELPV: mono/poly) for stratified splits and reports
+    "subject_col": None,  # optional column naming who/what each image shows (patient, specimen): kept in one split
     "task": None,  # ELPV: "binary" (default) or "4class"; own data: "custom"
     "backbone": None,  # None: the winner of notebook 01's linear probe
     "strategy": None,  # None: notebook 03's choice (or 01's recommendation)
@@ -94,9 +95,11 @@ NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "01_analyze_approach": ("decision.json",),
     "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json", "mirror_check.csv"),
     "03_choose_freezing": ("strategy.json",),
-    "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json"),
-    "05_evaluate": ("metrics.json", "model.pt2", "predictions.csv", "predict_demo"),
+    "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json",
+                     "last.interrupted.pt"),
+    "05_evaluate": ("metrics.json", "test_predictions.csv", "model.pt2", "predictions.csv", "predict_demo"),
 }
+STALE_CHECKPOINT = "last.interrupted.pt"  # an interrupted phase 2's last.pt, set aside by `choose_final`
 # Written into every run folder the workbook creates or takes over: only such folders are written to.
 RUN_MARKER = ".workbook_run.json"
 _WORKBOOK_FILES = {name for outputs in NOTEBOOK_OUTPUTS.values() for name in outputs} | {
@@ -182,6 +185,7 @@ class Params:
     device: torch.device
     smoke: bool
     elpv: bool
+    subject_col: str | None = None  # images of one subject (patient, specimen, panel) stay in one split
     stratify_col: str | None = None  # column of the label table to stratify the split on (ELPV: label4)
     augment_recipe: str | None = None  # the augment parameter; None: chosen from the data (see `augment`)
     settled_augment: str | None = None  # the recipe notebook 02 settled on after its mirror check (``dataset.json``)
@@ -237,7 +241,7 @@ def _at_most(name: str, value: object, limit: float, why: str) -> None:
 
 
 # Parameters that name a path or a column: papermill and the command line turn "2024" into an int.
-TEXT_PARAMETERS = ("run_name", "data_root", "labels_csv", "file_col", "label_col", "group_col")
+TEXT_PARAMETERS = ("run_name", "data_root", "labels_csv", "file_col", "label_col", "group_col", "subject_col")
 MAX_LR = 1.0
 
 
@@ -263,14 +267,14 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
     if elpv:
         task = p["task"] or "binary"
         _check_choice("task", task, list(ELPV_TASKS))
-        for name in ("labels_csv", "group_col"):
-            if p[name] is not None:
+        for name in ("labels_csv", "group_col", "subject_col"):
+            if p[name] is not None:  # ELPV's cells are one image each, of 44 modules the dataset does not name
                 raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
         root = workbook_root() / "data"
         data_root = root / ("elpv_tiny" if smoke else "elpv")
         if materialize:
             data_root = make_tiny_elpv(data_root) if smoke else prepare_elpv(data_root)
-        labels_csv, file_col, group_col = data_root / "labels.csv", "file", "type"
+        labels_csv, file_col, group_col, subject_col = data_root / "labels.csv", "file", "type", None
         label_col = ELPV_TASKS[task][0]
         stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
     else:
@@ -287,10 +291,14 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
             labels_csv = labels_csv if labels_csv.is_absolute() else data_root / labels_csv
             if not labels_csv.is_file():
                 raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
-        file_col, label_col, group_col = p["file_col"], p["label_col"], p["group_col"]
+        file_col, label_col, group_col, subject_col = p["file_col"], p["label_col"], p["group_col"], p["subject_col"]
+        if subject_col is not None and labels_csv is None:
+            raise ValueError(f"subject_col {subject_col!r} needs a label table (labels_csv) with that column: "
+                             f"class folders say only each image's class")
         stratify_col = None
     return {"data_root": data_root, "labels_csv": labels_csv, "file_col": file_col, "label_col": label_col,
-            "group_col": group_col, "task": task, "elpv": elpv, "stratify_col": stratify_col}
+            "group_col": group_col, "subject_col": subject_col, "task": task, "elpv": elpv,
+            "stratify_col": stratify_col}
 
 
 def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
@@ -353,9 +361,11 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
     """
     p, user_set = _checked(params)
     smoke = is_smoke() if smoke is None else smoke
+    run_name = p["run_name"] or ("smoke" if smoke else "course")
+    if settled:
+        p = _with_recorded_dataset(p, user_set, run_path(str(run_name)))
     source = _data_source(p, smoke)
 
-    run_name = p["run_name"] or ("smoke" if smoke else "course")
     run = run_folder(str(run_name))
     params = Params(run_name=str(run_name), run=run, **source,
                     backbone=p["backbone"], strategy=p["strategy"], image_size=p["image_size"], epochs=p["epochs"],
@@ -372,6 +382,28 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
                       f"data, flips included. Run notebooks/02_prepare_dataset.ipynb to the end, or set augment.",
                       UnsettledRecipeWarning, stacklevel=2)
     return params
+
+
+DATASET_PARAMETERS = ("data_root", "labels_csv", "file_col", "label_col", "group_col", "subject_col", "task")
+
+
+def _with_recorded_dataset(p: dict, user_set: tuple[str, ...], run: Path) -> dict:
+    """``p`` with the dataset parameters the user left unset taken from the run's ``dataset.json``.
+
+    Notebooks 03-05 and ``helpers.train`` read the split notebook 02 wrote. Run alone without
+    ``data_root``, they would otherwise take themselves for an ELPV run (ELPV's crop, the binary
+    task's metric) while training on the recorded images. A value the user did set is compared
+    with the record later (`check_dataset_params`), not replaced.
+    """
+    path = run / "dataset.json"
+    if not path.is_file():
+        return p
+    config = json.loads(path.read_text(encoding="utf-8"))
+    recorded = {"task": config.get("task")} if config.get("elpv") else {
+        "data_root": config.get("root"), "labels_csv": config.get("labels_csv"), "file_col": config.get("file_col"),
+        "label_col": config.get("label_col"), "group_col": config.get("group_col"),
+        "subject_col": config.get("subject_col"), "task": config.get("task")}
+    return {**p, **{name: value for name, value in recorded.items() if name not in user_set}}
 
 
 def start(namespace: dict, settled: bool = True) -> Params:
@@ -454,8 +486,9 @@ def pick(value: object, smoke: object, cpu: object, gpu: object, params: Params)
 
 
 def label_table(params: Params) -> pd.DataFrame:
-    """The validated label table (file, label, group[, stratum]) of the configured dataset."""
-    table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col)
+    """The validated label table (file, label, group[, subject][, stratum]) of the configured dataset."""
+    table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col,
+                       params.subject_col)
     if table["label"].nunique() < 2:
         raise ValueError(f"{params.labels_csv or params.data_root}: column {params.label_col!r} has only one "
                          f"class, {sorted(table['label'].unique())}; a classifier needs at least two")
@@ -490,12 +523,14 @@ def classes_of(params: Params, table: pd.DataFrame) -> list[str]:
 def split_table(params: Params, table: pd.DataFrame,
                 copies: list[list[str]] | None = None) -> dict[str, pd.DataFrame]:
     """The seeded, stratified train/val/test split (the same for every notebook with the same seed); the copies
-    of one picture (`helpers.data.identical_files`, found here when not given) stay together in one split."""
+    of one picture (`helpers.data.identical_files`, found here when not given) stay together in one split, and
+    so do the images of one subject when the data names them (``subject_col``)."""
     label_col = "stratum" if "stratum" in table.columns else "label"
     group_col = "group" if table["group"].notna().all() else None
     if copies is None:
         copies = identical_files(params.data_root, table["file"].tolist())
-    return make_splits(table, label_col=label_col, group_col=group_col, seed=params.seed, copies=copies)
+    return make_splits(table, label_col=label_col, group_col=group_col, seed=params.seed, copies=copies,
+                       subject_col="subject" if "subject" in table.columns else None)
 
 
 def class_counts(table: pd.DataFrame) -> pd.DataFrame:
@@ -508,7 +543,8 @@ def class_counts(table: pd.DataFrame) -> pd.DataFrame:
 def dataset_config(params: Params, classes: list[str]) -> dict:
     """What 02 writes to ``dataset.json`` for the later notebooks."""
     return {"root": str(params.data_root), "labels_csv": str(params.labels_csv) if params.labels_csv else None,
-            "label_col": params.label_col, "group_col": params.group_col, "file_col": params.file_col,
+            "label_col": params.label_col, "group_col": params.group_col, "subject_col": params.subject_col,
+            "file_col": params.file_col,
             "classes": list(classes), "task": params.task, "elpv": params.elpv, "seed": params.seed}
 
 
@@ -520,10 +556,11 @@ def check_dataset_params(params: Params, config: dict) -> None:
     """
     now = {"data_root": str(params.data_root), "labels_csv": str(params.labels_csv) if params.labels_csv else None,
            "file_col": params.file_col, "label_col": params.label_col, "group_col": params.group_col,
-           "task": params.task}
+           "subject_col": params.subject_col, "task": params.task}
     then = {"data_root": config.get("root"), "labels_csv": config.get("labels_csv"),
             "file_col": config.get("file_col"), "label_col": config.get("label_col"),
-            "group_col": config.get("group_col"), "task": config.get("task")}
+            "group_col": config.get("group_col"), "subject_col": config.get("subject_col"),
+            "task": config.get("task")}
     for name in now:
         if name not in params.user_set or _same_setting(name, now[name], then[name]):
             continue
@@ -549,6 +586,10 @@ def load_datasets(params: Params, train_tf: Callable | None, eval_tf: Callable |
     if shared:
         raise ValueError(f"{params.run}: {len(shared)} image(s) occur in more than one split: {shared[:10]}; "
                          f"rerun notebooks/02_prepare_dataset.ipynb")
+    straddling = shared_subjects(splits)
+    if straddling:
+        raise ValueError(f"{params.run}: {len(straddling)} subject(s) have images in more than one split: "
+                         f"{straddling[:10]}; rerun notebooks/02_prepare_dataset.ipynb")
     has_group = all(frame["group"].notna().all() for frame in splits.values())
     out = {}
     for name, frame in splits.items():
@@ -750,6 +791,12 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "
                        f"{scores['n']} images: ±{noise:.3f}): {verdict}. The course keeps the probe (a classifier on "
                        f"the frozen backbone) as the final model.")
+    if epochs == 0 and interrupted_training(params.run):
+        # An earlier run's phase 2 stopped midway and this one trained none (head, or truncate's classifier):
+        # that last.pt would make notebook 05 refuse this finished run. Keep it, under a name nothing resumes.
+        os.replace(params.run / "last.pt", params.run / STALE_CHECKPOINT)
+        explanation += (f" (An earlier run's interrupted phase 2 left `last.pt`; it is kept as "
+                        f"`{STALE_CHECKPOINT}`.)")
     info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
             "val_probe": probe, "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"],
             "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),

@@ -37,6 +37,13 @@ def test_notebooks_share_the_workbook_parameters():
     assert set(found) == set(workbook.PARAMETERS)
 
 
+def test_the_course_help_lists_every_notebook_parameter():
+    listed = {word.rstrip(",") for line in course.PARAMETERS_HELP.splitlines() if line.startswith("  ")
+              for word in line.split("   ")[0].split()}
+    assert set(workbook.PARAMETERS) <= listed
+    assert "subject_col" in course.build_parser().format_help()
+
+
 def test_unknown_parameter_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['epoch'\].*'epochs'"):
         course.validate({"epoch": 3}, course.notebook_parameters())
@@ -143,6 +150,28 @@ def test_smoke_mode_samples_your_folder_evenly_with_enough_of_each_class_to_spli
     make_splits(workbook.smoke_subset(many), group_col=None)
     small = table.groupby("label").head(5)
     assert workbook.smoke_subset(small).sort_index().equals(small.sort_index())  # nothing to cut
+
+
+def test_later_notebooks_take_the_dataset_from_the_split_not_elpv(tmp_path):
+    root = tmp_path / "photos"
+    for shade, label in enumerate(("cat", "dog", "owl")):
+        for i in range(8):
+            path = root / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(path), np.full((10, 12, 3), 20 * i + 3 * shade, np.uint8))
+    run = str(tmp_path / "own")
+    workbook.prepare_split(workbook.resolve_params({"run_name": run, "data_root": str(root)}, smoke=True,
+                                                   settled=False))
+    with pytest.warns(workbook.UnsettledRecipeWarning):  # prepare_split skips 02's mirror check
+        later = workbook.resolve_params({"run_name": run}, smoke=True)  # notebook 04 or helpers.train, no data_root
+    assert (later.data_root, later.elpv, later.task, later.crop_pct) == (root, False, "custom", None)
+    with pytest.raises(ValueError, match=r"unknown task 'binary'; choose one of \['custom'\]"):
+        workbook.resolve_params({"run_name": run, "task": "binary"}, smoke=True)  # what the user sets is checked
+    four = str(tmp_path / "four")
+    workbook.prepare_split(workbook.resolve_params({"run_name": four, "task": "4class"}, smoke=True, settled=False))
+    with pytest.warns(workbook.UnsettledRecipeWarning):
+        assert workbook.resolve_params({"run_name": four}, smoke=True).task == "4class"  # not the binary default
+    assert workbook.resolve_params({"run_name": four}, smoke=True, settled=False).task == "binary"  # 02 decides
 
 
 def test_choices_and_models_of_an_older_split_are_refused(tmp_path):

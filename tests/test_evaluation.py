@@ -66,6 +66,20 @@ def test_predict_columns_order_and_probabilities(model, tiny_sets):
     np.testing.assert_allclose(logits[:3].numpy(), direct.numpy(), atol=1e-4)
 
 
+def test_saved_test_predictions_are_one_row_per_image_and_escape_formulas(tmp_path):
+    pred = table([0, 1, 1], [0, 0, 1], [[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]], BINARY)
+    pred.loc[1, "file"] = "=HYPERLINK(evil).png"
+    calibrated = ev.apply_temperature(pred, 2.0, BINARY)
+    written = pd.read_csv(ev.save_predictions(pred, tmp_path / "test_predictions.csv", calibrated))
+    assert list(written.columns) == ["file", "true", "pred", "correct", "confidence", "calibrated_confidence",
+                                     "prob_functional", "prob_defective"]  # no group column: the data has none
+    assert written["correct"].tolist() == [True, False, True] and written["file"][1] == "'=HYPERLINK(evil).png"
+    np.testing.assert_allclose(written["confidence"], [0.9, 0.7, 0.8])
+    assert (written["calibrated_confidence"] < written["confidence"]).all()  # T = 2 softens every answer
+    with pytest.raises(ValueError, match="other images"):
+        ev.save_predictions(pred, tmp_path / "x.csv", calibrated.iloc[::-1])
+
+
 @pytest.mark.parametrize("tta", ["hflip", "hvflip"])
 def test_predict_tta_averages_only_the_allowed_flips(model, tiny_sets, tta):
     _, val = tiny_sets

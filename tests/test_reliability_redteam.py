@@ -21,8 +21,9 @@ import torch
 
 from helpers import course, workbook
 from helpers.checkpoint import describe_model, load_checkpoint
-from helpers.data import (ImageDataset, ImageReadError, identical_files, load_table, overlapping_files, read_image,
-                          scan_class_folders)
+from helpers import data as data_module
+from helpers.data import (ImageDataset, ImageReadError, identical_files, load_table, make_splits, overlapping_files,
+                          read_image, scan_class_folders, shared_subjects)
 from helpers.export import UnsafeExportError, check_export_safe, export_model, load_exported
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
@@ -277,6 +278,110 @@ def test_one_picture_with_two_labels_is_refused_with_its_names(tmp_path):
     with pytest.raises(ValueError, match=r"1 picture\(s\) stored more than once with different labels.*"
                                          r"'cat/3\.png' \(cat\) = 'dog/stray\.png' \(dog\)"):
         workbook.split_table(params, workbook.label_table(params))
+
+
+def test_notebook_02_names_every_unreadable_image_at_once(tmp_path):
+    from helpers.lessons import image_stats
+
+    for label in ("cat", "dog"):
+        _images(tmp_path / label, names=("a.png", "b.png", "c.png"))
+    good = (tmp_path / "cat" / "a.png").read_bytes()
+    (tmp_path / "cat" / "cut.png").write_bytes(good[: len(good) // 2])  # a download cut off
+    (tmp_path / "dog" / "notes.jpg").write_bytes(b"not a picture at all")
+    dataset = ImageDataset(tmp_path)  # listing checks names and sizes only: both pass
+    with pytest.raises(ImageReadError, match=r"2 of 8 image\(s\) cannot be read: .*cut\.png.*truncated PNG.*"
+                                             r"notes\.jpg"):
+        image_stats(dataset)
+    stats = image_stats(ImageDataset(tmp_path, pd.DataFrame({"file": ["cat/a.png", "dog/b.png"],
+                                                            "label": ["cat", "dog"]})))
+    assert stats.to_dict("records") == [{"height": 8, "width": 8, "channels": 3, "dtype": "uint8", "images": 2}]
+
+
+def test_a_folder_split_beforehand_is_not_taken_for_classes(tmp_path):
+    for split in ("train", "val", "test"):
+        for label in ("cat", "dog"):
+            _images(tmp_path / split / label)
+    with pytest.raises(ValueError, match=r"subfolders \['test', 'train', 'val'\] look like a split made beforehand"):
+        scan_class_folders(tmp_path)
+    assert set(scan_class_folders(tmp_path / "train")["label"]) == {"cat", "dog"}  # one level down: classes
+
+
+def _subject_table(subjects: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Subjects with 1-7 images each; most images of a subject share its class, as a patient's scans would."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(subjects):
+        label = ["ok", "sick", "unsure"][s % 3]
+        rows += [(f"s{s}_{k}.png", label if rng.random() < 0.8 else "ok", f"patient{s}")
+                 for k in range(int(rng.integers(1, 8)))]
+    return pd.DataFrame(rows, columns=["file", "label", "subject"]).assign(group=None)
+
+
+def test_images_of_one_subject_stay_in_one_split():
+    table = _subject_table()
+    for seed in range(5):
+        splits = make_splits(table, group_col=None, seed=seed, subject_col="subject")
+        assert shared_subjects(splits) == [], seed
+        assert sorted(pd.concat(splits.values())["file"]) == sorted(table["file"])
+        assert 0.15 < len(splits["test"]) / len(table) < 0.35, seed  # whole subjects: near 25 %, not exactly
+        assert all(split["label"].nunique() == 3 for split in splits.values()), seed  # still stratified
+    # The same table split by image leaks subjects: this is what subject_col prevents
+    assert len(shared_subjects(make_splits(table, group_col=None, seed=0))) > 10
+
+
+def test_subject_splits_are_reproducible_and_merge_subjects_that_share_a_picture():
+    table = _subject_table()
+    one, again = (make_splits(table, group_col=None, seed=3, subject_col="subject") for _ in range(2))
+    assert one["test"]["file"].tolist() == again["test"]["file"].tolist()
+    # s0_0.png and s3_0.png hold one picture (both 'ok'): patients 0 and 3 must then share a split too
+    copies = [["s0_0.png", "s3_0.png"]]
+    table.loc[table["file"].isin(copies[0]), "label"] = "ok"
+    for seed in range(5):
+        splits = make_splits(table, group_col=None, seed=seed, subject_col="subject", copies=copies)
+        where = {name: split for split, frame in splits.items() for name in frame["subject"]}
+        assert where["patient0"] == where["patient3"], seed
+
+
+def test_too_few_subjects_and_blank_subjects_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"too few subjects to hold out a test split of about 25%: 3 subject"):
+        make_splits(_subject_table(3), group_col=None, subject_col="subject")
+    root = tmp_path / "data"
+    for i in range(4):
+        _image(root / f"{i}.png", 10 * i)
+    (root / "labels.csv").write_text("file,label,patient\n0.png,a,p1\n1.png,b,\n2.png,a,p2\n3.png,b,p2\n")
+    with pytest.raises(ValueError, match=r"empty 'patient' in 1 row\(s\): data rows \[2\].*'1\.png'.*its subject"):
+        load_table(root, root / "labels.csv", subject_col="patient")
+    assert load_table(root, root / "labels.csv", subject_col="label")["subject"].tolist() == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match=r"subject_col 'patient' needs a label table"):
+        workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(root),
+                                 "subject_col": "patient"}, smoke=True)
+    with pytest.raises(ValueError, match=r"subject_col is for your own data"):
+        workbook.resolve_params({"run_name": str(tmp_path / "run"), "subject_col": "patient"}, smoke=True)
+
+
+def test_the_workbook_splits_by_subject_and_its_folds_keep_subjects_whole(tmp_path):
+    from helpers import selection
+
+    table = _subject_table(60)
+    root = tmp_path / "data"
+    for i, name in enumerate(table["file"]):
+        _image(root / name, i % 250, size=8 + i // 250)  # every file other bytes: no copies here
+    table.rename(columns={"subject": "patient"}).drop(columns="group").to_csv(root / "labels.csv", index=False)
+    params = workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(root),
+                                      "labels_csv": "labels.csv", "subject_col": "patient"}, smoke=False)
+    splits = workbook.split_table(params, workbook.label_table(params))
+    assert shared_subjects(splits) == [] and "subject" in splits["train"].columns
+    folds = selection.make_folds(splits["train"], splits["val"], {"name": "k-fold", "folds": 3}, seed=0)
+    for fit_part, score_part in folds:
+        assert not set(fit_part["subject"]) & set(score_part["subject"])
+    # A split written by hand with a subject in two splits is refused when the later notebooks load it
+    train = splits["train"]
+    moved = train[train["subject"].duplicated()].head(1)  # one image of a subject with others left in train
+    data_module.save_splits({"train": train.drop(index=moved.index), "val": splits["val"],
+                             "test": pd.concat([splits["test"], moved])}, params.run)
+    write_json(params.run / "dataset.json", workbook.dataset_config(params, sorted(table["label"].unique())))
+    with pytest.raises(ValueError, match=r"subject\(s\) have images in more than one split"):
+        workbook.load_datasets(params, None, None)
 
 
 # ----------------------------------------------------------------------------------------

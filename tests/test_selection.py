@@ -178,6 +178,21 @@ def run_with_two_models(tmp_path):
     return params
 
 
+def test_a_finished_run_without_phase_2_sets_an_older_interrupted_checkpoint_aside(run_with_two_models):
+    params = run_with_two_models
+    (params.run / "last.pt").write_bytes(b"an earlier last_n run, killed in epoch 2")
+    (params.run / "fit.json").write_text(json.dumps({"finished": False}))
+    assert workbook.interrupted_training(params.run)
+    scores = {"probe": 0.85, "fine_tuned": None, "noise": 0.02, "n": 100}
+    info = workbook.choose_final(params, scores, "accuracy", train_seconds=5.0, epochs=0)  # head: nothing trained
+    assert not (params.run / "last.pt").exists() and "last.interrupted.pt" in info["explanation"]
+    assert (params.run / workbook.STALE_CHECKPOINT).read_bytes() == b"an earlier last_n run, killed in epoch 2"
+    assert workbook.finished_final(params.run)["model"] == "probe"  # notebook 05 no longer refuses the run
+    (params.run / "last.pt").write_bytes(b"this run's phase 2, killed")  # epochs > 0: this run's own checkpoint
+    workbook.choose_final(params, {**scores, "fine_tuned": 0.8}, "accuracy", train_seconds=5.0, epochs=2)
+    assert (params.run / "last.pt").is_file()
+
+
 @pytest.mark.parametrize("candidate, probe, noise, kept", [(0.86, 0.85, 0.0, "fine-tuned"),
                                                           (0.86, 0.85, 0.02, "probe"),  # within the noise
                                                           (0.85, 0.85, 0.0, "probe"), (0.60, 0.85, 0.0, "probe"),
