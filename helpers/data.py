@@ -624,6 +624,8 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label",
     size = n - len(rare)
     if rest.empty or size < rest[column].nunique():  # fewer rows than classes: one of each
         part = rest.groupby(column, sort=False).head(1)
+    elif len(rest) - size < rest[column].nunique():  # scikit-learn wants a row of every class left out as well
+        part = rest.drop(_left_out_of_largest(rest, len(rest) - size, column, seed).index)
     else:
         part, _ = train_test_split(rest, train_size=size, stratify=rest[column], random_state=seed)
     taken = part[column].value_counts()
@@ -633,6 +635,13 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label",
                  for label in short if label not in rare[column].values]
         part = pd.concat([part, *extra])
     return pd.concat([part, rare]).reset_index(drop=True)
+
+
+def _left_out_of_largest(rest: pd.DataFrame, k: int, column: str, seed: int) -> pd.DataFrame:
+    """One random row from each of the ``k`` largest classes of ``rest``: leaving out fewer rows than there are
+    classes cannot be stratified, and taking them from the largest classes keeps the proportions closest."""
+    largest = rest[column].value_counts().index[:k]
+    return rest[rest[column].isin(largest)].groupby(column, sort=False).sample(1, random_state=seed)
 
 
 def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:

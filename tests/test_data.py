@@ -216,3 +216,27 @@ def test_subsample_keeps_two_of_every_class_so_the_sample_can_be_cross_validated
     with pytest.raises(ValueError, match=r"a class has only one of them \(images per class: \{'a': 5, 'b': 1\}\)"):
         linear_probe("efficientnet_lite0", ".", pd.DataFrame({"file": list("abcdef"), "label": ["a"] * 5 + ["b"]}),
                      ["a", "b"], 64)
+
+
+@pytest.mark.parametrize("classes", [2, 40])
+@pytest.mark.parametrize("left_out", [1, 3])
+def test_subsample_leaves_out_fewer_rows_than_there_are_classes(classes, left_out):
+    # scikit-learn's stratified split refuses a left-out part with fewer rows than classes (601 rows, n=600)
+    from helpers.data import subsample
+
+    labels = [f"c{i % classes}" for i in range(15 * classes + 1)]
+    frame = pd.DataFrame({"file": [f"{i}.png" for i in range(len(labels))], "label": labels})
+    sample = subsample(frame, len(frame) - left_out, seed=1)
+    assert len(sample) == len(frame) - left_out
+    assert not sample["file"].duplicated().any()
+    counts = sample["label"].value_counts()
+    assert len(counts) == classes and counts.min() >= 14  # one left out of a class at most: still stratified
+
+
+def test_subsample_leaving_out_one_of_a_two_image_class_tops_it_up():
+    from helpers.data import subsample
+
+    frame = pd.DataFrame({"file": [f"{i}" for i in range(60)], "label": [f"c{i % 30}" for i in range(60)]})
+    sample = subsample(frame, 59, seed=0)
+    assert sample["label"].value_counts().min() == 2  # per_class wins over n, as the docstring says
+    assert sorted(sample["file"]) == sorted(frame["file"])
