@@ -77,6 +77,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_rgb_uint8(image, path)
 
 
+def read_as_stored(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of ``path`` as stored (bit depth and channels kept, BGR order), unlike `read_image`.
+
+    ``imdecode(fromfile)`` rather than ``cv2.imread``: imread returns None for a non-ASCII path on Windows."""
+    path = Path(path)
+    try:
+        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # an empty file fails an assertion that names no file
+        raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
+    if image is None:
+        raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
+    return image
+
+
+def _stored_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of the image at ``path``; None where it is missing or unreadable (to be made again)."""
+    try:
+        return read_as_stored(path).shape
+    except (OSError, ImageReadError):
+        return None
+
+
 def max_image_pixels() -> int:
     """The pixel limit of `read_image`: ``TL_MAX_IMAGE_PIXELS`` if set, else `MAX_IMAGE_PIXELS`."""
     text = os.environ.get("TL_MAX_IMAGE_PIXELS", "").strip()
@@ -758,8 +780,8 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     expected = per_stratum * 8
     if labels_path.is_file():
         done = pd.read_csv(labels_path)
-        first = cv2.imread(str(dest / done["file"].iloc[0]), cv2.IMREAD_UNCHANGED) if len(done) else None
-        if len(done) == expected and first is not None and first.shape[:2] == (size, size):
+        first = _stored_shape(dest / done["file"].iloc[0]) if len(done) else None
+        if len(done) == expected and first is not None and first[:2] == (size, size):
             return dest  # made before with these settings (another size is made again)
     table = _elpv_labels()
     # Spread the picks over the whole file list instead of taking the first few of each stratum.
@@ -770,7 +792,7 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     source = _elpv_package_dir() / "images"
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in picks["file"]:
-        image = cv2.imread(str(source / name), cv2.IMREAD_UNCHANGED)
+        image = read_as_stored(source / name)
         small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         encoded, data = cv2.imencode(".png", small)
         if not encoded:

@@ -240,3 +240,33 @@ def test_subsample_leaving_out_one_of_a_two_image_class_tops_it_up():
     sample = subsample(frame, 59, seed=0)
     assert sample["label"].value_counts().min() == 2  # per_class wins over n, as the docstring says
     assert sorted(sample["file"]) == sorted(frame["file"])
+
+
+def _imread_fails_like_windows_on_non_ascii(monkeypatch):
+    """OpenCV on Windows: imread returns None and imwrite False for a non-ASCII path, without an error."""
+    monkeypatch.setattr(cv2, "imread", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+
+
+def test_tiny_dataset_is_made_and_found_again_in_a_non_ascii_folder(tmp_path, monkeypatch):
+    import helpers.data
+
+    _imread_fails_like_windows_on_non_ascii(monkeypatch)
+    root = make_tiny_elpv(tmp_path / "données_é" / "elpv_tiny", per_stratum=1, size=16)
+    table = pd.read_csv(root / "labels.csv")
+    assert len(table) == 8 and read_image(root / table["file"].iat[0]).shape == (16, 16, 3)
+    # The second call must read the first image back to see the copy is complete, not make it again.
+    monkeypatch.setattr(helpers.data, "_elpv_labels", lambda: pytest.fail("made again: its image was not read"))
+    assert make_tiny_elpv(root, per_stratum=1, size=16) == root
+
+
+def test_read_as_stored_names_the_file_it_cannot_decode(tmp_path):
+    from helpers.data import read_as_stored
+
+    for name, data in (("empty é.png", b""), ("text é.png", b"not an image")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageReadError, match=name):
+            read_as_stored(tmp_path / name)
+    gray = np.full((3, 5), 7, np.uint8)
+    cv2.imencode(".png", gray)[1].tofile(tmp_path / "gris é.png")
+    assert read_as_stored(tmp_path / "gris é.png").tolist() == gray.tolist()  # one channel, as stored

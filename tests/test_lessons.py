@@ -253,3 +253,20 @@ def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():
     long = list(range(1000))
     with pytest.raises(AssertionError, match=r"got \[0, 1, 2, .* \.\.\.\. "):
         solutions.check("with_rotation", lambda t, d: long, None, 15, verify=lambda t: False)
+
+
+def test_bgr_demo_does_not_rely_on_imread_and_imwrite(monkeypatch):
+    # OpenCV on Windows: imread returns None and imwrite False for a non-ASCII path (a user's temp folder)
+    import cv2
+    import matplotlib.pyplot as plt
+    import skimage.data
+
+    monkeypatch.setattr(cv2, "imread", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+    fig = lessons.bgr_demo()
+    try:
+        article, helpers_view = (np.asarray(ax.images[0].get_array()) for ax in fig.axes)
+        rgb = skimage.data.coffee()
+        assert article.tolist() == rgb[..., ::-1].tolist() and helpers_view.tolist() == rgb.tolist()
+    finally:
+        plt.close(fig)
