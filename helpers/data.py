@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .files import atomic_open, write_csv
+from .files import atomic_copy, atomic_open, write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -748,8 +748,6 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
     ``labels.csv`` is written last, so its presence marks a complete copy and a second call
     returns at once.
     """
-    import shutil
-
     dest = Path(dest)
     labels_path = dest / "labels.csv"
     if labels_path.is_file():
@@ -763,10 +761,7 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
         target = dest / "images" / name
         if target.is_file() and target.stat().st_size == (source / name).stat().st_size:
             continue  # copied by an earlier, interrupted call
-        # Copy, then rename: a copy killed half-way leaves a temporary file, never a truncated image.
-        partial = target.with_name(f".{name}.{os.getpid()}.tmp")
-        shutil.copyfile(source / name, partial)
-        os.replace(partial, target)
+        atomic_copy(source / name, target)  # a copy killed half-way never leaves a truncated image
     table["file"] = "images/" + table["file"]
     write_csv(table, labels_path)
     return dest

@@ -722,14 +722,12 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
     probe itself, ``head``), ``noise`` (two standard errors of their difference) and ``n`` (images).
     """
-    import shutil
+    from .files import atomic_copy
 
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
     use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
-    tmp = params.run / ".final.pt.tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, params.run / "final.pt")
+    atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name
     name = metric.replace("_", " ")
     if tuned is None:
         explanation = "The strategy is `head`: the linear probe is the final model."
