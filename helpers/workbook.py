@@ -323,6 +323,8 @@ def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
     _positive("lr", p["lr"], float)
     _at_most("lr", p["lr"], MAX_LR, "fine-tuning uses about 1e-3")
     _at_most("image_size", p["image_size"], MAX_IMAGE_SIZE, "backbones are trained at 224 to 600 px")
+    if p["image_size"] is not None and p["image_size"] < 8:  # transforms.Preprocessing's floor, caught up front
+        raise ValueError(f"image_size must be at least 8 (px), got {p['image_size']!r}")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
     from .runtime import pick_device
