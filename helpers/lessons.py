@@ -241,11 +241,15 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows).value_counts().rename("images").reset_index()
 
 
-def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0) -> plt.Figure:
-    """A grid: one row per class, ``per_class`` random raw images in each."""
+def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0, max_classes: int = 20) -> plt.Figure:
+    """A grid: one row per class, ``per_class`` random raw images in each; the first ``max_classes`` classes
+    only (the title says how many were left out), since a row per class of 100 would be a 170-inch figure."""
     rng = np.random.default_rng(seed)
-    classes = dataset.classes
+    classes = dataset.classes[:max_classes]
     fig, axes = plt.subplots(len(classes), per_class, figsize=(1.6 * per_class, 1.7 * len(classes)), squeeze=False)
+    if len(dataset.classes) > len(classes):
+        fig.suptitle(f"the first {len(classes)} of {len(dataset.classes)} classes "
+                     f"({len(dataset.classes) - len(classes)} left out)", fontsize=11)
     targets = np.asarray(dataset.targets)
     for row, name in enumerate(classes):
         members = np.flatnonzero(targets == row)

@@ -270,3 +270,23 @@ def test_bgr_demo_does_not_rely_on_imread_and_imwrite(monkeypatch):
         assert article.tolist() == rgb[..., ::-1].tolist() and helpers_view.tolist() == rgb.tolist()
     finally:
         plt.close(fig)
+
+
+def test_plot_examples_of_60_classes_shows_20_and_says_how_many_are_left_out():
+    import types
+
+    import matplotlib.pyplot as plt
+
+    classes = [f"c{i}" for i in range(60)]
+    dataset = types.SimpleNamespace(classes=classes, targets=[i // 2 for i in range(120)],
+                                    load=lambda i: torch.full((3, 8, 8), i, dtype=torch.uint8))
+    fig = lessons.plot_examples(dataset, per_class=2)
+    try:
+        assert len(fig.axes) == 20 * 2 and max(fig.get_size_inches()) <= 40
+        assert fig._suptitle.get_text() == "the first 20 of 60 classes (40 left out)"
+        assert [ax.get_title(loc="left") for ax in fig.axes[::2]] == classes[:20]
+    finally:
+        plt.close(fig)
+    few = lessons.plot_examples(types.SimpleNamespace(classes=classes[:3], targets=[0, 1, 2], load=dataset.load), 1)
+    assert len(few.axes) == 3 and few._suptitle is None
+    plt.close(few)
