@@ -90,3 +90,14 @@ def test_predict_rejects_a_bad_batch_size(tmp_path, capsys):
         predict_main(["m.pt2", str(tmp_path), "--out", str(tmp_path / "p.csv"), "--batch-size", "0"])
     assert caught.value.code == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    import re
+    from pathlib import Path
+
+    import helpers
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    declared = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
+    assert declared is not None and declared.group(1) == helpers.__version__
