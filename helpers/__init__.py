@@ -14,4 +14,4 @@ Importing the package changes nothing in the process; `helpers.runtime.tune_cpu(
 explicit call that tunes memory allocation and OpenCV threads for CPU work.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the same as pyproject.toml's version (a test checks)

@@ -64,12 +64,19 @@ def checkpoint_preprocessing(ckpt: dict) -> Preprocessing:
     return Preprocessing.from_dict(ckpt["preprocessing"])
 
 
-def _upgrade(ckpt: dict) -> dict:
-    """Format 1 kept ``image_size`` beside a partial ``preprocessing`` dict: merge them."""
+def _upgrade(ckpt: dict, path: Path) -> dict:
+    """Format 1 kept ``image_size`` beside a partial ``preprocessing`` dict: merge them. A field missing is
+    a ValueError naming ``path`` and the field, not a bare KeyError."""
     missing = [k for k in ("image_size", "preprocessing") if k not in ckpt]
     if missing:
-        raise ValueError(f"format 1 checkpoint lacks {missing}: it was not written by helpers.training.fit")
-    old = dict(ckpt["preprocessing"])
+        raise ValueError(f"{path}: format 1 checkpoint lacks {missing}: it was not written by helpers.training.fit")
+    old = ckpt["preprocessing"]
+    if not isinstance(old, dict):
+        raise ValueError(f"{path}: format 1 checkpoint's preprocessing is a {type(old).__name__}, not a dict")
+    missing = [k for k in ("crop_pct", "mean", "std", "interpolation") if k not in old]
+    if missing:
+        raise ValueError(f"{path}: format 1 checkpoint's preprocessing lacks {missing}: "
+                         f"it was not written by helpers.training.fit")
     prep = Preprocessing(image_size=int(ckpt["image_size"]), crop_pct=old["crop_pct"], mean=old["mean"],
                          std=old["std"], interpolation=old["interpolation"])
     upgraded = {k: v for k, v in ckpt.items() if k != "image_size"}
@@ -101,7 +108,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise ValueError(f"{path} is not a workbook checkpoint (no format_version)")
     if ckpt["format_version"] == 1:
-        ckpt = _upgrade(ckpt)
+        ckpt = _upgrade(ckpt, path)
     if ckpt["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
     check_classes_match_outputs(ckpt, str(path))

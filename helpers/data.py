@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .files import atomic_open, write_csv
+from .files import atomic_copy, atomic_open, write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Folder names of a dataset split beforehand (train/val/test): never taken for class names.
@@ -86,6 +86,28 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
     return image
+
+
+def read_as_stored(path: str | os.PathLike) -> np.ndarray:
+    """The pixels of ``path`` as stored (bit depth and channels kept, BGR order), unlike `read_image`.
+
+    ``imdecode(fromfile)`` rather than ``cv2.imread``: imread returns None for a non-ASCII path on Windows."""
+    path = Path(path)
+    try:
+        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as err:  # an empty file fails an assertion that names no file
+        raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
+    if image is None:
+        raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
+    return image
+
+
+def _stored_shape(path: Path) -> tuple[int, ...] | None:
+    """The shape of the image at ``path``; None where it is missing or unreadable (to be made again)."""
+    try:
+        return read_as_stored(path).shape
+    except (OSError, ImageReadError):
+        return None
 
 
 def max_image_pixels() -> int:
@@ -724,6 +746,8 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label",
     size = n - len(rare)
     if rest.empty or size < rest[column].nunique():  # fewer rows than classes: one of each
         part = rest.groupby(column, sort=False).head(1)
+    elif len(rest) - size < rest[column].nunique():  # scikit-learn wants a row of every class left out as well
+        part = rest.drop(_left_out_of_largest(rest, len(rest) - size, column, seed).index)
     else:
         part, _ = train_test_split(rest, train_size=size, stratify=rest[column], random_state=seed)
     taken = part[column].value_counts()
@@ -733,6 +757,13 @@ def subsample(frame: pd.DataFrame, n: int, seed: int = 0, column: str = "label",
                  for label in short if label not in rare[column].values]
         part = pd.concat([part, *extra])
     return pd.concat([part, rare]).reset_index(drop=True)
+
+
+def _left_out_of_largest(rest: pd.DataFrame, k: int, column: str, seed: int) -> pd.DataFrame:
+    """One random row from each of the ``k`` largest classes of ``rest``: leaving out fewer rows than there are
+    classes cannot be stratified, and taking them from the largest classes keeps the proportions closest."""
+    largest = rest[column].value_counts().index[:k]
+    return rest[rest[column].isin(largest)].groupby(column, sort=False).sample(1, random_state=seed)
 
 
 def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:
@@ -817,8 +848,6 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
     ``labels.csv`` is written last, so its presence marks a complete copy and a second call
     returns at once.
     """
-    import shutil
-
     dest = Path(dest)
     labels_path = dest / "labels.csv"
     if labels_path.is_file():
@@ -832,10 +861,7 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
         target = dest / "images" / name
         if target.is_file() and target.stat().st_size == (source / name).stat().st_size:
             continue  # copied by an earlier, interrupted call
-        # Copy, then rename: a copy killed half-way leaves a temporary file, never a truncated image.
-        partial = target.with_name(f".{name}.{os.getpid()}.tmp")
-        shutil.copyfile(source / name, partial)
-        os.replace(partial, target)
+        atomic_copy(source / name, target)  # a copy killed half-way never leaves a truncated image
     table["file"] = "images/" + table["file"]
     write_csv(table, labels_path)
     return dest
@@ -849,8 +875,8 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     expected = per_stratum * 8
     if labels_path.is_file():
         done = pd.read_csv(labels_path)
-        first = cv2.imread(str(dest / done["file"].iloc[0]), cv2.IMREAD_UNCHANGED) if len(done) else None
-        if len(done) == expected and first is not None and first.shape[:2] == (size, size):
+        first = _stored_shape(dest / done["file"].iloc[0]) if len(done) else None
+        if len(done) == expected and first is not None and first[:2] == (size, size):
             return dest  # made before with these settings (another size is made again)
     table = _elpv_labels()
     # Spread the picks over the whole file list instead of taking the first few of each stratum.
@@ -861,7 +887,7 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     source = _elpv_package_dir() / "images"
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in picks["file"]:
-        image = cv2.imread(str(source / name), cv2.IMREAD_UNCHANGED)
+        image = read_as_stored(source / name)
         small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         encoded, data = cv2.imencode(".png", small)
         if not encoded:

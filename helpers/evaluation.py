@@ -346,17 +346,29 @@ def logits_and_targets(pred: pd.DataFrame, classes: Sequence[str]) -> tuple[np.n
 # Plots (each returns its Figure; close it with plt.close(fig) when done)
 
 
+MAX_MATRIX_INCHES = 14  # the confusion matrix's width at most, however many classes
+MAX_CELL_NUMBERS = 25  # classes up to which each cell of the confusion matrix shows its number
+
+
 def plot_confusion_matrix(pred: pd.DataFrame, classes: Sequence[str], normalize: bool = False) -> Figure:
     """Confusion matrix (rows: true class); ``normalize=True`` shows each row as shares (recall)."""
     classes = list(classes)
     _check_pred(pred, classes)
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2.5, 1.2 * len(classes) + 2))
+    # 1.2 in a cell would make 100 classes a 122-inch figure; past MAX_CELL_NUMBERS the numbers overlap: colours
+    # (and a colour bar to read them) only.
+    side = min(1.2 * len(classes), MAX_MATRIX_INCHES - 2.5)
+    many = len(classes) > MAX_CELL_NUMBERS
+    fig, ax = plt.subplots(figsize=(side + 2.5, side + 2))
     ConfusionMatrixDisplay.from_predictions(
         pred["target"], pred["predicted"], labels=list(range(len(classes))), display_labels=classes,
         normalize="true" if normalize else None, values_format=".2f" if normalize else "d",
-        cmap="Blues", colorbar=False, ax=ax)
+        include_values=not many, xticks_rotation="vertical" if many else "horizontal",
+        cmap="Blues", colorbar=many, ax=ax)
+    if many:
+        ax.tick_params(labelsize=max(4, min(8, 400 / len(classes))))
     acc = accuracy_score(pred["target"], pred["predicted"])
-    ax.set_title(f"{'recall per row' if normalize else 'counts'}; accuracy {acc:.3f}, n={len(pred)}", fontsize=10)
+    ax.set_title(f"{'recall per row' if normalize else 'counts'}; accuracy {acc:.3f}, n={len(pred)}"
+                 + (f"; {len(classes)} classes, numbers left out" if many else ""), fontsize=10)
     fig.tight_layout()
     return fig
 

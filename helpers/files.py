@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -34,6 +35,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` over ``dst`` through `atomic_open`: the copy is on disk before the rename, so a crash leaves
+    the old ``dst`` (or none), never a truncated one, and no temporary file."""
+    with open(src, "rb") as source, atomic_open(dst, "wb") as target:  # src first: a missing one writes nothing
+        shutil.copyfileobj(source, target, 1 << 20)
+    return Path(dst)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -202,13 +202,19 @@ def bgr_demo() -> plt.Figure:
     import cv2
     import skimage.data
 
-    from .data import read_image
+    from .data import ImageReadError, read_image
 
     rgb = skimage.data.coffee()
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "coffee.png"
-        cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # a normal PNG on disk
-        as_article = cv2.imread(str(path))  # BGR order, shown as if it were RGB
+        # imencode/tofile and imdecode/fromfile: imwrite and imread fail silently on a non-ASCII path on Windows
+        encoded, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # a normal PNG on disk
+        if not encoded:
+            raise OSError(f"could not encode the coffee image as PNG for {path}")
+        data.tofile(path)
+        as_article = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # what cv2.imread returns: BGR
+        if as_article is None:
+            raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
         as_helpers = read_image(path)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, image, title in ((axes[0], as_article, "article: cv2.imread (BGR)"),
@@ -245,11 +251,15 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows).value_counts().rename("images").reset_index()
 
 
-def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0) -> plt.Figure:
-    """A grid: one row per class, ``per_class`` random raw images in each."""
+def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0, max_classes: int = 20) -> plt.Figure:
+    """A grid: one row per class, ``per_class`` random raw images in each; the first ``max_classes`` classes
+    only (the title says how many were left out), since a row per class of 100 would be a 170-inch figure."""
     rng = np.random.default_rng(seed)
-    classes = dataset.classes
+    classes = dataset.classes[:max_classes]
     fig, axes = plt.subplots(len(classes), per_class, figsize=(1.6 * per_class, 1.7 * len(classes)), squeeze=False)
+    if len(dataset.classes) > len(classes):
+        fig.suptitle(f"the first {len(classes)} of {len(dataset.classes)} classes "
+                     f"({len(dataset.classes) - len(classes)} left out)", fontsize=11)
     targets = np.asarray(dataset.targets)
     for row, name in enumerate(classes):
         members = np.flatnonzero(targets == row)

@@ -387,11 +387,23 @@ def _check_torchvision_weights(name: str) -> None:
         raise _offline_error(name, "download.pytorch.org")
 
 
-def _check_timm_name(arch: str) -> None:
+def _check_timm_name(arch: str, pretrained: bool = True) -> None:
+    """Raise ValueError for an architecture timm does not know, or a ``.tag`` it has no weights under (any tag,
+    weights or not, where ``pretrained`` is False): timm's own error comes later and names no valid tag."""
     import timm
 
-    if arch not in timm.list_models(pretrained=False) and arch.split(".")[0] not in timm.list_models():
+    base, _, tag = arch.partition(".")
+    if base not in timm.list_models():
         raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
+    # Untagged names are listed without their tags; the tagged ones only with include_tags (weights: pretrained).
+    listed = timm.list_models(base, pretrained=pretrained, include_tags=True)
+    if tag and arch not in listed:
+        valid = [name.partition(".")[2] for name in listed]
+        kind = "pretrained tag" if pretrained else "tag"
+        known = (f"valid tags: {valid[:8]}" + (f" and {len(valid) - 8} more" if len(valid) > 8 else "")
+                 + f" (timm.list_models({base!r}, pretrained={pretrained}, include_tags=True) lists them)"
+                 ) if valid else "it has no pretrained weights in timm"
+        raise ValueError(f"unknown {kind} {tag!r} for timm model {base!r}; {known}")
 
 
 def _offline_timm_weights(arch: str) -> str | None:
@@ -457,7 +469,7 @@ def _cached_hub_weights(model_id: str) -> str | None:
 def _timm_model(arch: str, pretrained: bool) -> tuple[nn.Module, str, BackboneSpec]:
     import timm
 
-    _check_timm_name(arch)
+    _check_timm_name(arch, pretrained)
     cached = _offline_timm_weights(arch) if pretrained else None
     if cached is not None:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": cached})

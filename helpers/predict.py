@@ -99,7 +99,8 @@ class FolderImages(Dataset):
 
 @torch.inference_mode()
 def predict_folder(model: torch.nn.Module, meta: dict, files: Sequence[Path], root: Path, batch_size: int = 32,
-                   device: str | None = None, num_workers: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+                   device: str | torch.device | None = None,
+                   num_workers: int | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Probabilities for every readable file: (table, errors as 'file: reason')."""
     device = pick_device(device)
     classes = list(meta["classes"])

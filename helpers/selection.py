@@ -28,7 +28,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .data import ImageDataset, subsample
-from .freezing import STRATEGIES, apply_strategy, truncation_point
+from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score
 from .models import TransferModel, create_model
 from .probe import Probe, fit_probe, install_probe, pooled_features
@@ -41,7 +41,6 @@ from .transforms import eval_transform, train_transform
 MIN_HOLDOUT = 250
 TIE_SE = 2.0  # a difference smaller than this many standard errors is within the noise
 CONTROL = "scratch"
-CANDIDATES = (*STRATEGIES, CONTROL)
 # Cost order for ties: what trains least and runs fastest first (truncate trains a few hundred weights
 # and drops the last stages; head trains a linear layer on the whole network's features).
 COST_ORDER = ("truncate", "head", "last_n", "initial", "full", CONTROL)

@@ -120,7 +120,9 @@ class SquarePad(torch.nn.Module):
     """Pad an image tensor (..., H, W) with zeros to a centred square (the article's SquarePad).
 
     Resizing a non-square image straight to a square distorts it; padding first keeps the
-    aspect ratio, and the centre crop after the resize then loses nothing.
+    aspect ratio. The centre crop after the resize loses nothing only with ``crop_pct=1.0``; with
+    a smaller one (ImageNet's 0.875) it trims ``(1 - crop_pct) / 2`` of the square from each edge,
+    which cuts into the image along its long side (the padding absorbs it along the short side).
     """
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -331,6 +331,8 @@ def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
     _positive("lr", p["lr"], float)
     _at_most("lr", p["lr"], MAX_LR, "fine-tuning uses about 1e-3")
     _at_most("image_size", p["image_size"], MAX_IMAGE_SIZE, "backbones are trained at 224 to 600 px")
+    if p["image_size"] is not None and p["image_size"] < 8:  # transforms.Preprocessing's floor, caught up front
+        raise ValueError(f"image_size must be at least 8 (px), got {p['image_size']!r}")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"seed must be an integer, got {p['seed']!r}")
     from .runtime import pick_device
@@ -763,14 +765,12 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
     probe itself, ``head``), ``noise`` (two standard errors of their difference) and ``n`` (images).
     """
-    import shutil
+    from .files import atomic_copy
 
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
     use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
-    tmp = params.run / ".final.pt.tmp"
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, params.run / "final.pt")
+    atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name
     name = metric.replace("_", " ")
     if tuned is None:
         explanation = "The strategy is `head`: the linear probe is the final model."

@@ -216,3 +216,57 @@ def test_subsample_keeps_two_of_every_class_so_the_sample_can_be_cross_validated
     with pytest.raises(ValueError, match=r"a class has only one of them \(images per class: \{'a': 5, 'b': 1\}\)"):
         linear_probe("efficientnet_lite0", ".", pd.DataFrame({"file": list("abcdef"), "label": ["a"] * 5 + ["b"]}),
                      ["a", "b"], 64)
+
+
+@pytest.mark.parametrize("classes", [2, 40])
+@pytest.mark.parametrize("left_out", [1, 3])
+def test_subsample_leaves_out_fewer_rows_than_there_are_classes(classes, left_out):
+    # scikit-learn's stratified split refuses a left-out part with fewer rows than classes (601 rows, n=600)
+    from helpers.data import subsample
+
+    labels = [f"c{i % classes}" for i in range(15 * classes + 1)]
+    frame = pd.DataFrame({"file": [f"{i}.png" for i in range(len(labels))], "label": labels})
+    sample = subsample(frame, len(frame) - left_out, seed=1)
+    assert len(sample) == len(frame) - left_out
+    assert not sample["file"].duplicated().any()
+    counts = sample["label"].value_counts()
+    assert len(counts) == classes and counts.min() >= 14  # one left out of a class at most: still stratified
+
+
+def test_subsample_leaving_out_one_of_a_two_image_class_tops_it_up():
+    from helpers.data import subsample
+
+    frame = pd.DataFrame({"file": [f"{i}" for i in range(60)], "label": [f"c{i % 30}" for i in range(60)]})
+    sample = subsample(frame, 59, seed=0)
+    assert sample["label"].value_counts().min() == 2  # per_class wins over n, as the docstring says
+    assert sorted(sample["file"]) == sorted(frame["file"])
+
+
+def _imread_fails_like_windows_on_non_ascii(monkeypatch):
+    """OpenCV on Windows: imread returns None and imwrite False for a non-ASCII path, without an error."""
+    monkeypatch.setattr(cv2, "imread", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+
+
+def test_tiny_dataset_is_made_and_found_again_in_a_non_ascii_folder(tmp_path, monkeypatch):
+    import helpers.data
+
+    _imread_fails_like_windows_on_non_ascii(monkeypatch)
+    root = make_tiny_elpv(tmp_path / "données_é" / "elpv_tiny", per_stratum=1, size=16)
+    table = pd.read_csv(root / "labels.csv")
+    assert len(table) == 8 and read_image(root / table["file"].iat[0]).shape == (16, 16, 3)
+    # The second call must read the first image back to see the copy is complete, not make it again.
+    monkeypatch.setattr(helpers.data, "_elpv_labels", lambda: pytest.fail("made again: its image was not read"))
+    assert make_tiny_elpv(root, per_stratum=1, size=16) == root
+
+
+def test_read_as_stored_names_the_file_it_cannot_decode(tmp_path):
+    from helpers.data import read_as_stored
+
+    for name, data in (("empty é.png", b""), ("text é.png", b"not an image")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageReadError, match=name):
+            read_as_stored(tmp_path / name)
+    gray = np.full((3, 5), 7, np.uint8)
+    cv2.imencode(".png", gray)[1].tofile(tmp_path / "gris é.png")
+    assert read_as_stored(tmp_path / "gris é.png").tolist() == gray.tolist()  # one channel, as stored

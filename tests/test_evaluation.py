@@ -449,3 +449,22 @@ def test_score_margin_is_two_bootstrap_standard_errors_and_zero_without_spread()
     assert score_margin("accuracy", targets, predicted) == pytest.approx(
         2 * np.sqrt(accuracy * (1 - accuracy) / 400), rel=0.1)
     assert score_margin("macro_f1", targets, targets) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::pandas.errors.PerformanceWarning")  # table() adds 60 logit columns one by one
+def test_a_confusion_matrix_of_60_classes_stays_a_readable_size():
+    rng = np.random.default_rng(0)
+    classes = [f"class {i}" for i in range(60)]
+    targets = rng.integers(0, 60, 300)
+    probs = rng.dirichlet(np.ones(60), len(targets))
+    pred = table(targets, probs.argmax(1), probs, classes)
+    for normalize in (False, True):
+        fig = ev.plot_confusion_matrix(pred, classes, normalize=normalize)
+        try:
+            assert max(fig.get_size_inches()) <= ev.MAX_MATRIX_INCHES  # 1.2 in a cell would be 74.5 inches
+            assert not fig.axes[0].texts and "60 classes, numbers left out" in fig.axes[0].get_title()
+        finally:
+            plt.close(fig)
+    few = ev.plot_confusion_matrix(table([0, 1, 1], [0, 1, 0], [[.8, .2], [.3, .7], [.6, .4]], BINARY), BINARY)
+    assert len(few.axes[0].texts) == 4  # a small matrix keeps its numbers
+    plt.close(few)

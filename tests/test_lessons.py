@@ -253,3 +253,40 @@ def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():
     long = list(range(1000))
     with pytest.raises(AssertionError, match=r"got \[0, 1, 2, .* \.\.\.\. "):
         solutions.check("with_rotation", lambda t, d: long, None, 15, verify=lambda t: False)
+
+
+def test_bgr_demo_does_not_rely_on_imread_and_imwrite(monkeypatch):
+    # OpenCV on Windows: imread returns None and imwrite False for a non-ASCII path (a user's temp folder)
+    import cv2
+    import matplotlib.pyplot as plt
+    import skimage.data
+
+    monkeypatch.setattr(cv2, "imread", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cv2, "imwrite", lambda *args, **kwargs: False)
+    fig = lessons.bgr_demo()
+    try:
+        article, helpers_view = (np.asarray(ax.images[0].get_array()) for ax in fig.axes)
+        rgb = skimage.data.coffee()
+        assert article.tolist() == rgb[..., ::-1].tolist() and helpers_view.tolist() == rgb.tolist()
+    finally:
+        plt.close(fig)
+
+
+def test_plot_examples_of_60_classes_shows_20_and_says_how_many_are_left_out():
+    import types
+
+    import matplotlib.pyplot as plt
+
+    classes = [f"c{i}" for i in range(60)]
+    dataset = types.SimpleNamespace(classes=classes, targets=[i // 2 for i in range(120)],
+                                    load=lambda i: torch.full((3, 8, 8), i, dtype=torch.uint8))
+    fig = lessons.plot_examples(dataset, per_class=2)
+    try:
+        assert len(fig.axes) == 20 * 2 and max(fig.get_size_inches()) <= 40
+        assert fig._suptitle.get_text() == "the first 20 of 60 classes (40 left out)"
+        assert [ax.get_title(loc="left") for ax in fig.axes[::2]] == classes[:20]
+    finally:
+        plt.close(fig)
+    few = lessons.plot_examples(types.SimpleNamespace(classes=classes[:3], targets=[0, 1, 2], load=dataset.load), 1)
+    assert len(few.axes) == 3 and few._suptitle is None
+    plt.close(few)

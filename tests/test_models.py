@@ -101,3 +101,17 @@ def test_bad_arguments_list_valid_choices(bad):
         create_model(**bad)
     if bad["name"] == "vgg99":
         assert "efficientnet_lite0" in str(err.value) and "resnet18" in str(err.value)
+
+
+def test_a_bogus_timm_weights_tag_is_refused_naming_the_valid_tags(monkeypatch):
+    # list_models(pretrained=False) lists resnet50 without tags: the tag must be checked against the tagged names
+    monkeypatch.setattr(models, "_host_reachable", lambda *args, **kwargs: pytest.fail("the name passed the check"))
+    with pytest.raises(ValueError, match=r"pretrained tag 'bogus' for timm model 'resnet50'.*'a1_in1k'"):
+        models.check_weights_available("timm/resnet50.bogus")
+    with pytest.raises(ValueError, match=r"'untrained' for timm model 'efficientnet_b6'; it has no pretrained weights"):
+        models.check_weights_available("timm/efficientnet_b6.untrained")
+    with pytest.raises(ValueError, match=r"unknown tag 'bogus' for timm model 'resnet18'"):
+        create_model("timm/resnet18.bogus", 2, pretrained=False)
+    # a real tag passes, and without weights any tag timm knows does
+    assert create_model("timm/resnet18.a1_in1k", 2, pretrained=False).weight_source == "random"
+    models._check_timm_name("efficientnet_b6.untrained", pretrained=False)

@@ -96,6 +96,23 @@ def test_wrong_format_version_and_foreign_files_are_refused(trained, tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_format_1_checkpoint_is_upgraded_or_refused_naming_the_file_and_the_missing_field(tmp_path):
+    old = {"format_version": 1, "image_size": 64,
+           "preprocessing": {"crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                             "interpolation": "bilinear"}}
+    atomic_save(old, tmp_path / "v1.pt")
+    upgraded = load_checkpoint(tmp_path / "v1.pt")
+    assert upgraded["format_version"] == FORMAT_VERSION and "image_size" not in upgraded
+    assert upgraded["preprocessing"]["image_size"] == 64 and upgraded["preprocessing"]["interpolation"] == "bilinear"
+    no_crop = {**old, "preprocessing": {k: v for k, v in old["preprocessing"].items() if k != "crop_pct"}}
+    atomic_save(no_crop, tmp_path / "no_crop.pt")
+    with pytest.raises(ValueError, match=r"no_crop\.pt: format 1 checkpoint's preprocessing lacks \['crop_pct'\]"):
+        load_checkpoint(tmp_path / "no_crop.pt")
+    atomic_save({k: v for k, v in old.items() if k != "image_size"}, tmp_path / "no_size.pt")
+    with pytest.raises(ValueError, match=r"no_size\.pt: format 1 checkpoint lacks \['image_size'\]"):
+        load_checkpoint(tmp_path / "no_size.pt")
+
+
 class _Payload:
     """Runs a shell command when unpickled, as a booby-trapped checkpoint would."""
 

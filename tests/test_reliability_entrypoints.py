@@ -19,6 +19,7 @@ from helpers.predict import main as predict_main
     ({"lr": "fast"}, r"lr must be a positive float or None, got 'fast'"),
     ({"batch_size": True}, r"batch_size must be a positive int or None, got True"),
     ({"image_size": -64}, r"image_size must be a positive int or None, got -64"),
+    ({"image_size": 7}, r"image_size must be at least 8 \(px\), got 7"),
     ({"seed": "1"}, r"seed must be an integer, got '1'"),
     ({"device": "gpu"}, r"unknown device 'gpu'; choose 'cuda', 'mps', 'cpu' or 'auto'"),
     ({"epoch": 3}, r"unknown parameter\(s\) \['epoch'\]; valid parameters are \[.*'epochs'"),
@@ -27,6 +28,14 @@ from helpers.predict import main as predict_main
 def test_notebook_parameters_are_checked_and_name_the_culprit(bad, message):
     with pytest.raises(ValueError, match=message):
         workbook.resolve_params(bad, smoke=True)
+
+
+def test_the_smallest_image_size_the_transforms_take_is_accepted():
+    from helpers.transforms import Preprocessing
+
+    workbook.check_parameters({"image_size": 8}, smoke=True)
+    with pytest.raises(ValueError, match="image_size must be an integer in 8"):  # the floor the check mirrors
+        Preprocessing(image_size=7, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3, square_pad=False)
 
 
 def test_own_data_paths_are_checked(tmp_path):
@@ -81,3 +90,14 @@ def test_predict_rejects_a_bad_batch_size(tmp_path, capsys):
         predict_main(["m.pt2", str(tmp_path), "--out", str(tmp_path / "p.csv"), "--batch-size", "0"])
     assert caught.value.code == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    import re
+    from pathlib import Path
+
+    import helpers
+
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    declared = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
+    assert declared is not None and declared.group(1) == helpers.__version__

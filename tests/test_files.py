@@ -1,0 +1,40 @@
+"""helpers.files: whole files or none."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import files
+from helpers.files import atomic_copy
+
+
+def test_atomic_copy_replaces_the_target_after_an_fsync_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    data = np.random.default_rng(0).integers(0, 256, 3 * 2**20 + 7, dtype=np.uint8).tobytes()  # over one chunk
+    (tmp_path / "src.pt").write_bytes(data)
+    (tmp_path / "final.pt").write_bytes(b"the old model")
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd))
+    assert atomic_copy(tmp_path / "src.pt", tmp_path / "final.pt") == tmp_path / "final.pt"
+    assert (tmp_path / "final.pt").read_bytes() == data and synced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "src.pt"]
+    atomic_copy(tmp_path / "src.pt", tmp_path / "new" / "copy.pt")  # a missing folder is made
+    assert (tmp_path / "new" / "copy.pt").read_bytes() == data
+
+
+def test_a_failed_atomic_copy_leaves_the_old_target_and_no_temporary_file(tmp_path, monkeypatch):
+    (tmp_path / "src.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "final.pt").write_bytes(b"the old model")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        atomic_copy(tmp_path / "missing.pt", tmp_path / "final.pt")
+
+    def half_then_full_disk(source, target, length=0):
+        target.write(source.read(500))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfileobj", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_copy(tmp_path / "src.pt", tmp_path / "final.pt")
+    assert (tmp_path / "final.pt").read_bytes() == b"the old model"
+    assert sorted(os.listdir(tmp_path)) == ["final.pt", "src.pt"]
