@@ -88,24 +88,10 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     return image
 
 
-def read_as_stored(path: str | os.PathLike) -> np.ndarray:
-    """The pixels of ``path`` as stored (bit depth and channels kept, BGR order), unlike `read_image`.
-
-    ``imdecode(fromfile)`` rather than ``cv2.imread``: imread returns None for a non-ASCII path on Windows."""
-    path = Path(path)
-    try:
-        image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as err:  # an empty file fails an assertion that names no file
-        raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
-    if image is None:
-        raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
-    return image
-
-
 def _stored_shape(path: Path) -> tuple[int, ...] | None:
     """The shape of the image at ``path``; None where it is missing or unreadable (to be made again)."""
     try:
-        return read_as_stored(path).shape
+        return decode_image(path).shape
     except (OSError, ImageReadError):
         return None
 
@@ -887,7 +873,7 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     source = _elpv_package_dir() / "images"
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for name in picks["file"]:
-        image = read_as_stored(source / name)
+        image = decode_image(source / name)  # as stored: ELPV's cells are 8-bit grey
         small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         encoded, data = cv2.imencode(".png", small)
         if not encoded:

@@ -260,13 +260,13 @@ def test_tiny_dataset_is_made_and_found_again_in_a_non_ascii_folder(tmp_path, mo
     assert make_tiny_elpv(root, per_stratum=1, size=16) == root
 
 
-def test_read_as_stored_names_the_file_it_cannot_decode(tmp_path):
-    from helpers.data import read_as_stored
+def test_decode_image_names_the_file_it_cannot_decode_and_keeps_what_is_stored(tmp_path):
+    from helpers.data import decode_image
 
     for name, data in (("empty é.png", b""), ("text é.png", b"not an image")):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ImageReadError, match=name):
-            read_as_stored(tmp_path / name)
+            decode_image(tmp_path / name)
     gray = np.full((3, 5), 7, np.uint8)
     cv2.imencode(".png", gray)[1].tofile(tmp_path / "gris é.png")
-    assert read_as_stored(tmp_path / "gris é.png").tolist() == gray.tolist()  # one channel, as stored
+    assert decode_image(tmp_path / "gris é.png").tolist() == gray.tolist()  # one channel, as stored
