@@ -289,11 +289,25 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> flo
     return float(nn.functional.cross_entropy(logits / temperature, targets))
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)  # where `fit_temperature` searches; an answer at either end is not a real optimum
+
+
+class TemperatureLimitWarning(UserWarning):
+    """The fitted temperature is at an end of `TEMPERATURE_RANGE` (notebook 05 says so in its prose)."""
+
+
+def temperature_at_limit(temperature: float) -> bool:
+    """True when ``temperature`` sits at an end of `TEMPERATURE_RANGE`: the validation loss was still falling
+    there, usually because the validation split is tiny or its mistakes are unlike the test split's."""
+    return any(abs(math.log(temperature / end)) < 1e-3 for end in TEMPERATURE_RANGE)
+
+
 def fit_temperature(logits: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> float:
     """The temperature T > 0 that minimizes the NLL of ``softmax(logits / T)`` (Guo et al. 2017).
 
     Fit it on the validation split, never on the test split it is then judged on. One
-    parameter cannot change which class wins, only how sure the model claims to be.
+    parameter cannot change which class wins, only how sure the model claims to be. A
+    `TemperatureLimitWarning` says when the answer is an end of the range searched.
     """
     from scipy.optimize import minimize_scalar
 
@@ -303,15 +317,17 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, targets: np.ndarray | tor
     if not torch.isfinite(logits).all():
         raise ValueError("logits contain NaN or infinity")
     # The NLL is smooth and unimodal in log T; a bounded 1-D search needs no tuning.
-    lo, hi = math.log(0.05), math.log(20.0)
+    lo, hi = (math.log(end) for end in TEMPERATURE_RANGE)
     result = minimize_scalar(lambda log_t: _nll(logits, targets, math.exp(log_t)), bounds=(lo, hi),
                              method="bounded", options={"xatol": 1e-6})
     if not result.success:
         raise RuntimeError(f"temperature fit did not converge: {result.message}")
-    if min(result.x - lo, hi - result.x) < 1e-3:
-        warnings.warn(f"fitted temperature {math.exp(result.x):.3g} is at the search limit [0.05, 20]: "
-                      f"the logits are far from calibrated or the split is tiny", stacklevel=2)
-    return float(math.exp(result.x))
+    temperature = float(math.exp(result.x))
+    if temperature_at_limit(temperature):
+        warnings.warn(f"fitted temperature {temperature:.3g} is at the search limit {list(TEMPERATURE_RANGE)}: "
+                      f"the logits are far from calibrated or the split is tiny", TemperatureLimitWarning,
+                      stacklevel=2)
+    return temperature
 
 
 def apply_temperature(pred: pd.DataFrame, temperature: float, classes: Sequence[str]) -> pd.DataFrame:

@@ -221,6 +221,15 @@ def test_fit_temperature_recovers_two_and_lowers_heldout_nll():
     assert ev.fit_temperature(torch.tensor(logits), torch.tensor(labels)) == pytest.approx(t, rel=1e-4)
 
 
+def test_a_temperature_at_the_end_of_its_range_is_flagged():
+    labels = np.array([0, 1] * 20)
+    wrong_and_sure = np.where(labels[:, None] == np.arange(2), -5.0, 5.0)  # confidently wrong every time
+    with pytest.warns(ev.TemperatureLimitWarning, match="search limit"):
+        t = ev.fit_temperature(wrong_and_sure, labels)
+    assert ev.temperature_at_limit(t) and t == pytest.approx(ev.TEMPERATURE_RANGE[1], rel=1e-3)
+    assert not ev.temperature_at_limit(2.0) and not ev.temperature_at_limit(1.0)
+
+
 def test_fit_temperature_validates():
     with pytest.raises(ValueError, match="class indices"):
         ev.fit_temperature(np.zeros((3, 2)), np.array([0, 1, 2]))
