@@ -487,7 +487,8 @@ class ImageDataset(Dataset):
     Returns ``(image_tensor, label_index)``. Pass ``classes=train_set.classes`` to the
     validation and test sets so the same label always gets the same index; a label the
     training split never had is an error, not a new class. ``group_col`` (e.g. ELPV's
-    mono/poly) is carried along in ``.frame`` for per-group evaluation.
+    mono/poly) is carried along in ``.frame`` for per-group evaluation, ``subject_col`` (as
+    ``subject``) for cross-validation that keeps subjects whole (`subjects_of`).
 
     With ``skip_bad=True`` every image is decoded once up front and unreadable ones are
     dropped with a warning that counts and lists them (all of them in ``.skipped``, with the
@@ -498,9 +499,9 @@ class ImageDataset(Dataset):
     def __init__(self, root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
                  file_col: str = "file", label_col: str = "label", group_col: str | None = None,
                  classes: Sequence[str] | None = None, transform: Callable | None = None,
-                 skip_bad: bool = False, allow_outside_root: bool = False):
+                 skip_bad: bool = False, allow_outside_root: bool = False, subject_col: str | None = None):
         self.root = Path(root)
-        frame = load_table(self.root, table, file_col, label_col, group_col, check_empty=not skip_bad,
+        frame = load_table(self.root, table, file_col, label_col, group_col, subject_col, check_empty=not skip_bad,
                            allow_outside_root=allow_outside_root)
         if classes is None:
             classes = sorted(frame["label"].unique())
@@ -672,19 +673,27 @@ def _subject_units(frame: pd.DataFrame, copies: Sequence[Sequence[str]], subject
 def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series, share: float, seed: int,
                        split: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rest, held out): about ``share`` of ``frame``'s images, whole subjects only, stratified where it can."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     folds = max(2, round(1 / share))
     if units.nunique() < folds:
         raise ValueError(f"too few subjects to hold out a {split} split of about {share:.0%}: {units.nunique()} "
                          f"subject(s) among {len(frame)} images, at least {folds} needed (more subjects, or leave "
                          f"subject_col unset if images of one subject are not alike)")
+    keep, held = subject_folds(strata.to_numpy(), units.to_numpy(), folds, seed)[0]
+    return frame.iloc[keep], frame.iloc[held]
+
+
+def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, score rows) of ``folds`` stratified folds that keep each subject's images on one side
+    (scikit-learn's ``StratifiedGroupKFold``): cross-validation with ``subject_col``, where plain folds would
+    score a model on subjects it was fitted on."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     with warnings.catch_warnings():
-        # "The least populated class in y has only n members": `_warn_absent_classes` says what that means here.
+        # "The least populated class in y has only n members": a class with fewer subjects than folds is simply
+        # missing from some folds, which `_warn_absent_classes` (splits) and the fold scores already show.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        keep, held = next(splitter.split(frame, strata.to_numpy(), units.to_numpy()))
-    return frame.iloc[keep], frame.iloc[held]
+        return list(splitter.split(np.zeros(len(labels)), np.asarray(labels), np.asarray(subjects)))
 
 
 def shared_subjects(splits: dict[str, pd.DataFrame]) -> list[str]:
@@ -750,6 +759,16 @@ def _left_out_of_largest(rest: pd.DataFrame, k: int, column: str, seed: int) -> 
     classes cannot be stratified, and taking them from the largest classes keeps the proportions closest."""
     largest = rest[column].value_counts().index[:k]
     return rest[rest[column].isin(largest)].groupby(column, sort=False).sample(1, random_state=seed)
+
+
+def subjects_of(dataset: torch.utils.data.Dataset) -> np.ndarray | None:
+    """The subject of every item of ``dataset`` (an `ImageDataset` made with ``subject_col``, or a ``Subset`` of
+    one), in order; None when it names none."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = subjects_of(dataset.dataset)
+        return None if parent is None else parent[np.asarray(dataset.indices)]
+    frame = getattr(dataset, "frame", None)
+    return frame["subject"].astype(str).to_numpy() if frame is not None and "subject" in frame else None
 
 
 def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:

@@ -145,16 +145,22 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: st
     return _table(logits, dataset.frame, classes)
 
 
-def save_predictions(pred: pd.DataFrame, path: str | Path, calibrated: pd.DataFrame | None = None) -> Path:
-    """Write `predict`'s table as CSV for your own error analysis: per image, its file, group, true and
-    predicted class, whether that is right, the top probability (and after temperature scaling, given
-    ``calibrated``), and one probability per class. Cells a spreadsheet would run as formulas are escaped."""
+def save_predictions(pred: pd.DataFrame, path: str | Path, calibrated: pd.DataFrame | None = None,
+                     subjects: Sequence[str] | None = None) -> Path:
+    """Write `predict`'s table as CSV for your own error analysis: per image, its file, group, subject (given
+    ``subjects``, in ``pred``'s order), true and predicted class, whether that is right, the top probability
+    (and after temperature scaling, given ``calibrated``), and one probability per class, uncalibrated. Cells a
+    spreadsheet would run as formulas are escaped."""
     from .files import write_csv
     from .predict import escape_formulas
 
     table = pred[["file", "group", "true", "pred"]].copy()
     if table["group"].isna().all():
         table = table.drop(columns="group")
+    if subjects is not None:
+        if len(subjects) != len(table):
+            raise ValueError(f"{len(subjects)} subjects for {len(table)} predictions")
+        table.insert(1, "subject", np.asarray(subjects))
     table["correct"] = (pred["target"] == pred["predicted"]).to_numpy()
     table["confidence"] = pred["confidence"].to_numpy()
     if calibrated is not None:
@@ -163,7 +169,8 @@ def save_predictions(pred: pd.DataFrame, path: str | Path, calibrated: pd.DataFr
         table["calibrated_confidence"] = calibrated["confidence"].to_numpy()
     for column in (c for c in pred.columns if c.startswith("prob_")):
         table[column] = pred[column].to_numpy()
-    return write_csv(escape_formulas(table, ("file", "true", "pred")), path)
+    return write_csv(escape_formulas(table, ("file", "true", "pred") + (("subject",) if subjects is not None else ())),
+                     path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageDataset, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
+from .data import ImageDataset, subject_folds, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import BackboneSpec, TransferModel, create_model, offline_backbones
@@ -144,9 +144,10 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     and macro-F1 (mean over the folds).
 
     A cheap stand-in for fine-tuning: how linearly separable are the classes in this
-    backbone's feature space? ``frame`` is a label table (file, label[, group]). The same
+    backbone's feature space? ``frame`` is a label table (file, label[, group][, subject]). The same
     lines as notebook 01 writes by hand: standardize, ``LogisticRegression(C=0.1)``,
-    stratified k-fold (k = ``folds``, at most the smallest class's count). For a ``metric`` that
+    stratified k-fold (k = ``folds``, at most the smallest class's count; with a ``subject`` column,
+    folds that keep each subject whole, `helpers.data.subject_folds`). For a ``metric`` that
     counts every class the same (macro-F1), the classes are weighted by inverse frequency, as the
     probe of notebook 04 weighs them (`helpers.metrics.class_weighting`).
     """
@@ -169,9 +170,10 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     features, targets = pooled_features(model, dataset, device)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000,
                                                                class_weight=class_weighting(metric)))
-    folds = min(folds, int(counts.min()))
-    scores = cross_validate(probe, features, targets, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                            scoring=("accuracy", "balanced_accuracy", "f1_macro"))
+    folds = min(folds, int(counts.min()), frame["subject"].nunique() if "subject" in frame.columns else folds)
+    cv = (StratifiedKFold(folds, shuffle=True, random_state=seed) if "subject" not in frame.columns
+          else subject_folds(targets, frame["subject"].astype(str).to_numpy(), folds, seed))
+    scores = cross_validate(probe, features, targets, cv=cv, scoring=("accuracy", "balanced_accuracy", "f1_macro"))
     return {"backbone": backbone, "images": len(dataset), "image_size": image_size, "features": features.shape[1],
             "accuracy": float(scores["test_accuracy"].mean()),
             "balanced_accuracy": float(scores["test_balanced_accuracy"].mean()),

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache import extract_features
+from .data import subject_folds
 from .metrics import class_weighting
 from .models import TransferModel, final_linear
 from .runtime import pick_device
@@ -68,14 +69,15 @@ _SCORERS = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "m
 
 
 def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: int = 0,
-              grid: tuple[float, ...] = C_GRID, metric: str = "accuracy") -> Probe:
+              grid: tuple[float, ...] = C_GRID, metric: str = "accuracy", groups: np.ndarray | None = None) -> Probe:
     """Standardize, then multinomial logistic regression, C chosen by stratified k-fold ``metric``.
 
     For ``accuracy`` every image counts the same. For ``macro_f1`` and ``balanced_accuracy``, metrics
     that count every class the same, the classes are weighted by inverse frequency
     (``class_weight="balanced"``), so the probe optimizes what it is judged on instead of ignoring
     rare classes. ``folds`` shrinks to the smallest class's count; with fewer than 2 images in some
-    class there is nothing to cross-validate and C = 0.1 is used.
+    class there is nothing to cross-validate and C = 0.1 is used. ``groups`` (the images' subjects, with
+    ``subject_col``) keeps each subject in one fold, so C is not chosen on subjects it was fitted on.
     """
     if metric not in _SCORERS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(_SCORERS)}")
@@ -83,7 +85,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
     counts = np.bincount(targets)
     if (counts > 0).sum() < 2:
         raise ValueError(f"a probe needs at least two classes in the training features, got counts {counts}")
-    folds = int(min(folds, counts[counts > 0].min()))
+    folds = int(min(folds, counts[counts > 0].min(), len(set(groups)) if groups is not None else folds))
     class_weight = class_weighting(metric)
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=class_weight))
     with warnings.catch_warnings():
@@ -93,7 +95,8 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
             pipeline.set_params(logisticregression__C=0.1).fit(features, targets)
             return Probe(pipeline, 0.1, None, 0, metric)
         search = GridSearchCV(pipeline, {"logisticregression__C": list(grid)}, scoring=_SCORERS[metric],
-                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed), n_jobs=1)
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed) if groups is None
+                              else subject_folds(targets, groups, folds, seed), n_jobs=1)
         search.fit(features, targets)
     return Probe(search.best_estimator_, float(search.best_params_["logisticregression__C"]),
                  float(search.best_score_), folds, metric)

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedKFold
 
-from .data import ImageDataset, subsample
+from .data import ImageDataset, subject_folds, subjects_of, subsample
 from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score
 from .models import TransferModel, create_model
@@ -110,12 +110,8 @@ def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
     if folds < 2:
         raise ValueError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
                          f"subjects) among {len(pool)}")
-    if subjects is None:
-        parts = StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels)
-    else:
-        with warnings.catch_warnings():  # a class with fewer subjects than folds is simply missing from some
-            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            parts = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(pool, labels, subjects))
+    parts = (StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels) if subjects is None
+             else subject_folds(labels, subjects, folds, seed))
     return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True)) for a, b in parts]
 
 
@@ -124,7 +120,10 @@ def _datasets(root: Path, fit_part: pd.DataFrame, score_part: pd.DataFrame, clas
     """(plain train, augmented train, validation) datasets of one fold."""
     plain = eval_transform(model, budget.image_size, crop_pct)
     augmented = train_transform(model, budget.image_size, budget.augment, crop_pct)
-    make = lambda frame, tf: ImageDataset(root, frame[["file", "label"]], classes=classes, transform=tf)  # noqa: E731
+    subject = "subject" if "subject" in fit_part.columns else None  # kept for phase 1's cross-validation
+    columns = ["file", "label"] + ([subject] if subject else [])
+    make = lambda frame, tf: ImageDataset(root, frame[columns], classes=classes, transform=tf,  # noqa: E731
+                                          subject_col=subject)
     return make(fit_part, plain), make(fit_part, augmented), make(score_part, plain)
 
 
@@ -133,7 +132,7 @@ def phase_one(model: TransferModel, train: ImageDataset, device: str | torch.dev
     """Fit the classifier on the frozen features exactly (convex, for ``metric``: `fit_probe`) and put it
     into ``model``."""
     started = time.perf_counter()
-    probe = fit_probe(*pooled_features(model, train, device), seed=seed, metric=metric)
+    probe = fit_probe(*pooled_features(model, train, device), seed=seed, metric=metric, groups=subjects_of(train))
     install_probe(model, probe)
     probe.seconds = time.perf_counter() - started
     return probe

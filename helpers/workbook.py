@@ -593,11 +593,13 @@ def load_datasets(params: Params, train_tf: Callable | None, eval_tf: Callable |
         raise ValueError(f"{params.run}: {len(straddling)} subject(s) have images in more than one split: "
                          f"{straddling[:10]}; rerun notebooks/02_prepare_dataset.ipynb")
     has_group = all(frame["group"].notna().all() for frame in splits.values())
+    subject = "subject" if all("subject" in frame.columns for frame in splits.values()) else None
+    columns = ["file", "label", "group"] + ([subject] if subject else [])
     out = {}
     for name, frame in splits.items():
-        out[name] = ImageDataset(config["root"], frame[["file", "label", "group"]], group_col="group" if has_group
-                                 else None, classes=config["classes"], transform=train_tf if name == "train"
-                                 else eval_tf)
+        out[name] = ImageDataset(config["root"], frame[columns], group_col="group" if has_group else None,
+                                 classes=config["classes"], transform=train_tf if name == "train" else eval_tf,
+                                 subject_col=subject)
     return out
 
 

@@ -384,6 +384,38 @@ def test_the_workbook_splits_by_subject_and_its_folds_keep_subjects_whole(tmp_pa
         workbook.load_datasets(params, None, None)
 
 
+def test_every_cross_validation_keeps_subjects_whole(monkeypatch, tmp_path):
+    from helpers import probe as probe_module
+    from helpers.data import subject_folds, subjects_of
+    from helpers.evaluation import save_predictions
+
+    subjects = np.repeat([f"p{i}" for i in range(12)], 5)  # 12 subjects, 5 images each, one class each
+    targets = np.repeat(np.arange(12) % 2, 5)
+    for fit_rows, score_rows in subject_folds(targets, subjects, 3, seed=0):
+        assert not set(subjects[fit_rows]) & set(subjects[score_rows])
+    # fit_probe chooses C on folds of whole subjects when given them
+    used = []
+    monkeypatch.setattr(probe_module, "subject_folds",
+                        lambda *args: used.append(args[2]) or subject_folds(*args))  # records the fold count
+    features = np.random.default_rng(0).normal(size=(60, 4)) + targets[:, None]
+    assert probe_module.fit_probe(features, targets, seed=0, groups=subjects).folds == 5 and used == [5]
+    assert probe_module.fit_probe(features, targets, seed=0, groups=np.full(60, "one")).folds == 0  # nothing to fold
+    assert probe_module.fit_probe(features, targets, seed=0).folds == 5 and used == [5]  # no groups: plain folds
+    # The datasets the notebooks load carry the subjects along, in order, to phase 1 and to test_predictions.csv
+    for i in range(4):
+        _image(tmp_path / f"{i}.png", 30 * i)
+    frame = pd.DataFrame({"file": [f"{i}.png" for i in range(4)], "label": list("xyxy"), "subject": list("abba")})
+    dataset = ImageDataset(tmp_path, frame, subject_col="subject")
+    assert subjects_of(dataset).tolist() == list("abba") and subjects_of(torch.utils.data.Subset(dataset, [3, 0])
+                                                                        ).tolist() == ["a", "a"]
+    assert subjects_of(ImageDataset(tmp_path, frame[["file", "label"]])) is None
+    pred = pd.DataFrame({"file": frame["file"], "group": None, "true": frame["label"], "pred": list("xxxx"),
+                         "target": [0, 1, 0, 1], "predicted": [0, 0, 0, 0], "prob_x": 0.9, "prob_y": 0.1,
+                         "confidence": 0.9})
+    written = pd.read_csv(save_predictions(pred, tmp_path / "p.csv", subjects=subjects_of(dataset)))
+    assert written.columns[:3].tolist() == ["file", "subject", "true"] and written["subject"].tolist() == list("abba")
+
+
 # ----------------------------------------------------------------------------------------
 # 4. Grid collisions
 
