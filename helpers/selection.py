@@ -106,7 +106,7 @@ def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
     folds = min(plan["folds"], int(pd.Series(labels).value_counts().min()))
     subjects = pool["subject"].astype(str).to_numpy() if "subject" in pool.columns else None
     if subjects is not None:
-        folds = min(plan["folds"], len(set(subjects)))
+        folds = min(folds, len(set(subjects)))
     if folds < 2:
         raise ValueError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
                          f"subjects) among {len(pool)}")

@@ -386,9 +386,6 @@ def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True
     return params
 
 
-DATASET_PARAMETERS = ("data_root", "labels_csv", "file_col", "label_col", "group_col", "subject_col", "task")
-
-
 def _with_recorded_dataset(p: dict, user_set: tuple[str, ...], run: Path) -> dict:
     """``p`` with the dataset parameters the user left unset taken from the run's ``dataset.json``.
 
