@@ -138,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing,
                            params.run / "best.pt", meta={"task": params.task, "phase": 1}, score=candidate,
                            metric=budget["metric"])
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # A KeyError names a missing column (helpers.data.load_table); str() would wrap its message in quotes.
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
         return 2
     finally:
         if not joined:

@@ -101,3 +101,18 @@ def test_the_package_version_is_the_one_pyproject_declares():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     declared = re.search(r'^version = "([^"]+)"', text, re.MULTILINE)
     assert declared is not None and declared.group(1) == helpers.__version__
+
+
+def test_train_names_a_missing_label_column_in_one_line(tmp_path, capsys):
+    from helpers.train import main as train_main
+
+    for i in range(4):
+        path = tmp_path / "data" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), np.full((8, 8, 3), 40 * i, np.uint8))
+    (tmp_path / "data" / "labels.csv").write_text("file,diagnosis\n" + "".join(f"{i}.png,x{i % 2}\n" for i in range(4)))
+    status = train_main(["--run-name", str(tmp_path / "run"), "--data-root", str(tmp_path / "data"),
+                         "--labels-csv", "labels.csv", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and "has no column 'label'" in err and "Traceback" not in err
+    assert not err.startswith('error: "')  # the message itself, not a KeyError's quoted repr
