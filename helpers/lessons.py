@@ -204,7 +204,7 @@ def bgr_demo() -> plt.Figure:
     import cv2
     import skimage.data
 
-    from .data import ImageReadError, read_image
+    from .data import decode_image, read_image
 
     rgb = skimage.data.coffee()
     with tempfile.TemporaryDirectory() as folder:
@@ -214,9 +214,7 @@ def bgr_demo() -> plt.Figure:
         if not encoded:
             raise OSError(f"could not encode the coffee image as PNG for {path}")
         data.tofile(path)
-        as_article = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)  # what cv2.imread returns: BGR
-        if as_article is None:
-            raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
+        as_article = decode_image(path)  # as stored, BGR order: what cv2.imread returns for this PNG
         as_helpers = read_image(path)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, image, title in ((axes[0], as_article, "article: cv2.imread (BGR)"),
