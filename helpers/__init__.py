@@ -4,8 +4,9 @@ One module per concern: `models` (backbone registry), `transforms` (the preproce
 its transforms), `data` (reading images, label tables, splits, ELPV), `freezing` (strategies and
 the size x similarity guide), `runtime` (device, precision, loaders, seeds, CPU tuning),
 `training` (the loop and `fit`), `cache` (the frozen-prefix cache), `distributed` (`fit` under
-torchrun), `metrics`, `checkpoint` (safe save/load), `files` (atomic writes), `probe` (the linear probe),
-`selection` (comparing strategies, the two-phase recipe), `evaluation`, `export`, `predict` (CLI),
+torchrun), `metrics`, `checkpoint` (safe save/load), `files` (atomic writes), `errors` (`InputError`,
+what the entry points print as one line), `probe` (the linear probe), `selection` (comparing strategies,
+the two-phase recipe), `evaluation`, `export`, `predict` (CLI),
 `workbook` and `lessons` (notebook glue), `solutions` (the exercises' checks), `course` (papermill
 runner), `train` (notebook 04 as a command, one process or many), `notebook_cells` (the setup cell
 and Colab badge every notebook shares).

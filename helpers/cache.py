@@ -87,19 +87,19 @@ def extract_features(model: TransferModel, dataset: Dataset, stop: int, device: 
                      progress: bool | None = None, seed: int = 0, dtype: torch.dtype | None = None,
                      channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first ``stop`` groups over ``dataset`` once, in order; return (outputs, targets) on
-    the CPU. ``seed`` fixes the augmentation drawn, in this process and in the loader's workers: it calls
-    `runtime.seed_everything(seed)`, so the global random generators are reseeded as a side effect."""
+    the CPU. ``seed`` fixes the augmentation drawn, in this process and in the loader's workers; the
+    caller's global random generators are left as they were (`runtime.seeded`)."""
     model.eval().to(device)
-    runtime.seed_everything(seed)
     loader = runtime.make_loader(dataset, batch_size, shuffle=False, device=device, seed=seed,
                                  num_workers=num_workers)
     outputs, targets = [], []
     progress = runtime.progress_default() if progress is None else progress  # None: on, unless TL_PROGRESS=0
-    for x, y in runtime.with_progress(loader, desc, progress):
-        with runtime.autocast(device, dtype):
-            out = model.forward_groups(runtime.to_device(x, device, channels_last), 0, stop)
-        outputs.append(out.float().contiguous().cpu())
-        targets.append(y)
+    with runtime.seeded(seed):  # without workers the augmentation draws from this process's generators
+        for x, y in runtime.with_progress(loader, desc, progress):
+            with runtime.autocast(device, dtype):
+                out = model.forward_groups(runtime.to_device(x, device, channels_last), 0, stop)
+            outputs.append(out.float().contiguous().cpu())
+            targets.append(y)
     return torch.cat(outputs), torch.cat(targets)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .files import atomic_open
 from .models import TransferModel, create_model
 from .transforms import Preprocessing
@@ -69,13 +70,13 @@ def _upgrade(ckpt: dict, path: Path) -> dict:
     a ValueError naming ``path`` and the field, not a bare KeyError."""
     missing = [k for k in ("image_size", "preprocessing") if k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: format 1 checkpoint lacks {missing}: it was not written by helpers.training.fit")
+        raise InputError(f"{path}: format 1 checkpoint lacks {missing}: it was not written by helpers.training.fit")
     old = ckpt["preprocessing"]
     if not isinstance(old, dict):
-        raise ValueError(f"{path}: format 1 checkpoint's preprocessing is a {type(old).__name__}, not a dict")
+        raise InputError(f"{path}: format 1 checkpoint's preprocessing is a {type(old).__name__}, not a dict")
     missing = [k for k in ("crop_pct", "mean", "std", "interpolation") if k not in old]
     if missing:
-        raise ValueError(f"{path}: format 1 checkpoint's preprocessing lacks {missing}: "
+        raise InputError(f"{path}: format 1 checkpoint's preprocessing lacks {missing}: "
                          f"it was not written by helpers.training.fit")
     prep = Preprocessing(image_size=int(ckpt["image_size"]), crop_pct=old["crop_pct"], mean=old["mean"],
                          std=old["std"], interpolation=old["interpolation"])
@@ -96,21 +97,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if "weights only" not in str(err).lower() or "global" not in str(err).lower():
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
-            raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({detail[:200]})") from err
+            raise InputError(f"{path} is damaged or not a PyTorch checkpoint ({detail[:200]})") from err
         # The pickle holds Python objects beyond tensors and plain containers: loading them
         # would run code from the file, so we refuse.
-        raise ValueError(f"refusing to load {path}: it contains Python objects that weights_only=True does "
+        raise InputError(f"refusing to load {path}: it contains Python objects that weights_only=True does "
                          f"not allow (loading them could run code from the file). Only open files you "
                          f"trust with torch.load(path, weights_only=False)") from err
     except (RuntimeError, EOFError, KeyError) as err:  # torch's errors for a cut-off or non-zip file
-        raise ValueError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: "
+        raise InputError(f"{path} is damaged or not a PyTorch checkpoint ({type(err).__name__}: "
                          f"{str(err)[:200]})") from err
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
-        raise ValueError(f"{path} is not a workbook checkpoint (no format_version)")
+        raise InputError(f"{path} is not a workbook checkpoint (no format_version)")
     if ckpt["format_version"] == 1:
         ckpt = _upgrade(ckpt, path)
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+        raise InputError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
     check_classes_match_outputs(ckpt, str(path))
     return ckpt
 
@@ -127,7 +128,7 @@ def check_classes_match_outputs(ckpt: dict, source: str = "checkpoint") -> None:
     if linear:
         outputs.add(int(linear[-1].shape[0]))
     if len(outputs) > 1 or len(ckpt["classes"]) not in outputs:
-        raise ValueError(f"{source}: {len(ckpt['classes'])} class name(s) {list(ckpt['classes'])[:10]} but the "
+        raise InputError(f"{source}: {len(ckpt['classes'])} class name(s) {list(ckpt['classes'])[:10]} but the "
                          f"classifier has {' or '.join(map(str, sorted(outputs)))} output(s); the checkpoint is "
                          f"inconsistent")
 
@@ -139,7 +140,7 @@ def check_compatible(model: TransferModel, ckpt: dict, source: str = "checkpoint
         if field == "strategy" and value.get("name") != "truncate" and ckpt[field].get("name") != "truncate":
             continue  # freezing does not change the architecture, only truncation does
         if ckpt[field] != value:
-            raise ValueError(f"{source} does not fit this model: {field} is {ckpt[field]!r} in the "
+            raise InputError(f"{source} does not fit this model: {field} is {ckpt[field]!r} in the "
                              f"checkpoint but {value!r} in the model")
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import InputError
 from .files import write_text
 from .workbook import (NOTEBOOKS, TEXT_PARAMETERS, check_parameters, existing_outputs, is_smoke, run_folder, run_path,
                        workbook_root)
@@ -93,9 +94,9 @@ def validate(overrides: dict[str, object], valid: dict[str, object]) -> None:
     """Raise naming the unknown keys and listing the valid ones."""
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; the notebooks' parameters are {sorted(valid)}")
+        raise InputError(f"unknown parameter(s) {unknown}; the notebooks' parameters are {sorted(valid)}")
     if "run_name" in overrides:
-        raise ValueError("set the run folder with --name, not -p run_name")
+        raise InputError("set the run folder with --name, not -p run_name")
 
 
 def expand_grid(specs: list[str]) -> list[dict[str, object]]:
@@ -106,15 +107,15 @@ def expand_grid(specs: list[str]) -> list[dict[str, object]]:
         key = key.strip()
         texts = [v for v in values.split(",") if v.strip()]
         if not sep or not key or not texts:
-            raise ValueError(f"grid entries look like KEY=V1,V2; got {spec!r}")
+            raise InputError(f"grid entries look like KEY=V1,V2; got {spec!r}")
         axis = [(key, parse_value(v, key)) for v in texts]
         same = [texts[i] for i, (_, v) in enumerate(axis) if [w for _, w in axis].count(v) > 1]
         if same:  # 0.001 and 1e-3 are one value: two runs of it would share a folder
-            raise ValueError(f"grid key {key!r} lists the same value more than once: {same}")
+            raise InputError(f"grid key {key!r} lists the same value more than once: {same}")
         axes.append(axis)
         keys.append(key)
     if len(set(keys)) != len(keys):
-        raise ValueError(f"a grid key appears twice: {keys}")
+        raise InputError(f"a grid key appears twice: {keys}")
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
@@ -214,7 +215,7 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
     from .files import write_csv
 
     if "05_evaluate" not in notebooks:
-        raise ValueError("--grid collects each run's metrics.json, which 05_evaluate writes: include 05 in "
+        raise InputError("--grid collects each run's metrics.json, which 05_evaluate writes: include 05 in "
                          "--notebooks (or run the notebooks without --grid)")
     valid = notebook_parameters(notebooks)
     for combo in grid:
@@ -222,7 +223,7 @@ def run_grid(name: str, grid: list[dict[str, object]], parameters: dict[str, obj
     names = [grid_run_name(name, combo) for combo in grid]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise ValueError(f"grid combinations share run folders {clashes}; make their values distinct")
+        raise InputError(f"grid combinations share run folders {clashes}; make their values distinct")
     out = run_folder(name, overwrite=overwrite)  # checked before hours of runs, not after
     rows = []
     for combo, sub in zip(grid, names, strict=True):
@@ -282,7 +283,7 @@ def select_notebooks(numbers: list[str] | None) -> tuple[str, ...]:
     by_number = {n[:2]: n for n in NOTEBOOKS}
     unknown = [n for n in numbers if n.zfill(2) not in by_number]
     if unknown:
-        raise ValueError(f"unknown notebook number(s) {unknown}; choose from {sorted(by_number)}")
+        raise InputError(f"unknown notebook number(s) {unknown}; choose from {sorted(by_number)}")
     return tuple(by_number[n.zfill(2)] for n in sorted(numbers, key=lambda s: s.zfill(2)))
 
 
@@ -301,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         notebooks = select_notebooks(args.notebooks)
         grid = expand_grid(args.grid) if args.grid else None
         run_path(name)
-    except ValueError as err:
+    except InputError as err:
         parser.error(str(err))
     try:  # the values too (an unknown backbone, weights that cannot load, a missing folder), before any kernel
         for combo in grid or [{}]:
             check_parameters({**parameters, **combo}, smoke)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (InputError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: weights that cannot load
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             if "05_evaluate" in notebooks:
                 summary = pd.Series(read_metrics(run), name=name)
                 print(f"\n[course] results of {run}:\n{summary.to_string()}")
-    except ValueError as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[course] total {time.perf_counter() - started:.0f} s")

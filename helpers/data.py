@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from .errors import InputError, MissingColumnError
 from .files import atomic_copy, atomic_open, write_csv
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -39,7 +40,7 @@ MAX_IMAGE_PIXELS = 100_000_000
 FLOAT_SLACK = 1e-3
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An image file that exists but cannot be decoded (empty, truncated, not an image)."""
 
 
@@ -106,7 +107,7 @@ def max_image_pixels() -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ValueError(f"TL_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
+        raise InputError(f"TL_MAX_IMAGE_PIXELS must be a positive number of pixels, got {text!r}")
     return value
 
 
@@ -206,14 +207,14 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     hidden = [d.name for d in subfolders if is_hidden_name(d.name)]
     skipped = f" (hidden folders are skipped: {hidden})" if hidden else ""
     if not class_dirs:
-        raise ValueError(f"{root}: no class subfolders found (expected {root}/<class>/<image>, "
+        raise InputError(f"{root}: no class subfolders found (expected {root}/<class>/<image>, "
                          f"or pass a label table){skipped}")
     if len(class_dirs) == 1:
-        raise ValueError(f"{root}: only one class folder, {class_dirs[0].name!r}; a classifier needs at least "
+        raise InputError(f"{root}: only one class folder, {class_dirs[0].name!r}; a classifier needs at least "
                          f"two (one subfolder per class){skipped}")
     split_names = [d.name for d in class_dirs if d.name.casefold() in SPLIT_FOLDER_NAMES]
     if len(split_names) == len(class_dirs):  # train/ and test/ as two classes would train on nonsense, silently
-        raise ValueError(f"{root}: its subfolders {split_names} look like a split made beforehand, not classes; "
+        raise InputError(f"{root}: its subfolders {split_names} look like a split made beforehand, not classes; "
                          f"the workbook makes its own split (with copies and subjects kept together), so point "
                          f"data_root at one folder of class subfolders (merge the splits' class folders), or list "
                          f"every image with its class in a labels_csv")
@@ -228,7 +229,7 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not images:
-            raise ValueError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
+            raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
         rows += [(p.relative_to(root).as_posix(), class_dir.name) for p in images]
     if ignored:
         warnings.warn(f"{root}: ignored {len(ignored)} non-image file(s): "
@@ -255,11 +256,11 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); "
+        raise InputError(f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); "
                          f"save it as 'CSV UTF-8' (Excel) or convert it, e.g. "
                          f"iconv -f latin1 -t utf-8 in.csv > out.csv") from err
     if not text.strip():
-        raise ValueError(f"{path} is empty: a label table needs a header row (e.g. file,label) and one row "
+        raise InputError(f"{path} is empty: a label table needs a header row (e.g. file,label) and one row "
                          f"per image")
     first = next(line for line in text.splitlines() if line.strip())
     # Excel writes ';' where the decimal mark is a comma (most of Europe), and some tools write tabs:
@@ -272,7 +273,7 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
         if header is None:
             header = row
         elif any(cell.strip() for cell in row[len(header):]):
-            raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
+            raise InputError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
                              f"{len(header)} ({header}): {row[:len(header) + 3]}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra fields are empty: checked above
@@ -294,7 +295,7 @@ def _check_column_names(file_col: object, label_col: object, group_col: object, 
         if name in ("group_col", "subject_col") and value is None:
             continue
         if not isinstance(value, str) or not value:
-            raise ValueError(f"{name} must be a column name (text), got {value!r}")
+            raise InputError(f"{name} must be a column name (text), got {value!r}")
 
 
 def _outside_root(files: pd.Series) -> list[str]:
@@ -389,7 +390,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     if table is None:
         for name, col in (("group_col", group_col), ("subject_col", subject_col)):
             if col is not None:
-                raise ValueError(f"{name} {col!r} needs a label table: class folders of {root} give only "
+                raise InputError(f"{name} {col!r} needs a label table: class folders of {root} give only "
                                  f"file and label (pass labels_csv, or leave {name} unset)")
         frame = scan_class_folders(root)
         file_col, label_col = "file", "label"
@@ -403,9 +404,9 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
         frame = table
         for col in (file_col, label_col, group_col, subject_col):
             if col is not None and col not in frame.columns:
-                raise KeyError(f"{source} has no column {col!r}; its columns are {list(frame.columns)}")
+                raise MissingColumnError(f"{source} has no column {col!r}; its columns are {list(frame.columns)}")
     if len(frame) == 0:
-        raise ValueError(f"{source} lists no images")
+        raise InputError(f"{source} lists no images")
 
     for col in (file_col, label_col, group_col, subject_col):
         blank = _blank_rows(frame, col) if col is not None else []
@@ -414,7 +415,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
             if col == subject_col:  # 'unknown' would make one large subject of every unlabelled image
                 hint = " (give each image its subject; an image of its own can use its file name)"
             files = "" if col == file_col else f", files {[str(frame[file_col].iat[i - 1]) for i in blank[:10]]}"
-            raise ValueError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
+            raise InputError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
                              f"under the header is 1){files}{hint}")
     out = pd.DataFrame({"file": _windows_paths(frame[file_col].astype(str), root, source).to_numpy()})
     out["label"] = _strip_labels(frame[label_col].astype(str), source, label_col).to_numpy()
@@ -425,10 +426,10 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
 
     duplicated = out["file"][out["file"].duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}")
+        raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}")
     outside = _outside_root(out["file"])
     if outside and not allow_outside_root:
-        raise ValueError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
+        raise InputError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
                          f"with ..): {outside[:10]}; set data_root to a folder that holds every image, or "
                          f"pass allow_outside_root=True")
     paths = [root / f for f in out["file"]]
@@ -437,7 +438,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
         raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}")
     aliases = _same_file_twice(out["file"], paths)
     if aliases:
-        raise ValueError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
+        raise InputError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
                          f"of the same path (they would leak between splits): {aliases[:10]}")
     empty = [f for f, p in zip(out["file"], paths, strict=True) if check_empty and p.stat().st_size == 0]
     if empty:
@@ -512,7 +513,7 @@ class ImageDataset(Dataset):
         unknown = frame.loc[~frame["label"].isin(self.classes)]
         if len(unknown):
             first = unknown.iloc[0]
-            raise ValueError(
+            raise InputError(
                 f"label {first['label']!r} of {first['file']!r} is not among the known classes {self.classes} "
                 f"({len(unknown)} row(s) affected; a validation/test label must also occur in training)")
         self.skipped: dict[str, str] = {}  # file -> why it was skipped (skip_bad=True only)
@@ -535,7 +536,7 @@ class ImageDataset(Dataset):
                           stacklevel=3)
             frame = frame[~frame["file"].isin(list(bad))]
         if len(frame) == 0:
-            raise ValueError(f"{self.root}: no readable images left")
+            raise InputError(f"{self.root}: no readable images left")
         return frame
 
     @property
@@ -583,9 +584,9 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
 
     for name, value in (("test_size", test_size), ("val_size", val_size)):
         if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value}")
+            raise InputError(f"{name} must be in (0, 1), got {value}")
     if label_col not in frame.columns:
-        raise KeyError(f"no column {label_col!r} to stratify on; columns are {list(frame.columns)}")
+        raise MissingColumnError(f"no column {label_col!r} to stratify on; columns are {list(frame.columns)}")
     agree_on = [c for c in dict.fromkeys(["label", label_col, group_col]) if c in frame.columns]
     followers = _copy_followers(frame, copies, agree_on)
     if subject_col is not None:
@@ -599,7 +600,7 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     counts = strata.value_counts()
     what = "label x group" if grouped else "class"
     if (counts < 4).any():
-        raise ValueError(f"too few images to stratify three splits: {counts[counts < 4].to_dict()} "
+        raise InputError(f"too few images to stratify three splits: {counts[counts < 4].to_dict()} "
                          f"(each {what} needs at least 4)")
     # scikit-learn needs at least one image per stratum in every split: check it here, where we can
     # say how many images that takes, instead of letting it fail with "test_size = 6 should be ...".
@@ -607,7 +608,7 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     short = {name: n for name, n in sizes.items() if n < len(counts)}
     if short:
         needed = minimum_split_size(len(counts), test_size, val_size)
-        raise ValueError(f"too few images for {len(counts)} "
+        raise InputError(f"too few images for {len(counts)} "
                          f"{'classes' if what == 'class' else what + ' strata'} ({len(frame)} images): the "
                          + " and ".join(f"{name} split would get {n}" for name, n in short.items())
                          + f" image(s), fewer than one per stratum; a stratified split takes at least {needed} "
@@ -638,8 +639,8 @@ def _subject_splits(frame: pd.DataFrame, label_col: str, group_col: str | None, 
                     seed: int, copies: Sequence[Sequence[str]], subject_col: str) -> dict[str, pd.DataFrame]:
     """`make_splits` with whole subjects dealt out: test first, then validation from the rest."""
     if subject_col not in frame.columns or frame[subject_col].isna().any():
-        raise KeyError(f"subject column {subject_col!r} is missing or has empty cells; columns are "
-                       f"{list(frame.columns)}")
+        raise MissingColumnError(f"subject column {subject_col!r} is missing or has empty cells; columns are "
+                                 f"{list(frame.columns)}")
     units = _subject_units(frame, copies, subject_col)  # copies of one picture join their subjects into one
     strata = frame[label_col].astype(str)
     if group_col and group_col in frame.columns and frame[group_col].notna().all():
@@ -675,7 +676,7 @@ def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series,
     """(rest, held out): about ``share`` of ``frame``'s images, whole subjects only, stratified where it can."""
     folds = max(2, round(1 / share))
     if units.nunique() < folds:
-        raise ValueError(f"too few subjects to hold out a {split} split of about {share:.0%}: {units.nunique()} "
+        raise InputError(f"too few subjects to hold out a {split} split of about {share:.0%}: {units.nunique()} "
                          f"subject(s) among {len(frame)} images, at least {folds} needed (more subjects, or leave "
                          f"subject_col unset if images of one subject are not alike)")
     keep, held = subject_folds(strata.to_numpy(), units.to_numpy(), folds, seed)[0]
@@ -720,7 +721,7 @@ def _copy_followers(frame: pd.DataFrame, copies: Sequence[Sequence[str]], column
             conflicts.append(" = ".join(f"{n!r} ({v})" for n, v in zip(names, values, strict=True)))
         followers.update({row: rows[0] for row in rows[1:]})
     if conflicts:
-        raise ValueError(f"{len(conflicts)} picture(s) stored more than once with different labels (byte-identical "
+        raise InputError(f"{len(conflicts)} picture(s) stored more than once with different labels (byte-identical "
                          f"files; one picture cannot be two classes: delete or relabel the wrong copy): "
                          f"{conflicts[:10]}")
     return followers

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
+from .errors import InputError
 from .runtime import env_int, make_loader
 
 # Added to a seed per rank, so processes draw different augmentations and dropout masks; rank 0
@@ -75,7 +76,7 @@ class Distributed:
         if not self.enabled:
             return device
         if device.type == "mps":
-            raise ValueError("training in several processes needs CUDA GPUs or the CPU; Apple MPS has no "
+            raise InputError("training in several processes needs CUDA GPUs or the CPU; Apple MPS has no "
                              "process-group backend: run one process (python, not torchrun)")
         return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
 
@@ -109,7 +110,7 @@ class Distributed:
         if not self.enabled:
             return
         if device.type != "cuda":
-            raise ValueError(f"sync_batchnorm=True needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only), "
+            raise InputError(f"sync_batchnorm=True needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only), "
                              f"but this run trains on {device}; set sync_batchnorm=False")
         from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNorm + activation layers
 
@@ -186,7 +187,7 @@ def context() -> Distributed:
     backend = "gloo"
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+            raise InputError(f"LOCAL_RANK is {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
                              f"start at most that many processes per machine (torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)  # before the process group, so NCCL uses this process's GPU
         backend = "cpu:gloo,cuda:nccl"  # CPU tensors (metrics) over gloo, GPU tensors over NCCL

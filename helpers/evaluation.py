@@ -246,6 +246,22 @@ def compute_metrics(pred: pd.DataFrame, classes: Sequence[str]) -> dict:
 # Calibration
 
 
+def per_subject(pred: pd.DataFrame, subjects: Sequence[str]) -> pd.DataFrame:
+    """One row per subject (``subjects``: each test image's, in ``pred``'s order): its images, how many are
+    right, its accuracy and the classes it holds; worst first (lowest accuracy, then most images). A model that
+    fails on whole subjects (one patient's scans, one writer's digits) shows here, not in the per-class table."""
+    subjects = np.asarray(subjects).astype(str)
+    if len(subjects) != len(pred):
+        raise ValueError(f"subjects has {len(subjects)} entries for {len(pred)} predictions")
+    frame = pd.DataFrame({"subject": subjects, "correct": (pred["target"] == pred["predicted"]).to_numpy(),
+                          "true": pred["true"].to_numpy()})
+    table = frame.groupby("subject").agg(images=("correct", "size"), right=("correct", "sum"),
+                                         classes=("true", lambda s: ", ".join(sorted(set(map(str, s))))))
+    table["accuracy"] = table["right"] / table["images"]
+    table = table[["images", "right", "accuracy", "classes"]]
+    return table.sort_values(["accuracy", "images"], ascending=[True, False], kind="stable").reset_index()
+
+
 def _check_probs(probs: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs, targets = np.asarray(probs, dtype=float), np.asarray(targets).astype(int)
     if probs.ndim != 2 or len(probs) != len(targets):
@@ -275,18 +291,25 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
 
 
 def ece_difference_se(probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, rounds: int = 500,
-                      seed: int = 0, n_bins: int = 15) -> float:
+                      seed: int = 0, n_bins: int = 15, groups: Sequence | None = None) -> float:
     """Standard error of ``ECE(a) - ECE(b)`` for two sets of probabilities for the same images (e.g. before and
-    after temperature scaling): a paired bootstrap over the images. ECE is not a per-image mean, so no formula;
-    on a few dozen images the difference moves by hundredths from resampling alone."""
+    after temperature scaling): a paired bootstrap over the images, or over whole subjects given ``groups`` (each
+    image's subject). ECE is not a per-image mean, so no formula; on a few dozen images the difference moves by
+    hundredths from resampling alone."""
     probs_a, targets = _check_probs(probs_a, targets)
     probs_b, _ = _check_probs(probs_b, targets)
     if probs_a.shape != probs_b.shape:
         raise ValueError(f"probs_a and probs_b must have the same shape, got {probs_a.shape} and {probs_b.shape}")
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        names, group_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        if len(group_of) != len(targets):
+            raise ValueError(f"groups has {len(group_of)} entries for {len(targets)} images")
+        members = [np.flatnonzero(group_of == g) for g in range(len(names))]
     diffs = []
     for _ in range(rounds):
-        i = rng.integers(0, len(targets), len(targets))
+        i = (rng.integers(0, len(targets), len(targets)) if groups is None
+             else np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))]))
         diffs.append(expected_calibration_error(probs_a[i], targets[i], n_bins)
                      - expected_calibration_error(probs_b[i], targets[i], n_bins))
     return float(np.std(diffs, ddof=1))

@@ -38,6 +38,7 @@ import torch.export.passes as passes
 from torch import nn
 from torchvision.transforms import v2
 
+from .errors import InputError
 from .files import atomic_open
 from .transforms import Preprocessing, eval_transform
 
@@ -118,7 +119,7 @@ def is_exported(path: str | os.PathLike) -> bool:
         return any(name.endswith(f"extra/{META_FILE}") for name in archive.namelist())
 
 
-class UnsafeExportError(ValueError):
+class UnsafeExportError(InputError):
     """An exported file that ``torch.export.load`` would unpickle (or run native code from)."""
 
 
@@ -177,7 +178,7 @@ def check_export_safe(path: str | os.PathLike) -> None:
             f"the file. Share and load the weights_only checkpoint (best.pt) instead; for a file you exported "
             f"yourself, pass trusted=True (predict: --trust-export)") from None
     except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError, KeyError, OSError) as err:
-        raise ValueError(f"{path} is damaged or not a helpers export ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path} is damaged or not a helpers export ({type(err).__name__}: {err})") from err
 
 
 class _KeepRecords(logging.Handler):
@@ -225,7 +226,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
     if not is_exported(path):
-        raise ValueError(f"{path} is not a model exported by helpers.export.export_model "
+        raise InputError(f"{path} is not a model exported by helpers.export.export_model "
                          f"(no {META_FILE} inside); a training checkpoint loads with "
                          f"helpers.checkpoint.model_from_checkpoint")
     if not trusted:
@@ -237,11 +238,11 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
             meta = json.loads(extra[META_FILE])
         except Exception as err:  # torch raises many kinds for a damaged archive; name the file instead
             cause = kept.cause() or err
-            raise ValueError(f"{path} is damaged or was exported by an incompatible torch "
+            raise InputError(f"{path} is damaged or was exported by an incompatible torch "
                              f"({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})") from err
     kept.replay()  # the file loaded: torch's warnings, if any, are worth seeing after all
     if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
+        raise InputError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
     # An exported program's constants are baked into its graph: .to(device) on its module does not
     # move them all; the supported pass rewrites the program for the device (a no-op for the CPU).
     program = passes.move_to_device_pass(program, torch.device(device))

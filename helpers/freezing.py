@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .errors import InputError
 from .models import TransferModel, new_classifier
 
 STRATEGIES = ("head", "last_n", "initial", "truncate", "full")
@@ -106,24 +107,24 @@ def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str |
     """
     _check_model(model)
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+        raise InputError(f"unknown strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     names = model.group_names
     body = names[:-1]  # everything before the classifier
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        raise InputError(f"n must be a non-negative integer, got {n!r}")
     if after is not None and strategy != "truncate":
-        raise ValueError(f"after={after!r} only applies to strategy 'truncate', not {strategy!r}")
+        raise InputError(f"after={after!r} only applies to strategy 'truncate', not {strategy!r}")
     options: dict = {}
     if strategy == "head":
         set_trainable(model, ["classifier"])
     elif strategy == "last_n":
         if not 1 <= n <= len(body):
-            raise ValueError(f"last_n needs 1 <= n <= {len(body)} for this model, got {n}")
+            raise InputError(f"last_n needs 1 <= n <= {len(body)} for this model, got {n}")
         set_trainable(model, body[-n:] + ["classifier"])
         options = {"n": n}
     elif strategy == "initial":
         if not 1 <= n <= len(body):
-            raise ValueError(f"initial needs 1 <= n <= {len(body)} for this model, got {n}")
+            raise InputError(f"initial needs 1 <= n <= {len(body)} for this model, got {n}")
         set_trainable(model, body[:n] + ["classifier"])
         options = {"n": n}
     elif strategy == "truncate":
@@ -131,7 +132,7 @@ def apply_strategy(model: TransferModel, strategy: str, n: int = 2, after: str |
         model = truncate(model, after)
         kept = model.group_names[:-2]
         if not 1 <= n <= len(kept) + 1:
-            raise ValueError(f"truncate needs 1 <= n <= {len(kept) + 1}, got {n}")
+            raise InputError(f"truncate needs 1 <= n <= {len(kept) + 1}, got {n}")
         set_trainable(model, kept[len(kept) - (n - 1):] + ["head", "classifier"] if n > 1 else ["head", "classifier"])
         options = {"after": after, "n": n}
     else:
@@ -182,7 +183,7 @@ def param_groups(model: TransferModel, lr: float, layer_decay: float = 1.0,
     """
     _check_model(model)
     if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        raise InputError(f"layer_decay must be in (0, 1], got {layer_decay}")
     groups = []
     names = model.group_names
     for depth, name in enumerate(reversed(names)):

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import ImageDataset, subject_folds, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
+from .data import ImageDataset, subject_folds, subjects_of, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import BackboneSpec, TransferModel, create_model, offline_backbones
@@ -403,9 +403,9 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
     ``score`` is ``metric`` (the run's selection metric: macro-F1 catches a mirror that ruins a rare class,
     which accuracy hides), ``accuracy`` is reported beside it. ``loss_beyond_noise`` marks a score below the
     reference by more than two standard errors of the paired difference (``margin``; a bootstrap over the images
-    for macro-F1, `helpers.selection.difference_se`). A loss within the margin is no evidence either way; several
-    rows at two standard errors
-    each also raise the odds of one false alarm, which is why a loss only takes the flips out of the recipe
+    for macro-F1, over whole subjects when the data names them, `helpers.selection.difference_se`). A loss
+    within the margin is no evidence either way; several rows at two standard errors each also raise the odds
+    of one false alarm, which is why a loss only takes the flips out of the recipe
     (`helpers.workbook.settle_augment`), a cheap change, and nothing else.
     """
     from sklearn.base import clone
@@ -422,8 +422,10 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
         raise ValueError("mirror_check needs validation images; the validation split is empty")
     few = stratified_subset(train_set, max_train, seed)
     train_features, train_targets = pooled_features(model, few, device)
-    probe = fit_probe(train_features, train_targets, seed=seed, metric=metric)  # weighted as the run's probe is
+    probe = fit_probe(train_features, train_targets, seed=seed, metric=metric,  # weighted as the run's probe is
+                      groups=subjects_of(few))  # and C chosen on folds of whole subjects, as the run's is
     val_features, targets = pooled_features(model, val_set, device)
+    subjects = subjects_of(val_set)  # resampled whole for the margins: one subject's images err together
     classes = probe.pipeline.classes_
     reference = probe.predict(val_features)
     reference_score = score(metric, targets, reference)
@@ -444,7 +446,7 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
                           ("trained on mirrors", augmented.predict(val_features))):
             mirrored_score = score(metric, targets, pred)
             difference = float(mirrored_score - reference_score)
-            margin = TIE_SE * difference_se(metric, targets, pred, reference, seed=seed)
+            margin = TIE_SE * difference_se(metric, targets, pred, reference, seed=seed, groups=subjects)
             rows.append({"mirror": name, "use": use, "metric": metric, "score": mirrored_score,
                          "accuracy": float((pred == targets).mean()), "difference": difference, "margin": margin,
                          "changed_answers": int((pred != reference).sum()),
@@ -727,12 +729,13 @@ def _seconds(value: float) -> str:
 # 05: the final model beside its baselines
 
 
-def results_table(metrics: dict, baselines: dict, metric: str = "accuracy") -> pd.DataFrame:
+def results_table(metrics: dict, baselines: dict, metric: str = "accuracy", final: str | None = None) -> pd.DataFrame:
     """The final model's test scores beside the majority class, the linear probe and the from-scratch control.
 
     The control and the best pretrained strategy are notebook 03's scores (on validation, or cross-validated on
     train + validation: ``split`` says which), which exist only in the metric 03 selected by (``metric``); their
-    other columns stay empty."""
+    other columns stay empty (NaN). ``final`` is ``final.json``'s ``model``: when it is ``"probe"`` the last row
+    says so, since it then repeats the probe's row."""
     scored = ("accuracy", "balanced_accuracy", "macro_f1")
     rows = [{"model": "majority class", "split": "test", **{k: baselines["majority"][k] for k in scored}},
             {"model": "linear probe", "split": "test", **{k: baselines["probe"][k] for k in scored}}]
@@ -743,7 +746,8 @@ def results_table(metrics: dict, baselines: dict, metric: str = "accuracy") -> p
                      **{**empty, metric: baselines["scratch"]["score"]}})
         rows.append({"model": "best pretrained (03's budget)", "split": split,
                      **{**empty, metric: baselines["scratch"]["pretrained_score"]}})
-    rows.append({"model": "final model", "split": "test", **{k: metrics[k] for k in scored}})
+    rows.append({"model": "final model (the probe)" if final == "probe" else "final model", "split": "test",
+                 **{k: metrics[k] for k in scored}})
     return pd.DataFrame(rows)
 
 
@@ -773,7 +777,26 @@ def accuracy_margin(accuracy: float, n: int) -> float:
     return 2 * math.sqrt(adjusted * (1 - adjusted) / (n + 4))
 
 
-def noise_note(n: int, accuracy: float = 0.85) -> str:
-    """One sentence on how large a difference ``n`` test images can resolve."""
-    return (f"With {n} test images, two standard errors of an accuracy near {accuracy:.2f} are "
-            f"±{accuracy_margin(accuracy, n):.3f}: smaller differences are within the noise of the split.")
+def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndarray | None = None,
+                   seed: int = 0) -> float:
+    """Two standard errors of the accuracy of ``predicted``: the per-image formula (`accuracy_margin`) or, given
+    ``subjects`` (each image's), a bootstrap over whole subjects, never below the formula. Images of one
+    subject tend to be right or wrong together, so they are less evidence than as many independent images."""
+    from .metrics import score_margin
+
+    targets, predicted = np.asarray(targets), np.asarray(predicted)
+    formula = accuracy_margin(float((targets == predicted).mean()), len(targets))
+    if subjects is None:
+        return formula
+    return max(formula, score_margin("accuracy", targets, predicted, seed=seed, groups=subjects))
+
+
+def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subjects: int | None = None) -> str:
+    """One sentence on how large a difference ``n`` test images can resolve; ``margin`` (two standard errors)
+    from `accuracy_noise` when they come from ``subjects`` subjects, else the per-image formula."""
+    margin = accuracy_margin(accuracy, n) if margin is None else margin
+    where = f"{n} test images" + (f" of {subjects} subjects" if subjects else "")
+    how = (" (a bootstrap over whole subjects: one subject's images tend to be right or wrong together)"
+           if subjects else "")
+    return (f"With {where}, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}{how}: smaller "
+            f"differences are within the noise of the split.")

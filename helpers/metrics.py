@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
@@ -28,10 +30,31 @@ def score(metric: str, targets: np.ndarray, predictions: np.ndarray) -> float:
     raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
 
 
+def resample_counts(n: int, rounds: int, seed: int = 0, groups: Sequence | None = None) -> np.ndarray:
+    """How often each of ``n`` images is drawn in each of ``rounds`` bootstrap resamples: shape (rounds, n).
+
+    Without ``groups``, images are drawn one by one. With ``groups`` (each image's subject: patient, specimen,
+    writer), whole subjects are drawn, each bringing all its images: the *cluster* bootstrap. Images of one subject
+    tend to be right or wrong together, so they are not independent, and resampling them one by one would
+    understate the noise."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        draws = np.stack([rng.integers(0, n, n) for _ in range(rounds)])  # one resample per row, as a loop draws them
+        return np.stack([np.bincount(row, minlength=n) for row in draws]).astype(float)
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} images")
+    names, group_of = np.unique(groups.astype(str), return_inverse=True)
+    draws = rng.integers(0, len(names), (rounds, len(names)))
+    per_group = np.stack([np.bincount(row, minlength=len(names)) for row in draws])  # (rounds, subjects)
+    return per_group[:, group_of].astype(float)  # each image as often as its subject was drawn
+
+
 def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndarray], rounds: int = 1000,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, groups: Sequence | None = None) -> np.ndarray:
     """``metric`` of each model in ``predictions`` on ``rounds`` bootstrap resamples of the images (the same
-    resamples for every model, so differences stay paired): an array of shape (rounds, models).
+    resamples for every model, so differences stay paired): an array of shape (rounds, models). With ``groups``
+    (each image's subject), whole subjects are resampled (`resample_counts`).
 
     The same numbers as calling `score` on ``targets[i]``, ``predictions[k][i]`` for each resample ``i``, computed
     from per-class counts in one matrix product instead of a loop of scikit-learn calls (a macro-F1 bootstrap on a
@@ -39,10 +62,8 @@ def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndar
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
     targets = np.asarray(targets)
-    n = len(targets)
-    rng = np.random.default_rng(seed)
-    draws = np.stack([rng.integers(0, n, n) for _ in range(rounds)])  # one resample per row, as a loop draws them
-    counts = np.stack([np.bincount(row, minlength=n) for row in draws]).astype(float)  # (rounds, n) multiplicities
+    counts = resample_counts(len(targets), rounds, seed, groups)  # (rounds, n) multiplicities
+    drawn = counts.sum(1)  # images in each resample: n, or with subjects whatever the drawn subjects hold
     classes = np.union1d(targets, np.concatenate([np.asarray(p) for p in predictions]))
     is_target = (targets[:, None] == classes[None, :]).astype(float)  # (n, classes)
     support = counts @ is_target  # (rounds, classes): images of each class in each resample
@@ -50,7 +71,7 @@ def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndar
     for k, pred in enumerate(predictions):
         pred = np.asarray(pred)
         if metric == "accuracy":
-            out[:, k] = counts @ (pred == targets).astype(float) / n
+            out[:, k] = counts @ (pred == targets).astype(float) / drawn
             continue
         is_pred = (pred[:, None] == classes[None, :]).astype(float)
         hits = counts @ (is_target * is_pred)  # true positives per class
@@ -66,8 +87,8 @@ def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndar
 
 
 def score_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, rounds: int = 1000,
-                 seed: int = 0) -> float:
-    """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`): the
-    noise of a score that is not a mean over images (macro-F1), and of accuracy without a formula's assumptions.
-    0.0 when every resample scores the same (all right, or all wrong)."""
-    return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed)[:, 0].std(ddof=1))
+                 seed: int = 0, groups: Sequence | None = None) -> float:
+    """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`; over
+    whole subjects given ``groups``): the noise of a score that is not a mean over images (macro-F1), and of
+    accuracy without a formula's assumptions. 0.0 when every resample scores the same (all right, or all wrong)."""
+    return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed, groups)[:, 0].std(ddof=1))

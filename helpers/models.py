@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import InputError
+
 __all__ = [
     "BackboneSpec",
     "TransferModel",
@@ -323,7 +325,7 @@ def _timm_grouper(m: nn.Module) -> Callable[[nn.Module], "OrderedDict[str, nn.Mo
         return _groups_resnet
     if kind == "ConvNeXt":
         return _groups_timm_convnext
-    raise ValueError(
+    raise InputError(
         f"timm model class {kind} is not supported; use a timm EfficientNet, ResNet or ConvNeXt "
         f"(e.g. 'timm/resnet50.a1_in1k') or one of {available_backbones()}"
     )
@@ -394,7 +396,7 @@ def _check_timm_name(arch: str, pretrained: bool = True) -> None:
 
     base, _, tag = arch.partition(".")
     if base not in timm.list_models():
-        raise ValueError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
+        raise InputError(f"unknown timm model {arch!r}; timm.list_models('<pattern>*') lists the names")
     # Untagged names are listed without their tags; the tagged ones only with include_tags (weights: pretrained).
     listed = timm.list_models(base, pretrained=pretrained, include_tags=True)
     if tag and arch not in listed:
@@ -403,7 +405,7 @@ def _check_timm_name(arch: str, pretrained: bool = True) -> None:
         known = (f"valid tags: {valid[:8]}" + (f" and {len(valid) - 8} more" if len(valid) > 8 else "")
                  + f" (timm.list_models({base!r}, pretrained={pretrained}, include_tags=True) lists them)"
                  ) if valid else "it has no pretrained weights in timm"
-        raise ValueError(f"unknown {kind} {tag!r} for timm model {base!r}; {known}")
+        raise InputError(f"unknown {kind} {tag!r} for timm model {base!r}; {known}")
 
 
 def _offline_timm_weights(arch: str) -> str | None:
@@ -437,7 +439,7 @@ def check_weights_available(name: str) -> None:
         _check_timm_name(name[len(TIMM_PREFIX):])
         _offline_timm_weights(name[len(TIMM_PREFIX):])
     else:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {available_backbones()} or 'timm/<model name>'")
+        raise InputError(f"unknown backbone {name!r}; choose one of {available_backbones()} or 'timm/<model name>'")
 
 
 def _torchvision_model(name: str, pretrained: bool) -> tuple[nn.Module, str, float | None]:
@@ -500,10 +502,10 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = True, dr
                         f"or 'timm/<model name>'")
     if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
                                     or num_classes < 2):
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r} (or None to keep the "
+        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r} (or None to keep the "
                          f"ImageNet classifier)")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
 
     if name in _WHEELS:
         import timm
@@ -530,7 +532,7 @@ def create_model(name: str, num_classes: int | None, pretrained: bool = True, dr
         base, source, spec = _timm_model(name[len(TIMM_PREFIX):], pretrained)
         groups = _timm_grouper(base)(base)
     else:
-        raise ValueError(
+        raise InputError(
             f"unknown backbone {name!r}; choose one of {available_backbones()} "
             f"(offline: {offline_backbones()}) or 'timm/<model name>'"
         )

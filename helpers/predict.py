@@ -28,12 +28,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import IMAGE_EXTENSIONS, ImageReadError, is_hidden_name, read_image
+from .errors import InputError
 from .export import ProbabilityModel, export_transform, is_exported, load_exported
 from .files import write_csv
 from .runtime import make_loader, pick_device, tune_cpu, with_progress
 
 
-class PredictError(Exception):
+class PredictError(InputError):
     """A problem with the command's inputs, reported as one line without a traceback."""
 
 
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out_is_not_an_input(args.out, args.model, files)
         device = pick_device(args.device)
         model, meta = load_model(args.model, device, args.trust_export)
-    except (PredictError, ValueError) as err:
+    except InputError as err:  # PredictError too; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 

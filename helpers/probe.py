@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from .cache import extract_features
 from .data import subject_folds
+from .errors import InputError
 from .metrics import class_weighting
 from .models import TransferModel, final_linear
 from .runtime import pick_device
@@ -84,7 +85,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
     features, targets = np.asarray(features, dtype=np.float64), np.asarray(targets)
     counts = np.bincount(targets)
     if (counts > 0).sum() < 2:
-        raise ValueError(f"a probe needs at least two classes in the training features, got counts {counts}")
+        raise InputError(f"a probe needs at least two classes in the training features, got counts {counts}")
     folds = int(min(folds, counts[counts > 0].min(), len(set(groups)) if groups is not None else folds))
     class_weight = class_weighting(metric)
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=class_weight))

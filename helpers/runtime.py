@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .errors import InputError
+
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
 
@@ -26,12 +28,12 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given, else the best available: cuda, then mps, then cpu."""
     if device is not None and str(device) != "auto":
         if str(device).split(":")[0] not in DEVICE_TYPES:
-            raise ValueError(f"unknown device {str(device)!r}; choose 'cuda', 'mps', 'cpu' or 'auto'")
+            raise InputError(f"unknown device {str(device)!r}; choose 'cuda', 'mps', 'cpu' or 'auto'")
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+            raise InputError("device 'cuda' requested but no CUDA GPU is available")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' requested but Apple MPS is not available")
+            raise InputError("device 'mps' requested but Apple MPS is not available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -104,6 +106,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """`seed_everything(seed)` for the block only: afterwards Python's, numpy's and torch's CPU generators
+    are back where the caller left them, so a helper that draws its own randomness (augmented views of a
+    cache) does not reset the caller's stream. CUDA generators are left alone: the images are augmented on
+    the CPU."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def env_int(name: str, default: int) -> int:
     """An integer environment variable (torchrun's RANK, WORLD_SIZE ...), ``default`` when unset."""
     text = os.environ.get(name, "").strip()
@@ -112,7 +130,7 @@ def env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {text!r}") from None
+        raise InputError(f"environment variable {name} must be an integer, got {text!r}") from None
 
 
 def default_num_workers() -> int:

@@ -21,6 +21,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 
 from .data import ImageDataset, subject_folds, subjects_of, subsample
+from .errors import InputError
 from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score
 from .models import TransferModel, create_model
@@ -108,7 +110,7 @@ def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
     if subjects is not None:
         folds = min(folds, len(set(subjects)))
     if folds < 2:
-        raise ValueError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
+        raise InputError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
                          f"subjects) among {len(pool)}")
     parts = (StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels) if subjects is None
              else subject_folds(labels, subjects, folds, seed))
@@ -212,7 +214,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
             "targets": pred["target"].to_numpy(), "predicted": pred["predicted"].to_numpy(),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "subjects": subjects_of(val), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "seconds": time.perf_counter() - started + shared_seconds}
 
 
@@ -223,24 +225,29 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def difference_se(metric: str, targets: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, rounds: int = 1000,
-                  seed: int = 0) -> float:
+                  seed: int = 0, groups: Sequence | None = None) -> float:
     """Standard error of ``score(a) - score(b)`` for two models' predictions on the same images: the paired
-    formula for accuracy, a bootstrap over the images for the other metrics (they are not per-image means)."""
-    if metric == "accuracy":
+    formula for accuracy, a bootstrap over the images for the other metrics (they are not per-image means). With
+    ``groups`` (each image's subject), a bootstrap over whole subjects for every metric: the formula would
+    treat one subject's images as independent evidence."""
+    if metric == "accuracy" and groups is None:
         return paired_se(pred_a == targets, pred_b == targets)
-    scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed)
+    scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed, groups)
     return float(np.std(scores[:, 0] - scores[:, 1], ddof=1))
 
 
-def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned_pred: np.ndarray | None) -> dict:
+def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned_pred: np.ndarray | None,
+                 subjects: Sequence | None = None) -> dict:
     """The floor's evidence on validation: the probe's and the fine-tuned model's scores, and the noise of
-    their difference (``TIE_SE`` standard errors); the fine-tuned model must clear it to replace the probe."""
+    their difference (``TIE_SE`` standard errors; over whole subjects given ``subjects``); the fine-tuned model
+    must clear it to replace the probe. The answer's ``subjects`` counts them (None without)."""
     targets, probe_pred = np.asarray(targets), np.asarray(probe_pred)
-    out = {"n": len(targets), "probe": score(metric, targets, probe_pred), "fine_tuned": None, "noise": None}
+    out = {"n": len(targets), "probe": score(metric, targets, probe_pred), "fine_tuned": None, "noise": None,
+           "subjects": None if subjects is None else len(set(map(str, subjects)))}
     if tuned_pred is not None:
         tuned_pred = np.asarray(tuned_pred)
         out["fine_tuned"] = score(metric, targets, tuned_pred)
-        out["noise"] = TIE_SE * difference_se(metric, targets, tuned_pred, probe_pred)
+        out["noise"] = TIE_SE * difference_se(metric, targets, tuned_pred, probe_pred, groups=subjects)
     return out
 
 
@@ -253,7 +260,8 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     For accuracy both errors are the usual formulas on the per-image hits; macro-F1 and balanced accuracy are
     not means over images, so their errors come from a bootstrap over the images (paired for ``se_vs_best``;
     with several folds, over the folds' pooled predictions). Each run needs ``targets`` and ``predicted`` then,
-    as `evaluate_candidate` returns them."""
+    as `evaluate_candidate` returns them. When the runs carry ``subjects`` (the data names them), every error is
+    a bootstrap over whole subjects, accuracy's too."""
     frame = pd.DataFrame(runs)
     table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
                                           trainable=("trainable", "first"), seconds=("seconds", "sum"))
@@ -262,7 +270,9 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     table["cost"] = [COST_ORDER.index(s) for s in table.index]
     table = table.sort_values(["score", "cost"], ascending=[False, True], kind="stable")
     best = next(s for s in table.index if s != CONTROL)
-    if metric == "accuracy":
+    subjects = (np.concatenate(list(frame[frame["strategy"] == best]["subjects"]))
+                if "subjects" in frame.columns and frame["subjects"].notna().all() else None)
+    if metric == "accuracy" and subjects is None:
         correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
         one_fold_se = {s: math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))
                        for s in table.index}
@@ -275,7 +285,7 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
         targets = np.concatenate(list(frame[frame["strategy"] == best]["targets"]))
         predicted = {s: np.concatenate(list(g["predicted"])) for s, g in frame.groupby("strategy")}
         names = list(table.index)
-        boot = bootstrap_scores(metric, targets, [predicted[s] for s in names])
+        boot = bootstrap_scores(metric, targets, [predicted[s] for s in names], groups=subjects)
         one_fold_se = dict(zip(names, boot.std(axis=0, ddof=1), strict=True))
         best_column = boot[:, names.index(best)]
         vs_best = [float(np.std(best_column - boot[:, k], ddof=1)) if s != best else 0.0

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from . import distributed, workbook
 from .checkpoint import save_model
+from .errors import InputError
 from .course import data_root_from_here, parse_value
 from .lessons import score_of
 from .selection import build_model, phase_one, start_from_probe, trains_beyond_classifier
@@ -138,9 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing,
                            params.run / "best.pt", meta={"task": params.task, "phase": 1}, score=candidate,
                            metric=budget["metric"])
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # A KeyError names a missing column (helpers.data.load_table); str() would wrap its message in quotes.
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+    except (InputError, FileNotFoundError) as err:  # anything else is a bug: it keeps its traceback
+        print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         if not joined:

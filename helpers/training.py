@@ -34,6 +34,7 @@ from . import cache as feature_cache
 from . import distributed
 from .checkpoint import atomic_save, describe_model, load_checkpoint
 from .data import targets_of
+from .errors import InputError
 from .files import write_csv, write_json
 from .freezing import param_groups, unfreeze_last
 from .metrics import METRICS, score
@@ -54,7 +55,7 @@ def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
     if allow_none and value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}a positive integer, got {value!r}")
+        raise InputError(f"{name} must be {'None or ' if allow_none else ''}a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         _positive_int("patience", self.patience, allow_none=True)
         if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < 10:
-            raise ValueError(f"lr must be a positive number below 10, got {self.lr!r}")
+            raise InputError(f"lr must be a positive number below 10, got {self.lr!r}")
         for name, valid in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("metric", METRICS),
                             ("cache", ("auto", True, False))):
             if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(valid)}")
+                raise InputError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(valid)}")
         checks = (("weight_decay", self.weight_decay >= 0, ">= 0"),
                   ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
                   ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "in [0, 1)"),
@@ -109,16 +110,16 @@ class TrainConfig:
                                                                and self.num_workers >= 0), "None or >= 0"))
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         weights = self.class_weights
         if isinstance(weights, str) and weights != "balanced":
-            raise ValueError(f"class_weights must be 'balanced', a tensor or None, got {weights!r}")
+            raise InputError(f"class_weights must be 'balanced', a tensor or None, got {weights!r}")
         if weights is not None and not isinstance(weights, str):  # a tensor, array or list: store plain floats
             object.__setattr__(self, "class_weights", tuple(float(w) for w in torch.as_tensor(weights).flatten()))
         schedule = {int(k): int(v) for k, v in dict(self.unfreeze_schedule).items()}
         for epoch, n in schedule.items():
             if not 1 <= epoch <= self.epochs or n < 1:
-                raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{self.epochs}, "
+                raise InputError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{self.epochs}, "
                                  f"values numbers of groups >= 1")
         object.__setattr__(self, "unfreeze_schedule", dict(sorted(schedule.items())))
 
@@ -261,7 +262,7 @@ def _check_inputs(model: TransferModel, train_set: Dataset, val_set: Dataset, co
     if not isinstance(model, TransferModel):
         raise TypeError(f"fit needs a TransferModel from helpers.models.create_model, got {type(model).__name__}")
     if len(train_set) == 0 or len(val_set) == 0:
-        raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
+        raise InputError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation images")
     train_classes, val_classes = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
     if train_classes is not None and val_classes is not None and list(train_classes) != list(val_classes):
         raise ValueError(f"the training set's classes {list(train_classes)} differ from the validation set's "
@@ -278,7 +279,7 @@ def _check_inputs(model: TransferModel, train_set: Dataset, val_set: Dataset, co
     groups = len(model.group_names)
     for epoch, n in config.unfreeze_schedule.items():
         if n > groups:
-            raise ValueError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{config.epochs}, "
+            raise InputError(f"unfreeze_schedule entry {epoch}: {n} is invalid; keys are epochs 1..{config.epochs}, "
                              f"values numbers of groups 1..{groups} (of {model.group_names})")
     _check_plain(meta, "meta")
     clash = sorted(set(meta) & {f.name for f in fields(Preprocessing)})
@@ -339,7 +340,7 @@ def _check_resumable(path: Path, identity: dict, config: TrainConfig, world_size
     state = load_checkpoint(path)
     then = state.get("world_size", 1)
     if then != world_size:  # the shares, batches and steps per epoch all depend on it
-        raise ValueError(f"cannot resume from {path}: it was trained by {then} process(es), this run has "
+        raise InputError(f"cannot resume from {path}: it was trained by {then} process(es), this run has "
                          f"{world_size}; resume with the same number (torchrun --nnodes x --nproc_per_node), "
                          f"or use a new out_dir to start over")
     differences = []
@@ -351,13 +352,13 @@ def _check_resumable(path: Path, identity: dict, config: TrainConfig, world_size
             differences.append((key, state[key], identity[key]))
     if differences:
         name, then, now = differences[0]
-        raise ValueError(f"cannot resume from {path}: {name} is {then!r} there but {now!r} now")
+        raise InputError(f"cannot resume from {path}: {name} is {then!r} there but {now!r} now")
     # A setting added after the checkpoint was written had its default value there.
     saved = {**asdict(TrainConfig()), **state["config"]}
     changed = [f"{k} is {saved.get(k)!r} there but {v!r} now" for k, v in asdict(config).items()
                if saved.get(k) != v]
     if changed:
-        raise ValueError(f"cannot resume from {path}: training settings differ: " + ", ".join(changed)
+        raise InputError(f"cannot resume from {path}: training settings differ: " + ", ".join(changed)
                          + " (use the same settings, or a new out_dir to start over)")
     return state
 
@@ -452,7 +453,7 @@ def fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Trai
         raise ValueError("resume=True needs out_dir (where last.pt is)")
     ctx = distributed.context()
     if len(val_set) < ctx.world_size:
-        raise ValueError(f"{ctx.world_size} processes need at least as many validation images (one share each), "
+        raise InputError(f"{ctx.world_size} processes need at least as many validation images (one share each), "
                          f"got {len(val_set)}")
     out = Path(out_dir) if out_dir is not None else None
     identity = _identity(model, train_set, val_set, preprocessing) if out is not None else {}

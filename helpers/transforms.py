@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
+from .errors import InputError
 from .models import BackboneSpec, TransferModel
 
 INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
@@ -55,15 +56,15 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) \
                 or not 8 <= self.image_size <= MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size must be an integer in 8..{MAX_IMAGE_SIZE}, got {self.image_size!r}")
+            raise InputError(f"image_size must be an integer in 8..{MAX_IMAGE_SIZE}, got {self.image_size!r}")
         if not 0.1 <= float(self.crop_pct) <= 1.0:
-            raise ValueError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct!r}")
+            raise InputError(f"crop_pct must be in [0.1, 1.0], got {self.crop_pct!r}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; choose one of {list(INTERPOLATIONS)}")
+            raise InputError(f"unknown interpolation {self.interpolation!r}; choose one of {list(INTERPOLATIONS)}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if len(value) != 3 or (name == "std" and min(value) <= 0):
-                raise ValueError(f"{name} needs three values (R, G, B){', all > 0' if name == 'std' else ''}, "
+                raise InputError(f"{name} needs three values (R, G, B){', all > 0' if name == 'std' else ''}, "
                                  f"got {value!r}")
         # Plain floats and tuples, so the spec compares equal after a round trip through a checkpoint.
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
@@ -84,7 +85,7 @@ class Preprocessing:
         missing = [n for n in names[:4] if n not in values]
         unknown = sorted(set(values) - set(names))
         if missing or unknown:
-            raise ValueError(f"a preprocessing spec needs {names[:4]} (and may give {names[4:]}); "
+            raise InputError(f"a preprocessing spec needs {names[:4]} (and may give {names[4:]}); "
                              f"missing {missing}, unknown {unknown}")
         return cls(**values)
 
@@ -176,7 +177,7 @@ def train_transform(source: Preprocessing | BackboneSpec | TransferModel, image_
     - ``"none"``: identical to `eval_transform` (deterministic, so features can be cached).
     """
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r}; choose one of {list(AUGMENTATIONS)}")
+        raise InputError(f"unknown augment {augment!r}; choose one of {list(AUGMENTATIONS)}")
     prep = _as_preprocessing(source, image_size, crop_pct)
     interpolation = INTERPOLATIONS[prep.interpolation]
     pad = [SquarePad()] if prep.square_pad else []

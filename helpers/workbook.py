@@ -30,8 +30,9 @@ import torch
 from .data import (ELPV_TASKS, identical_files, load_splits, load_table, make_splits, make_tiny_elpv,
                    minimum_split_size, overlapping_files, prepare_elpv, shared_subjects)
 from . import files
-from .metrics import class_weighting
+from .errors import InputError
 from .freezing import STRATEGIES
+from .metrics import class_weighting
 from .models import TIMM_PREFIX, available_backbones, check_weights_available, offline_backbones
 from .transforms import MAX_IMAGE_SIZE
 
@@ -113,7 +114,7 @@ def run_path(run_name: str) -> Path:
     if not path.is_absolute():
         parts = Path(str(run_name)).parts
         if not run_name or not parts or any(part in ("", ".", "..") for part in parts):
-            raise ValueError(f"run_name must be a plain folder name or an absolute path, got {run_name!r}")
+            raise InputError(f"run_name must be a plain folder name or an absolute path, got {run_name!r}")
         path = workbook_root() / "runs" / run_name
     return path
 
@@ -143,10 +144,10 @@ def run_folder(run_name: str, overwrite: bool = False) -> Path:
     """
     path = run_path(run_name)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"run folder {path} is a file; choose another run_name")
+        raise InputError(f"run folder {path} is a file; choose another run_name")
     foreign = foreign_files(path)
     if foreign and not overwrite:
-        raise ValueError(f"run folder {path} already holds {len(foreign)} file(s) the workbook did not write: "
+        raise InputError(f"run folder {path} already holds {len(foreign)} file(s) the workbook did not write: "
                          f"{foreign[:8]}; choose another run_name (a new or empty folder), or write into it "
                          f"anyway with python -m helpers.course --overwrite")
     path.mkdir(parents=True, exist_ok=True)
@@ -225,19 +226,19 @@ def collect(namespace: dict) -> dict:
 
 def _check_choice(name: str, value: object, valid: list) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {valid}")
+        raise InputError(f"unknown {name} {value!r}; choose one of {valid}")
 
 
 def _positive(name: str, value: object, kind: type) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
                                                                        else int) or value <= 0):
-        raise ValueError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
+        raise InputError(f"{name} must be a positive {kind.__name__} or None, got {value!r}")
 
 
 def _at_most(name: str, value: object, limit: float, why: str) -> None:
     """Refuse nan, infinity and values above ``limit`` (``value`` already passed `_positive`)."""
     if value is not None and not (math.isfinite(value) and value <= limit):
-        raise ValueError(f"{name} must be at most {limit} ({why}), got {value!r}")
+        raise InputError(f"{name} must be at most {limit} ({why}), got {value!r}")
 
 
 # Parameters that name a path or a column: papermill and the command line turn "2024" into an int.
@@ -251,7 +252,7 @@ def _as_text(name: str, value: object) -> str | None:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise ValueError(f"{name} must be text (a path or column name), got {value!r}; pass it as a string "
+    raise InputError(f"{name} must be text (a path or column name), got {value!r}; pass it as a string "
                      f"(papermill: -r {name} VALUE)")
 
 
@@ -269,7 +270,7 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
         _check_choice("task", task, list(ELPV_TASKS))
         for name in ("labels_csv", "group_col", "subject_col"):
             if p[name] is not None:  # ELPV's cells are one image each, of 44 modules the dataset does not name
-                raise ValueError(f"{name} is for your own data (with data_root); ELPV sets it itself")
+                raise InputError(f"{name} is for your own data (with data_root); ELPV sets it itself")
         root = workbook_root() / "data"
         data_root = root / ("elpv_tiny" if smoke else "elpv")
         if materialize:
@@ -293,7 +294,7 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
                 raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
         file_col, label_col, group_col, subject_col = p["file_col"], p["label_col"], p["group_col"], p["subject_col"]
         if subject_col is not None and labels_csv is None:
-            raise ValueError(f"subject_col {subject_col!r} needs a label table (labels_csv) with that column: "
+            raise InputError(f"subject_col {subject_col!r} needs a label table (labels_csv) with that column: "
                              f"class folders say only each image's class")
         stratify_col = None
     return {"data_root": data_root, "labels_csv": labels_csv, "file_col": file_col, "label_col": label_col,
@@ -306,13 +307,13 @@ def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
     torch.device), and the names the user set; nothing is read or written on disk."""
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; valid parameters are {list(PARAMETERS)}")
+        raise InputError(f"unknown parameter(s) {unknown}; valid parameters are {list(PARAMETERS)}")
     p = {**PARAMETERS, **params}
     user_set = tuple(k for k in PARAMETERS if p[k] != PARAMETERS[k])
     p.update({name: _as_text(name, p[name]) for name in TEXT_PARAMETERS})
     for name in ("file_col", "label_col"):
         if not p[name]:
-            raise ValueError(f"{name} must name a column of the label table, got {p[name]!r}")
+            raise InputError(f"{name} must name a column of the label table, got {p[name]!r}")
 
     backbone = p["backbone"]
     if backbone is not None and not str(backbone).startswith(TIMM_PREFIX):
@@ -332,9 +333,9 @@ def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
     _at_most("lr", p["lr"], MAX_LR, "fine-tuning uses about 1e-3")
     _at_most("image_size", p["image_size"], MAX_IMAGE_SIZE, "backbones are trained at 224 to 600 px")
     if p["image_size"] is not None and p["image_size"] < 8:  # transforms.Preprocessing's floor, caught up front
-        raise ValueError(f"image_size must be at least 8 (px), got {p['image_size']!r}")
+        raise InputError(f"image_size must be at least 8 (px), got {p['image_size']!r}")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
-        raise ValueError(f"seed must be an integer, got {p['seed']!r}")
+        raise InputError(f"seed must be an integer, got {p['seed']!r}")
     from .runtime import pick_device
 
     p["device"] = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
@@ -352,7 +353,7 @@ def check_parameters(params: dict, smoke: bool | None = None) -> None:
 def resolve_params(params: dict, smoke: bool | None = None, settled: bool = True) -> Params:
     """Check the notebook parameters and fill the ``None`` ones with defaults.
 
-    Raises ``ValueError`` naming the parameter and listing the valid values for an unknown
+    Raises `InputError` naming the parameter and listing the valid values for an unknown
     key, backbone, strategy, task or device, and naming the value for an ``lr`` that is not
     finite or above `MAX_LR`, or an ``image_size`` above `MAX_IMAGE_SIZE`. Paths and column
     names (`TEXT_PARAMETERS`) given as integers are taken as text. ``smoke`` defaults to `is_smoke`.
@@ -392,17 +393,31 @@ def _with_recorded_dataset(p: dict, user_set: tuple[str, ...], run: Path) -> dic
     Notebooks 03-05 and ``helpers.train`` read the split notebook 02 wrote. Run alone without
     ``data_root``, they would otherwise take themselves for an ELPV run (ELPV's crop, the binary
     task's metric) while training on the recorded images. A value the user did set is compared
-    with the record later (`check_dataset_params`), not replaced.
+    with the record later (`check_dataset_params`), not replaced; and when the user's ``data_root`` names
+    other images than the record's, nothing is filled in: that run's task or label table says nothing
+    about these images.
     """
     path = run / "dataset.json"
     if not path.is_file():
         return p
     config = json.loads(path.read_text(encoding="utf-8"))
+    if "data_root" in user_set and (config.get("elpv") or not _same_folder(p["data_root"], config.get("root"))):
+        return p
     recorded = {"task": config.get("task")} if config.get("elpv") else {
         "data_root": config.get("root"), "labels_csv": config.get("labels_csv"), "file_col": config.get("file_col"),
         "label_col": config.get("label_col"), "group_col": config.get("group_col"),
         "subject_col": config.get("subject_col"), "task": config.get("task")}
     return {**p, **{name: value for name, value in recorded.items() if name not in user_set}}
+
+
+def _same_folder(given: object, recorded: object) -> bool:
+    """Whether the user's ``data_root`` (relative paths: under the workbook root, as `_data_source` reads
+    them) is the folder a run's ``dataset.json`` recorded."""
+    if recorded is None:
+        return False
+    path = Path(str(given)).expanduser()
+    path = path if path.is_absolute() else workbook_root() / path
+    return path.resolve() == Path(str(recorded)).expanduser().resolve()
 
 
 def start(namespace: dict, settled: bool = True) -> Params:
@@ -425,7 +440,7 @@ def settled_recipe(run: Path) -> str | None:
         return None
     recipe = read_json(path, "02_prepare_dataset").get("augment")
     if recipe is not None and recipe not in AUGMENTATIONS:
-        raise ValueError(f"{path}: unknown augment {recipe!r}; choose one of {list(AUGMENTATIONS)}, "
+        raise InputError(f"{path}: unknown augment {recipe!r}; choose one of {list(AUGMENTATIONS)}, "
                          f"or rerun notebooks/02_prepare_dataset.ipynb")
     return recipe
 
@@ -489,7 +504,7 @@ def label_table(params: Params) -> pd.DataFrame:
     table = load_table(params.data_root, params.labels_csv, params.file_col, params.label_col, params.group_col,
                        params.subject_col)
     if table["label"].nunique() < 2:
-        raise ValueError(f"{params.labels_csv or params.data_root}: column {params.label_col!r} has only one "
+        raise InputError(f"{params.labels_csv or params.data_root}: column {params.label_col!r} has only one "
                          f"class, {sorted(table['label'].unique())}; a classifier needs at least two")
     if params.stratify_col:
         strata = load_table(params.data_root, params.labels_csv, params.file_col, params.stratify_col,
@@ -563,7 +578,7 @@ def check_dataset_params(params: Params, config: dict) -> None:
     for name in now:
         if name not in params.user_set or _same_setting(name, now[name], then[name]):
             continue
-        raise ValueError(f"{name} is {now[name]!r} now, but notebook 02_prepare_dataset split the data with "
+        raise InputError(f"{name} is {now[name]!r} now, but notebook 02_prepare_dataset split the data with "
                          f"{then[name]!r} ({params.run / 'dataset.json'}): rerun notebooks/02_prepare_dataset.ipynb "
                          f"(and 03-05) with the new value, drop the parameter, or use a new run_name")
 
@@ -583,11 +598,11 @@ def load_datasets(params: Params, train_tf: Callable | None, eval_tf: Callable |
     splits = load_splits(params.run)
     shared = overlapping_files(splits, config["root"])
     if shared:
-        raise ValueError(f"{params.run}: {len(shared)} image(s) occur in more than one split: {shared[:10]}; "
+        raise InputError(f"{params.run}: {len(shared)} image(s) occur in more than one split: {shared[:10]}; "
                          f"rerun notebooks/02_prepare_dataset.ipynb")
     straddling = shared_subjects(splits)
     if straddling:
-        raise ValueError(f"{params.run}: {len(straddling)} subject(s) have images in more than one split: "
+        raise InputError(f"{params.run}: {len(straddling)} subject(s) have images in more than one split: "
                          f"{straddling[:10]}; rerun notebooks/02_prepare_dataset.ipynb")
     has_group = all(frame["group"].notna().all() for frame in splits.values())
     subject = "subject" if all("subject" in frame.columns for frame in splits.values()) else None
@@ -744,6 +759,7 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
     """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``best.pt`` on the same
     validation images, with the noise of the difference (`selection.floor_scores`): what `choose_final` decides on."""
     from .checkpoint import model_from_checkpoint
+    from .data import subjects_of
     from .evaluation import predict
     from .selection import floor_scores
 
@@ -753,7 +769,7 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
 
     probe = predictions("probe.pt")
     tuned = predictions("best.pt")["predicted"].to_numpy() if fine_tuned else None
-    return floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned)
+    return floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned, subjects_of(val))
 
 
 def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0) -> dict:
@@ -767,6 +783,9 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     from .files import atomic_copy
 
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
+    # With subjects the noise comes from resampling whole subjects, which the sentence has to say.
+    images = (f"{scores['n']} images of {scores['subjects']} subjects, resampled whole"
+              if scores.get("subjects") else f"{scores['n']} images")
     use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
     atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name
@@ -776,11 +795,11 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     elif use_candidate:
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
                        f"{probe:.3f} by {tuned - probe:.3f}, more than the noise ({noise:.3f}: two standard errors "
-                       f"of the difference on these {scores['n']} images): it is the final model.")
+                       f"of the difference on these {images}): it is the final model.")
     elif tuned > probe:
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
                        f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({noise:.3f}: two standard "
-                       f"errors of the difference on these {scores['n']} images). A difference that could be luck "
+                       f"errors of the difference on these {images}). A difference that could be luck "
                        f"goes to the baseline: the course keeps the probe as the final model, since a model "
                        f"has to show that it beats the baseline to replace it.")
     else:
@@ -788,7 +807,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                    "a tie within the noise, and a tie goes to the baseline")
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
                        f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "
-                       f"{scores['n']} images: ±{noise:.3f}): {verdict}. The course keeps the probe (a classifier on "
+                       f"{images}: ±{noise:.3f}): {verdict}. The course keeps the probe (a classifier on "
                        f"the frozen backbone) as the final model.")
     if epochs == 0 and interrupted_training(params.run):
         # An earlier run's phase 2 stopped midway and this one trained none (head, or truncate's classifier):
@@ -813,7 +832,7 @@ def evaluation_recipe(params: Params, final_info: dict) -> str:
     if trained is None:
         return params.augment
     if "augment" in params.user_set and params.augment != trained:
-        raise ValueError(f"augment is {params.augment!r} now, but notebook 04 trained with {trained!r} "
+        raise InputError(f"augment is {params.augment!r} now, but notebook 04 trained with {trained!r} "
                          f"({params.run / 'final.json'}): rerun notebooks/04_fine_tune.ipynb with the new value, "
                          f"or drop the parameter")
     return trained
@@ -862,7 +881,7 @@ def read_decision(params: Params) -> dict:
     (01 rerun with ``task = "4class"`` in the same run would otherwise hand its backbone to a binary split)."""
     decision = read_json(params.run / "decision.json", "01_analyze_approach")
     if decision.get("task", params.task) != params.task:
-        raise ValueError(f"{params.run / 'decision.json'}: notebook 01 chose the backbone for task "
+        raise InputError(f"{params.run / 'decision.json'}: notebook 01 chose the backbone for task "
                          f"{decision['task']!r}, but this notebook runs task {params.task!r}: rerun "
                          f"notebooks/01_analyze_approach.ipynb with task={params.task!r}, or use a new run_name")
     return decision
@@ -883,7 +902,7 @@ def split_fingerprint(run: Path) -> str:
 def check_same_split(recorded: str | None, run: Path, what: str, notebook: str) -> None:
     """Raise when ``recorded`` (a `split_fingerprint` stored in ``what``) is not the run's split now."""
     if recorded is not None and recorded != split_fingerprint(run):
-        raise ValueError(f"{run / what} was made on another split than the one in {run} now (notebook 02 ran "
+        raise InputError(f"{run / what} was made on another split than the one in {run} now (notebook 02 ran "
                          f"again since, e.g. with another seed): its test images may have been training images "
                          f"then. Rerun notebooks/{notebook}.ipynb and the notebooks after it, or use a new run_name")
 

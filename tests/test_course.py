@@ -172,6 +172,20 @@ def test_later_notebooks_take_the_dataset_from_the_split_not_elpv(tmp_path):
     with pytest.warns(workbook.UnsettledRecipeWarning):
         assert workbook.resolve_params({"run_name": four}, smoke=True).task == "4class"  # not the binary default
     assert workbook.resolve_params({"run_name": four}, smoke=True, settled=False).task == "binary"  # 02 decides
+    # Other images named in an ELPV run's folder: its task says nothing about them (a task of 'binary' for a
+    # class-folder dataset used to stop this with "unknown task 'binary'")
+    with pytest.warns(workbook.UnsettledRecipeWarning):
+        other = workbook.resolve_params({"run_name": four, "data_root": str(root)}, smoke=True)
+    assert (other.task, other.elpv, other.data_root) == ("custom", False, root)
+    table = root / "labels.csv"  # nor does another dataset's label table
+    table.write_text("file,label\n" + "".join(f"{label}/{i}.png,{label}\n" for label in ("cat", "dog", "owl")
+                                              for i in range(8)))
+    labelled = {"run_name": run, "data_root": str(root), "labels_csv": "labels.csv"}
+    workbook.prepare_split(workbook.resolve_params(labelled, smoke=True, settled=False))
+    with pytest.warns(workbook.UnsettledRecipeWarning):
+        same = workbook.resolve_params({"run_name": run, "data_root": str(root)}, smoke=True)  # the recorded folder
+        elsewhere = workbook.resolve_params({"run_name": run, "data_root": str(tmp_path)}, smoke=True)
+    assert same.labels_csv == table and elsewhere.labels_csv is None
 
 
 def test_choices_and_models_of_an_older_split_are_refused(tmp_path):
@@ -288,6 +302,31 @@ def test_course_end_to_end_on_class_folders(class_folder_course):
     else:
         assert final["val_fine_tuned"] - final["val_probe"] > final["noise"] and (run / "best.pt").is_file()
     assert 0.0 <= metrics["baseline_majority"] <= 1.0
+
+
+def test_course_end_to_end_with_subjects(tmp_path, monkeypatch):
+    """The course on a label table whose 12 subjects each hold images of every class (writers, say): whole
+    subjects in each split, and 05 reporting per subject, with margins from resampling whole subjects."""
+    monkeypatch.setenv("TL_SMOKE", "1")
+    data = _class_folders(tmp_path / "photos", per_class=24)
+    rows = [f"{name}/{i:02d}.png,{name},writer{i % 12}" for name in ("chelsea", "coffee", "rocket") for i in range(24)]
+    (data / "labels.csv").write_text("file,label,writer\n" + "\n".join(rows) + "\n")
+    run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "labels_csv": "labels.csv",
+                                                     "subject_col": "writer"}, smoke=True, progress=False)
+    for notebook in workbook.NOTEBOOKS:
+        problems = [p for p in output_problems(nbformat.read(run / f"{notebook}.ipynb", as_version=4))
+                    if "fitted temperature" not in p]
+        assert problems == [], notebook
+    writers = {name: set(pd.read_csv(run / f"{name}.csv")["subject"]) for name in ("train", "val", "test")}
+    assert not (writers["train"] & writers["val"] or writers["train"] & writers["test"]
+                or writers["val"] & writers["test"])
+    evaluated = nbformat.read(run / "05_evaluate.ipynb", as_version=4)
+    text = str([c.outputs for c in evaluated.cells if c.cell_type == "code"])
+    assert f"{len(writers['test'])} test subjects: " in text  # the per-subject table
+    assert f"test images of {len(writers['test'])} subjects, two standard errors" in text  # the test margin
+    assert "a bootstrap over whole subjects" in text
+    predictions = pd.read_csv(run / "test_predictions.csv")
+    assert set(predictions["subject"]) == writers["test"]
 
 
 def test_rerunning_phase_two_in_a_kernel_repeats_it(class_folder_course, monkeypatch):

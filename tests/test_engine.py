@@ -197,6 +197,28 @@ def test_each_augmented_view_has_its_own_seed_also_in_workers(tiny_root, tiny_sp
     assert not torch.allclose(first, other)
 
 
+
+def test_a_cached_view_is_seeded_without_resetting_the_callers_random_stream(tiny_root, tiny_splits):
+    import random
+
+    import numpy as np
+
+    model = fresh("last_n", n=1).eval()
+    augmented = ImageDataset(tiny_root, tiny_splits["val"], classes=ELPV_TASKS["binary"][1],
+                             transform=train_transform(model, 48, augment="cells"))
+
+    def view():  # in this process: the augmentation draws from the global generators the helper seeds
+        return cache.extract_features(model, augmented, 2, CPU, batch_size=4, num_workers=0, progress=False,
+                                      seed=5)[0]
+
+    seed_everything(123)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    seed_everything(123)
+    first = view()
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected  # as if the view had not been drawn
+    seed_everything(0)
+    torch.testing.assert_close(view(), first, atol=0, rtol=0)  # the view follows its seed, not the caller's
+
 def test_cache_honours_precision_and_treats_unknown_transforms_as_random(tiny_sets):
     train, val = tiny_sets
     model = fresh().eval()

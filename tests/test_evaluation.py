@@ -211,6 +211,18 @@ def test_ece_difference_se_is_zero_for_equal_probabilities_and_shrinks_with_more
         ev.ece_difference_se(sharp, np.full((60, 3), 1 / 3), targets)
 
 
+def test_ece_difference_se_over_subjects_is_wider_when_subjects_err_together():
+    # 12 subjects of 20 images: the sharp model is wrong on every image of subjects 0-2, the soft one hedges.
+    subject = np.repeat(np.arange(12), 20)
+    targets = np.zeros(240, dtype=int)
+    sharp = np.where((subject < 3)[:, None], [[0.02, 0.98]], [[0.98, 0.02]])
+    soft = np.where((subject < 3)[:, None], [[0.4, 0.6]], [[0.75, 0.25]])
+    per_image = ev.ece_difference_se(sharp, soft, targets)
+    assert ev.ece_difference_se(sharp, soft, targets, groups=subject) > 2 * per_image
+    with pytest.raises(ValueError, match="groups has 3 entries for 240 images"):
+        ev.ece_difference_se(sharp, soft, targets, groups=[1, 2, 3])
+
+
 def test_fit_temperature_recovers_two_and_lowers_heldout_nll():
     logits, labels = toy_logits(4000, seed=0)
     t = ev.fit_temperature(logits, labels)
@@ -477,3 +489,14 @@ def test_a_confusion_matrix_of_60_classes_stays_a_readable_size():
     few = ev.plot_confusion_matrix(table([0, 1, 1], [0, 1, 0], [[.8, .2], [.3, .7], [.6, .4]], BINARY), BINARY)
     assert len(few.axes[0].texts) == 4  # a small matrix keeps its numbers
     plt.close(few)
+
+
+def test_per_subject_lists_the_worst_subjects_first():
+    pred = pd.DataFrame({"target": [0, 0, 1, 1, 1, 0], "predicted": [0, 1, 0, 0, 1, 0],
+                         "true": ["a", "a", "b", "b", "b", "a"]})
+    table = ev.per_subject(pred, ["s1", "s1", "s2", "s2", "s3", "s3"])
+    assert list(table["subject"]) == ["s2", "s1", "s3"]  # 0/2, then 1/2, then 2/2
+    assert list(table["right"]) == [0, 1, 2] and list(table["accuracy"]) == [0.0, 0.5, 1.0]
+    assert table.set_index("subject").loc["s3", "classes"] == "a, b"
+    with pytest.raises(ValueError, match="subjects has 2 entries for 6 predictions"):
+        ev.per_subject(pred, ["s1", "s2"])

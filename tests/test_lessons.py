@@ -57,6 +57,9 @@ def test_results_table_puts_the_validation_controls_in_the_metric_they_were_sele
     assert table.loc["final model", "accuracy"] == 0.86
     assert list(lessons.results_table(metrics, _baselines(False), "accuracy")["model"]) == [
         "majority class", "linear probe", "final model"]
+    # When the floor kept the probe, the last row repeats the probe's and says why
+    assert list(lessons.results_table(metrics, _baselines(False), "accuracy", final="probe")["model"]) == [
+        "majority class", "linear probe", "final model (the probe)"]
     # 03's scores say where they come from: its validation split, or cross-validation when that was small
     assert table.loc["from scratch (03's budget)", "split"] == "validation"
     cross_validated = _baselines()

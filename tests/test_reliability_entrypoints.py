@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import workbook
+from helpers.errors import InputError, MissingColumnError
 from helpers.predict import main as predict_main
 
 
@@ -26,7 +27,7 @@ from helpers.predict import main as predict_main
     ({"labels_csv": "labels.csv"}, r"labels_csv is for your own data \(with data_root\)"),
 ])
 def test_notebook_parameters_are_checked_and_name_the_culprit(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):  # an InputError: the entry points print it as one line
         workbook.resolve_params(bad, smoke=True)
 
 
@@ -116,3 +117,36 @@ def test_train_names_a_missing_label_column_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: ") and "has no column 'label'" in err and "Traceback" not in err
     assert not err.startswith('error: "')  # the message itself, not a KeyError's quoted repr
+
+
+def test_a_missing_column_is_an_input_error_and_a_key_error_without_quotes():
+    err = MissingColumnError("labels.csv has no column 'label'")
+    assert isinstance(err, InputError) and isinstance(err, KeyError)  # `except KeyError` in users' code still works
+    assert str(err) == "labels.csv has no column 'label'"  # KeyError's own str() would add quotes
+
+
+@pytest.mark.parametrize("entry", ["train", "course", "predict"])
+def test_entry_points_print_input_errors_in_one_line_but_keep_a_bugs_traceback(entry, tmp_path, monkeypatch, capsys):
+    """Only `InputError` (and a missing file) is the user's to fix: a plain ValueError raised by a mistake in
+    the helpers must surface with its traceback, not as a tidy "error:" line that hides where it came from."""
+    import helpers.course
+    import helpers.predict
+    import helpers.train
+
+    def run(exc: Exception) -> int:
+        def fail(*args, **kwargs):
+            raise exc
+
+        if entry == "train":
+            monkeypatch.setattr(helpers.train, "resolve", fail)
+            return helpers.train.main(["--run-name", str(tmp_path / "run"), "--no-progress"])
+        if entry == "course":
+            monkeypatch.setattr(helpers.course, "check_parameters", fail)
+            return helpers.course.main(["--name", str(tmp_path / "run")])
+        monkeypatch.setattr(helpers.predict, "check_out_path", fail)
+        return helpers.predict.main([str(tmp_path / "m.pt"), str(tmp_path), "--out", str(tmp_path / "out.csv")])
+
+    assert run(InputError("image_size must be at least 8 (px), got 7")) == 2
+    assert capsys.readouterr().err == "error: image_size must be at least 8 (px), got 7\n"
+    with pytest.raises(ValueError, match="a bug, not the user's input"):
+        run(ValueError("a bug, not the user's input"))

@@ -367,3 +367,82 @@ def test_a_candidate_that_reuses_the_folds_probe_is_charged_its_time(tiny_root, 
                                  None, 0, "cpu")
     (other,) = selection._FOLD_PROBES.values()
     assert other is not probe
+
+
+# ----------------------------------------------------------------------------------------
+# Margins over subjects: images of one subject are right or wrong together
+
+
+def _clustered(subjects: int = 10, per_subject: int = 20):
+    """Targets all 0; the probe wrong on whole subjects 0-3, the tuned model on whole subjects 0-1: +0.2 on 200
+    images, which per image looks like a clear gain and over 10 subjects is 2 subjects' luck."""
+    subject = np.repeat([f"s{i}" for i in range(subjects)], per_subject)
+    index = np.repeat(np.arange(subjects), per_subject)
+    targets = np.zeros(subjects * per_subject, dtype=int)
+    return targets, (index < 4).astype(int), (index < 2).astype(int), subject
+
+
+def test_the_cluster_bootstrap_draws_whole_subjects_and_equals_a_loop_over_them():
+    from helpers.metrics import bootstrap_scores, resample_counts, score
+
+    targets, probe, tuned, subject = _clustered(subjects=6, per_subject=5)
+    subject[:3] = "odd"  # subjects of unequal sizes: 3 and 7 images
+    counts = resample_counts(len(targets), 50, seed=2, groups=subject)
+    for s in np.unique(subject):  # every image of a subject is drawn as often as the others
+        assert (counts[:, subject == s] == counts[:, subject == s][:, :1]).all()
+    fast = bootstrap_scores("macro_f1", targets, [probe, tuned], rounds=50, seed=2, groups=subject)
+    names, group_of = np.unique(subject, return_inverse=True)
+    draw, slow = np.random.default_rng(2), []
+    for _ in range(50):
+        i = np.concatenate([np.flatnonzero(group_of == g) for g in draw.integers(0, len(names), len(names))])
+        slow.append([score("macro_f1", targets[i], probe[i]), score("macro_f1", targets[i], tuned[i])])
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+    with pytest.raises(ValueError, match="groups has 3 entries for 30 images"):
+        resample_counts(30, 5, groups=["a", "b", "c"])
+
+
+def test_margins_over_subjects_are_wider_when_subjects_err_together():
+    from helpers.lessons import accuracy_noise, noise_note
+    from helpers.metrics import score_margin
+
+    targets, probe, tuned, subject = _clustered()
+    per_image = selection.difference_se("accuracy", targets, tuned, probe)
+    per_subject = selection.difference_se("accuracy", targets, tuned, probe, groups=subject)
+    assert per_subject > 3 * per_image
+    assert score_margin("accuracy", targets, probe, groups=subject) > 3 * score_margin("accuracy", targets, probe)
+    # Without clustering, resampling subjects gives about the per-image noise
+    scattered = np.random.default_rng(0).permutation(subject)
+    assert selection.difference_se("accuracy", targets, tuned, probe, groups=scattered) == pytest.approx(
+        per_image, rel=0.5)
+    assert accuracy_noise(targets, probe, subject) > accuracy_noise(targets, probe)  # the formula: a floor
+    assert "of 10 subjects" in noise_note(200, 0.8, accuracy_noise(targets, probe, subject), 10)
+
+
+def test_the_floor_keeps_the_probe_when_the_gain_is_two_subjects_luck(run_with_two_models):
+    targets, probe, tuned, subject = _clustered()
+    per_image = selection.floor_scores("accuracy", targets, probe, tuned)
+    assert per_image["fine_tuned"] - per_image["probe"] > per_image["noise"] and per_image["subjects"] is None
+    scores = selection.floor_scores("accuracy", targets, probe, tuned, subjects=subject)
+    assert scores["fine_tuned"] - scores["probe"] < scores["noise"] and scores["subjects"] == 10
+    params = run_with_two_models
+    info = workbook.choose_final(params, scores, "accuracy", train_seconds=1.0)
+    assert info["model"] == "probe"
+    assert (params.run / "final.pt").read_bytes() == (params.run / "probe.pt").read_bytes()
+    assert "200 images of 10 subjects, resampled whole" in info["explanation"]
+
+
+def test_summarize_resamples_subjects_when_the_runs_carry_them():
+    targets, probe, tuned, subject = _clustered()
+
+    def runs(subjects):
+        return [{"strategy": name, "score": float((pred == targets).mean()), "correct": pred == targets,
+                 "files": [f"{i}.png" for i in range(len(targets))], "targets": targets, "predicted": pred,
+                 "subjects": subjects, "trainable": 1, "seconds": 1.0}
+                for name, pred in (("head", probe), ("full", tuned))]
+
+    plain, grouped = selection.summarize(runs(None)), selection.summarize(runs(subject))
+    assert grouped.set_index("strategy").loc["head", "se_vs_best"] > 3 * plain.set_index("strategy").loc[
+        "head", "se_vs_best"]
+    assert selection.ties_with_best(plain) == ["full"]  # per image, full's +0.2 is clear
+    assert selection.ties_with_best(grouped) == ["full", "head"]  # over 10 subjects it is a tie: the cheaper wins
+    assert selection.choose(grouped)[0] == "head"

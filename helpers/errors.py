@@ -1,0 +1,18 @@
+"""The one exception class for mistakes a user can fix: a parameter, a file, a label table, a run folder.
+
+The command-line entry points (`helpers.course`, `helpers.train`) print an `InputError` as one line and exit
+with status 2. Anything else, including a plain `ValueError` from a wrong call inside the helpers, keeps its
+traceback: catching every `ValueError` as "bad input" would hide bugs behind a tidy message.
+`InputError` subclasses `ValueError`, so ``except ValueError`` in a user's own code still catches it.
+"""
+
+
+class InputError(ValueError):
+    """A value or file the user gave is wrong; the message names it and says what would be right."""
+
+
+class MissingColumnError(InputError, KeyError):
+    """A label table lacks a column the parameters name (a `KeyError` too, as for a missing pandas column)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
