@@ -226,7 +226,9 @@ def bgr_demo() -> plt.Figure:
 
 
 def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
-    """How the files are stored: size, channels and bit depth per image, counted.
+    """How the files are stored: size, channels and bit depth per image, counted, with the largest pixel value
+    stored in each format (``largest_value``: 16-bit files that never exceed 4095 hold 12-bit data, which the
+    reader's division by 257 turns dark).
 
     Every image (or the first ``n``) is decoded once, with the checks training makes, so that a file that
     cannot be read stops notebook 02 with every such file named at once, not notebook 04 minutes later.
@@ -244,11 +246,30 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
             bad[file] = str(err)
             continue
         rows.append({"height": image.shape[0], "width": image.shape[1],
-                     "channels": 1 if image.ndim == 2 else image.shape[2], "dtype": str(image.dtype)})
+                     "channels": 1 if image.ndim == 2 else image.shape[2], "dtype": str(image.dtype),
+                     "largest_value": image.max().item() if image.size else 0})
     if bad:
         raise ImageReadError(f"{len(bad)} of {len(files)} image(s) cannot be read: {list(bad.values())[:20]}; "
                              f"replace or delete them (or drop their rows from the label table) and rerun")
-    return pd.DataFrame(rows).value_counts().rename("images").reset_index()
+    formats = ["height", "width", "channels", "dtype"]
+    table = pd.DataFrame(rows, columns=[*formats, "largest_value"])
+    return (table.groupby(formats).agg(images=("largest_value", "size"), largest_value=("largest_value", "max"))
+            .reset_index().sort_values("images", ascending=False, kind="stable").reset_index(drop=True))
+
+
+TWELVE_BIT_MAX = 4095  # 16-bit files whose values never exceed this hold 12-bit data (many scientific cameras)
+
+
+def twelve_bit_note(stats: pd.DataFrame) -> str:
+    """A warning sentence when every 16-bit image of `image_stats`' table stays within 12 bits, else ""."""
+    deep = stats[stats["dtype"] == "uint16"]
+    if deep.empty or deep["largest_value"].max() > TWELVE_BIT_MAX:
+        return ""
+    top = int(deep["largest_value"].max())
+    return (f"**The {int(deep['images'].sum())} 16-bit images never exceed {top}**: 12-bit data stored in 16-bit "
+            f"files, as many scientific cameras write them. The reader maps 0–65535 to 0–255 (dividing by 257), so "
+            f"these images would reach only {top / 257:.0f} of 255 and train nearly black. Rescale them to the full "
+            f"16-bit range (multiply by 16) or save them as 8-bit, then rerun. ")
 
 
 def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0, max_classes: int = 20) -> plt.Figure:

@@ -400,7 +400,7 @@ def _with_recorded_dataset(p: dict, user_set: tuple[str, ...], run: Path) -> dic
     path = run / "dataset.json"
     if not path.is_file():
         return p
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, "02_prepare_dataset")
     if "data_root" in user_set and (config.get("elpv") or not _same_folder(p["data_root"], config.get("root"))):
         return p
     recorded = {"task": config.get("task")} if config.get("elpv") else {
@@ -630,8 +630,13 @@ def require(path: str | os.PathLike, notebook: str) -> Path:
 
 
 def read_json(path: str | os.PathLike, notebook: str) -> dict:
-    """Read a JSON file another notebook wrote; a missing one names that notebook."""
-    return json.loads(require(path, notebook).read_text())
+    """Read a JSON file another notebook wrote; a missing or damaged one names that notebook."""
+    text = require(path, notebook).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:  # edited by hand, or copied in cut off: the workbook writes atomically
+        raise InputError(f"{path} is not valid JSON ({err}); rerun notebooks/{notebook}.ipynb to write it "
+                         f"again") from err
 
 
 def interrupted_training(run: Path) -> bool:
@@ -640,7 +645,7 @@ def interrupted_training(run: Path) -> bool:
     Notebook 04 then passes ``resume=True`` to continue from ``last.pt``."""
     if not (run / "last.pt").is_file():
         return False
-    summary = json.loads((run / "fit.json").read_text()) if (run / "fit.json").is_file() else {}
+    summary = read_json(run / "fit.json", "04_fine_tune") if (run / "fit.json").is_file() else {}
     return summary.get("finished") is not True
 
 

@@ -150,3 +150,13 @@ def test_entry_points_print_input_errors_in_one_line_but_keep_a_bugs_traceback(e
     assert capsys.readouterr().err == "error: image_size must be at least 8 (px), got 7\n"
     with pytest.raises(ValueError, match="a bug, not the user's input"):
         run(ValueError("a bug, not the user's input"))
+
+
+def test_a_damaged_json_file_of_the_run_names_itself_and_the_notebook_that_writes_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "dataset.json").write_text('{"root": "/data", "task": ')  # cut off
+    with pytest.raises(InputError, match=r"dataset\.json is not valid JSON .*rerun notebooks/02_prepare_dataset"):
+        workbook.read_json(run / "dataset.json", "02_prepare_dataset")
+    with pytest.raises(InputError, match=r"dataset\.json is not valid JSON"):  # as notebooks 03-05 start
+        workbook.resolve_params({"run_name": str(run)}, smoke=True)

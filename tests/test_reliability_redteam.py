@@ -294,7 +294,28 @@ def test_notebook_02_names_every_unreadable_image_at_once(tmp_path):
         image_stats(dataset)
     stats = image_stats(ImageDataset(tmp_path, pd.DataFrame({"file": ["cat/a.png", "dog/b.png"],
                                                             "label": ["cat", "dog"]})))
-    assert stats.to_dict("records") == [{"height": 8, "width": 8, "channels": 3, "dtype": "uint8", "images": 2}]
+    largest = max(int(cv2.imread(str(tmp_path / f)).max()) for f in ("cat/a.png", "dog/b.png"))
+    assert stats.to_dict("records") == [{"height": 8, "width": 8, "channels": 3, "dtype": "uint8", "images": 2,
+                                         "largest_value": largest}]
+
+
+def test_notebook_02_says_when_16_bit_files_hold_12_bit_data(tmp_path):
+    from helpers.lessons import image_stats, twelve_bit_note
+
+    def write(name, top):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), np.linspace(0, top, 64, dtype=np.uint16).reshape(8, 8))
+
+    write("cat/a.png", 4000)
+    write("dog/b.png", 3000)  # a camera's 12 bits: 0..4095
+    stats = image_stats(ImageDataset(tmp_path))
+    assert stats.to_dict("records") == [{"height": 8, "width": 8, "channels": 1, "dtype": "uint16", "images": 2,
+                                         "largest_value": 4000}]
+    note = twelve_bit_note(stats)
+    assert "The 2 16-bit images never exceed 4000" in note and "only 16 of 255" in note
+    write("dog/c.png", 65535)  # one image using the full range: the data is 16-bit after all
+    assert twelve_bit_note(image_stats(ImageDataset(tmp_path))) == ""
 
 
 def test_a_folder_split_beforehand_is_not_taken_for_classes(tmp_path):
