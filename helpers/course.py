@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the values too (an unknown backbone, weights that cannot load, a missing folder), before any kernel
         for combo in grid or [{}]:
             check_parameters({**parameters, **combo}, smoke)
-    except (InputError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: weights that cannot load
+    except (InputError, FileNotFoundError) as err:  # WeightsUnavailableError too: weights that cannot load here
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()

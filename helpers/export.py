@@ -243,6 +243,12 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
     kept.replay()  # the file loaded: torch's warnings, if any, are worth seeing after all
     if meta.get("format") != EXPORT_FORMAT:
         raise InputError(f"{path}: export format {meta.get('format')!r}, this code reads {EXPORT_FORMAT!r}")
+    try:  # the classes and preprocessing the command needs, checked before any image is read
+        export_transform(meta)
+        if not isinstance(meta["classes"], list) or not meta["classes"]:
+            raise InputError(f"classes is {meta['classes']!r}, not a list of names")
+    except (KeyError, TypeError, InputError) as err:
+        raise InputError(f"{path}: its metadata cannot be used ({err}); export the model again") from err
     # An exported program's constants are baked into its graph: .to(device) on its module does not
     # move them all; the supported pass rewrites the program for the device (a no-op for the CPU).
     program = passes.move_to_device_pass(program, torch.device(device))

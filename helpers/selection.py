@@ -31,7 +31,7 @@ from sklearn.model_selection import StratifiedKFold
 from .data import ImageDataset, subject_folds, subjects_of, subsample
 from .errors import InputError
 from .freezing import apply_strategy, truncation_point
-from .metrics import bootstrap_scores, class_weighting, score
+from .metrics import bootstrap_scores, class_weighting, score, subject_count
 from .models import TransferModel, create_model
 from .probe import Probe, fit_probe, install_probe, pooled_features
 from .runtime import seed_everything
@@ -228,11 +228,18 @@ def difference_se(metric: str, targets: np.ndarray, pred_a: np.ndarray, pred_b: 
                   seed: int = 0, groups: Sequence | None = None) -> float:
     """Standard error of ``score(a) - score(b)`` for two models' predictions on the same images: the paired
     formula for accuracy, a bootstrap over the images for the other metrics (they are not per-image means). With
-    ``groups`` (each image's subject), a bootstrap over whole subjects for every metric: the formula would
-    treat one subject's images as independent evidence."""
-    if metric == "accuracy" and groups is None:
+    ``groups`` (each image's subject), a bootstrap over whole subjects for every metric, since the formula would
+    treat one subject's images as independent evidence; never below the per-image error (with few subjects the
+    subject bootstrap runs low), and infinite with a single subject (nothing to resample)."""
+    if groups is not None:
+        if subject_count(groups) < 2:
+            return math.inf
+        scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed, groups)
+        return max(float(np.std(scores[:, 0] - scores[:, 1], ddof=1)),
+                   difference_se(metric, targets, pred_a, pred_b, rounds, seed))
+    if metric == "accuracy":
         return paired_se(pred_a == targets, pred_b == targets)
-    scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed, groups)
+    scores = bootstrap_scores(metric, targets, [pred_a, pred_b], rounds, seed)
     return float(np.std(scores[:, 0] - scores[:, 1], ddof=1))
 
 
@@ -243,7 +250,7 @@ def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned
     must clear it to replace the probe. The answer's ``subjects`` counts them (None without)."""
     targets, probe_pred = np.asarray(targets), np.asarray(probe_pred)
     out = {"n": len(targets), "probe": score(metric, targets, probe_pred), "fine_tuned": None, "noise": None,
-           "subjects": None if subjects is None else len(set(map(str, subjects)))}
+           "subjects": subject_count(subjects)}
     if tuned_pred is not None:
         tuned_pred = np.asarray(tuned_pred)
         out["fine_tuned"] = score(metric, targets, tuned_pred)
@@ -261,7 +268,7 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     not means over images, so their errors come from a bootstrap over the images (paired for ``se_vs_best``;
     with several folds, over the folds' pooled predictions). Each run needs ``targets`` and ``predicted`` then,
     as `evaluate_candidate` returns them. When the runs carry ``subjects`` (the data names them), every error is
-    a bootstrap over whole subjects, accuracy's too."""
+    a bootstrap over whole subjects, accuracy's too, never below the per-image error (see `difference_se`)."""
     frame = pd.DataFrame(runs)
     table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
                                           trainable=("trainable", "first"), seconds=("seconds", "sum"))
@@ -285,11 +292,19 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
         targets = np.concatenate(list(frame[frame["strategy"] == best]["targets"]))
         predicted = {s: np.concatenate(list(g["predicted"])) for s, g in frame.groupby("strategy")}
         names = list(table.index)
-        boot = bootstrap_scores(metric, targets, [predicted[s] for s in names], groups=subjects)
-        one_fold_se = dict(zip(names, boot.std(axis=0, ddof=1), strict=True))
-        best_column = boot[:, names.index(best)]
-        vs_best = [float(np.std(best_column - boot[:, k], ddof=1)) if s != best else 0.0
-                   for k, s in enumerate(names)]
+        def errors(groups) -> tuple[np.ndarray, np.ndarray]:  # (se of each, se of its difference to the best)
+            if groups is not None and subject_count(groups) < 2:
+                return np.full(len(names), np.inf), np.full(len(names), np.inf)
+            boot = bootstrap_scores(metric, targets, [predicted[s] for s in names], groups=groups)
+            best_column = boot[:, names.index(best)]
+            return boot.std(axis=0, ddof=1), np.array([np.std(best_column - boot[:, k], ddof=1)
+                                                       for k in range(len(names))])
+
+        alone, versus = errors(None)
+        if subjects is not None:  # over whole subjects, never below the per-image errors
+            alone, versus = (np.maximum(a, b) for a, b in zip((alone, versus), errors(subjects), strict=True))
+        one_fold_se = dict(zip(names, alone, strict=True))
+        vs_best = [float(versus[k]) if s != best else 0.0 for k, s in enumerate(names)]
     table["se"] = [fold_se[s] if not np.isnan(fold_se[s]) else one_fold_se[s] for s in table.index]
     table["se_vs_best"] = vs_best
     table["differs_from_probe"] = _answers_changed(frame, table.index)

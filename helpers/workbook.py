@@ -22,7 +22,7 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pandas as pd
 import torch
@@ -336,6 +336,8 @@ def _checked(params: dict) -> tuple[dict, tuple[str, ...]]:
         raise InputError(f"image_size must be at least 8 (px), got {p['image_size']!r}")
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise InputError(f"seed must be an integer, got {p['seed']!r}")
+    if not 0 <= p["seed"] < 2**32:  # numpy's and scikit-learn's range: the split would fail minutes later
+        raise InputError(f"seed must be in 0..{2**32 - 1}, got {p['seed']}")
     from .runtime import pick_device
 
     p["device"] = pick_device(p["device"])  # raises, listing the valid names, for an unknown device
@@ -474,7 +476,7 @@ def check_mirrors(params: Params, backbone: str) -> tuple[pd.DataFrame, list[str
     from .models import create_model
     from .transforms import eval_transform
 
-    classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
+    classes = read_json(params.run / "dataset.json", "02_prepare_dataset", ["classes"])["classes"]
     model = create_model(backbone, len(classes))
     as_stored = eval_transform(model, params.image_size or model.spec.input_size, params.crop_pct)
     sets = load_datasets(params, as_stored, as_stored)
@@ -593,7 +595,7 @@ def load_datasets(params: Params, train_tf: Callable | None, eval_tf: Callable |
     """The train/val/test ``ImageDataset``s of the split notebook 02 wrote (needs its outputs)."""
     from .data import ImageDataset
 
-    config = read_json(params.run / "dataset.json", "02_prepare_dataset")
+    config = read_json(params.run / "dataset.json", "02_prepare_dataset", ["root", "classes"])
     check_dataset_params(params, config)
     splits = load_splits(params.run)
     shared = overlapping_files(splits, config["root"])
@@ -629,14 +631,20 @@ def require(path: str | os.PathLike, notebook: str) -> Path:
     return path
 
 
-def read_json(path: str | os.PathLike, notebook: str) -> dict:
-    """Read a JSON file another notebook wrote; a missing or damaged one names that notebook."""
-    text = require(path, notebook).read_text(encoding="utf-8")
+def read_json(path: str | os.PathLike, notebook: str, keys: Sequence[str] = ()) -> dict:
+    """Read a JSON object another notebook wrote, with at least ``keys``; a missing, damaged or incomplete one
+    is an error that names the file and that notebook."""
+    rerun = f"rerun notebooks/{notebook}.ipynb to write it again"
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:  # edited by hand, or copied in cut off: the workbook writes atomically
-        raise InputError(f"{path} is not valid JSON ({err}); rerun notebooks/{notebook}.ipynb to write it "
-                         f"again") from err
+        content = json.loads(require(path, notebook).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # edited by hand, or copied in cut off
+        raise InputError(f"{path} is not valid JSON ({err}); {rerun}") from err
+    if not isinstance(content, dict):
+        raise InputError(f"{path} holds a {type(content).__name__}, not the JSON object {notebook} writes; {rerun}")
+    missing = [key for key in keys if key not in content]
+    if missing:
+        raise InputError(f"{path} lacks {missing}; {rerun}")
+    return content
 
 
 def interrupted_training(run: Path) -> bool:
@@ -791,6 +799,9 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     # With subjects the noise comes from resampling whole subjects, which the sentence has to say.
     images = (f"{scores['n']} images of {scores['subjects']} subjects, resampled whole"
               if scores.get("subjects") else f"{scores['n']} images")
+    shown = "∞" if noise is not None and math.isinf(noise) else f"{noise:.3f}" if noise is not None else None
+    if shown == "∞":  # one validation subject: nothing to resample
+        images += ", all of one subject, so the noise cannot be measured and no difference counts as real"
     use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
     atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name
@@ -803,7 +814,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"of the difference on these {images}): it is the final model.")
     elif tuned > probe:
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
-                       f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({noise:.3f}: two standard "
+                       f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({shown}: two standard "
                        f"errors of the difference on these {images}). A difference that could be luck "
                        f"goes to the baseline: the course keeps the probe as the final model, since a model "
                        f"has to show that it beats the baseline to replace it.")
@@ -812,7 +823,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                    "a tie within the noise, and a tie goes to the baseline")
         explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
                        f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "
-                       f"{images}: ±{noise:.3f}): {verdict}. The course keeps the probe (a classifier on "
+                       f"{images}: ±{shown}): {verdict}. The course keeps the probe (a classifier on "
                        f"the frozen backbone) as the final model.")
     if epochs == 0 and interrupted_training(params.run):
         # An earlier run's phase 2 stopped midway and this one trained none (head, or truncate's classifier):
@@ -821,7 +832,8 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
         explanation += (f" (An earlier run's interrupted phase 2 left `last.pt`; it is kept as "
                         f"`{STALE_CHECKPOINT}`.)")
     info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
-            "val_probe": probe, "val_fine_tuned": tuned, "noise": noise, "n_val": scores["n"],
+            "val_probe": probe, "val_fine_tuned": tuned, "n_val": scores["n"],
+            "noise": None if shown == "∞" else noise,  # JSON has no infinity: null, and the explanation says why
             "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),
             "split": split_fingerprint(params.run), "finished": True}
     files.write_json(params.run / "final.json", info)
@@ -884,7 +896,7 @@ def baselines(params: Params, sets: dict, device: str | torch.device | None = No
 def read_decision(params: Params) -> dict:
     """Notebook 01's ``decision.json``, refused when 01 decided for another task than this notebook runs
     (01 rerun with ``task = "4class"`` in the same run would otherwise hand its backbone to a binary split)."""
-    decision = read_json(params.run / "decision.json", "01_analyze_approach")
+    decision = read_json(params.run / "decision.json", "01_analyze_approach", ["backbone"])
     if decision.get("task", params.task) != params.task:
         raise InputError(f"{params.run / 'decision.json'}: notebook 01 chose the backbone for task "
                          f"{decision['task']!r}, but this notebook runs task {params.task!r}: rerun "
@@ -938,10 +950,10 @@ def fine_tune_model(params: Params) -> tuple[TransferModel, dict]:
     from .selection import build_model
 
     backbone = params.backbone or read_decision(params)["backbone"]
-    classes = read_json(params.run / "dataset.json", "02_prepare_dataset")["classes"]
+    classes = read_json(params.run / "dataset.json", "02_prepare_dataset", ["classes"])["classes"]
     strategy = params.strategy
     if strategy is None:
-        chosen = read_json(params.run / "strategy.json", "03_choose_freezing")
+        chosen = read_json(params.run / "strategy.json", "03_choose_freezing", ["strategy"])
         check_same_split(chosen.get("split"), params.run, "strategy.json", "03_choose_freezing")
         strategy = chosen["strategy"]
     seed_everything(params.seed)  # the new classifier's initial weights depend on it

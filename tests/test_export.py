@@ -12,7 +12,8 @@ from helpers.checkpoint import atomic_save, describe_model
 from helpers.transforms import Preprocessing, resolve_preprocessing
 from helpers.data import ELPV_TASKS, read_image
 from helpers.transforms import eval_transform
-from helpers.export import export_model, export_transform, is_exported, load_exported, preprocess_for_export
+from helpers.export import (META_FILE, export_model, export_transform, is_exported, load_exported,
+                            preprocess_for_export)
 from helpers.freezing import apply_strategy
 from helpers.models import create_model
 from helpers.predict import main
@@ -259,3 +260,22 @@ def test_predict_module_runs_as_a_command(head_export, folder, tmp_path):
                              "--num-workers", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(read_predictions(out)) == 6
+
+
+def test_predict_cli_names_an_export_whose_metadata_cannot_be_used(head_export, folder, tmp_path, capsys):
+    import json
+    import zipfile
+
+    _, path = head_export
+    broken = tmp_path / "broken.pt2"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(broken, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith(f"extra/{META_FILE}"):
+                meta = json.loads(data)
+                data = json.dumps({**meta, "preprocessing": {"image_size": meta["preprocessing"]["image_size"]}})
+            target.writestr(item, data)
+    assert main([str(broken), str(folder), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {broken}: its metadata cannot be used") and "Traceback" not in err
+    assert not (tmp_path / "p.csv").exists()

@@ -22,6 +22,9 @@ from helpers.predict import main as predict_main
     ({"image_size": -64}, r"image_size must be a positive int or None, got -64"),
     ({"image_size": 7}, r"image_size must be at least 8 \(px\), got 7"),
     ({"seed": "1"}, r"seed must be an integer, got '1'"),
+    ({"seed": -1}, r"seed must be in 0\.\.4294967295, got -1"),
+    ({"seed": 2**32}, r"seed must be in 0\.\.4294967295, got 4294967296"),
+    ({"device": "cuda:x"}, r"invalid device 'cuda:x' \(.*\); choose 'cuda', 'cuda:N', 'mps', 'cpu' or 'auto'"),
     ({"device": "gpu"}, r"unknown device 'gpu'; choose 'cuda', 'mps', 'cpu' or 'auto'"),
     ({"epoch": 3}, r"unknown parameter\(s\) \['epoch'\]; valid parameters are \[.*'epochs'"),
     ({"labels_csv": "labels.csv"}, r"labels_csv is for your own data \(with data_root\)"),
@@ -160,3 +163,43 @@ def test_a_damaged_json_file_of_the_run_names_itself_and_the_notebook_that_write
         workbook.read_json(run / "dataset.json", "02_prepare_dataset")
     with pytest.raises(InputError, match=r"dataset\.json is not valid JSON"):  # as notebooks 03-05 start
         workbook.resolve_params({"run_name": str(run)}, smoke=True)
+
+
+def test_a_label_table_pandas_cannot_parse_is_one_line_of_error(tmp_path, capsys):
+    from helpers.train import main as train_main
+
+    for i in range(4):
+        path = tmp_path / "data" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(path), np.full((8, 8, 3), 40 * i, np.uint8))
+    (tmp_path / "data" / "labels.csv").write_text('file,label\n"0.png,a\n1.png,b\n')  # a quote never closed
+    status = train_main(["--run-name", str(tmp_path / "run"), "--data-root", str(tmp_path / "data"),
+                         "--labels-csv", "labels.csv", "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and "labels.csv cannot be read as a table" in err and "Traceback" not in err
+
+
+def test_missing_weights_are_an_input_error_and_still_a_runtime_error():
+    from helpers.errors import WeightsUnavailableError
+
+    err = WeightsUnavailableError("'resnet18': download.pytorch.org is unreachable")
+    assert isinstance(err, InputError) and isinstance(err, RuntimeError)
+
+
+def test_run_files_with_missing_keys_or_columns_name_the_notebook_that_writes_them(tmp_path):
+    from helpers.data import load_splits
+
+    (tmp_path / "strategy.json").write_text('{"split": "abc"}')
+    with pytest.raises(InputError, match=r"strategy\.json lacks \['strategy'\]; rerun notebooks/03_choose_freezing"):
+        workbook.read_json(tmp_path / "strategy.json", "03_choose_freezing", ["strategy"])
+    (tmp_path / "decision.json").write_text('["efficientnet_lite0"]')
+    with pytest.raises(InputError, match=r"decision\.json holds a list, not the JSON object"):
+        workbook.read_json(tmp_path / "decision.json", "01_analyze_approach")
+    for name in ("train", "val", "test"):
+        (tmp_path / f"{name}.csv").write_text("file,label,group\na.png,cat,\n")
+    (tmp_path / "val.csv").write_text("")
+    with pytest.raises(InputError, match=r"val\.csv cannot be read .*rerun notebooks/02_prepare_dataset"):
+        load_splits(tmp_path)
+    (tmp_path / "val.csv").write_text("file,group\na.png,\n")
+    with pytest.raises(InputError, match=r"val\.csv lacks column\(s\) \['label'\]"):
+        load_splits(tmp_path)

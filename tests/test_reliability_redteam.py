@@ -316,6 +316,9 @@ def test_notebook_02_says_when_16_bit_files_hold_12_bit_data(tmp_path):
     assert "The 2 16-bit images never exceed 4000" in note and "only 16 of 255" in note
     write("dog/c.png", 65535)  # one image using the full range: the data is 16-bit after all
     assert twelve_bit_note(image_stats(ImageDataset(tmp_path))) == ""
+    black = pd.DataFrame([{"height": 8, "width": 8, "channels": 1, "dtype": "uint16", "images": 3,
+                           "largest_value": 0}])
+    assert "entirely 0 (black)" in twelve_bit_note(black)
 
 
 def test_a_folder_split_beforehand_is_not_taken_for_classes(tmp_path):

@@ -390,13 +390,14 @@ def test_the_cluster_bootstrap_draws_whole_subjects_and_equals_a_loop_over_them(
     counts = resample_counts(len(targets), 50, seed=2, groups=subject)
     for s in np.unique(subject):  # every image of a subject is drawn as often as the others
         assert (counts[:, subject == s] == counts[:, subject == s][:, :1]).all()
-    fast = bootstrap_scores("macro_f1", targets, [probe, tuned], rounds=50, seed=2, groups=subject)
     names, group_of = np.unique(subject, return_inverse=True)
-    draw, slow = np.random.default_rng(2), []
-    for _ in range(50):
-        i = np.concatenate([np.flatnonzero(group_of == g) for g in draw.integers(0, len(names), len(names))])
-        slow.append([score("macro_f1", targets[i], probe[i]), score("macro_f1", targets[i], tuned[i])])
-    np.testing.assert_allclose(fast, slow, atol=1e-12)
+    for metric in ("accuracy", "macro_f1"):  # unequal subjects: accuracy divides by the images drawn, not n
+        fast = bootstrap_scores(metric, targets, [probe, tuned], rounds=50, seed=2, groups=subject)
+        draw, slow = np.random.default_rng(2), []
+        for _ in range(50):
+            i = np.concatenate([np.flatnonzero(group_of == g) for g in draw.integers(0, len(names), len(names))])
+            slow.append([score(metric, targets[i], probe[i]), score(metric, targets[i], tuned[i])])
+        np.testing.assert_allclose(fast, slow, atol=1e-12, err_msg=metric)
     with pytest.raises(ValueError, match="groups has 3 entries for 30 images"):
         resample_counts(30, 5, groups=["a", "b", "c"])
 
@@ -446,3 +447,29 @@ def test_summarize_resamples_subjects_when_the_runs_carry_them():
     assert selection.ties_with_best(plain) == ["full"]  # per image, full's +0.2 is clear
     assert selection.ties_with_best(grouped) == ["full", "head"]  # over 10 subjects it is a tie: the cheaper wins
     assert selection.choose(grouped)[0] == "head"
+
+
+def test_one_subject_gives_no_measurable_margin_and_few_subjects_never_less_than_per_image(run_with_two_models):
+    import json
+    import math
+
+    from helpers.evaluation import ece_difference_se
+    from helpers.lessons import accuracy_noise, noise_note, plus_minus
+    from helpers.metrics import score_margin
+
+    targets, probe, tuned, subject = _clustered()
+    one = np.full(len(targets), "p1")  # every image of one patient: resampling it changes nothing
+    assert math.isinf(selection.difference_se("accuracy", targets, tuned, probe, groups=one))
+    assert math.isinf(score_margin("macro_f1", targets, tuned, groups=one))
+    assert math.isinf(accuracy_noise(targets, tuned, one))
+    probs = np.eye(2)[tuned] * 0.9 + 0.05
+    assert math.isinf(ece_difference_se(probs, np.full((len(targets), 2), 0.5), targets, groups=one))
+    assert "cannot be measured" in noise_note(200, 0.9, math.inf, 1) and plus_minus(math.inf).startswith("not")
+    scores = selection.floor_scores("accuracy", targets, probe, tuned, subjects=one)
+    info = workbook.choose_final(run_with_two_models, scores, "accuracy", train_seconds=1.0)
+    assert info["model"] == "probe" and "all of one subject, so the noise cannot be measured" in info["explanation"]
+    assert json.loads((run_with_two_models.run / "final.json").read_text())["noise"] is None  # JSON has no inf
+    # Two subjects that err alike: the subject bootstrap alone would say less noise than the images do
+    scattered = np.where(np.arange(len(targets)) % 2 == 0, "a", "b")
+    per_image = selection.difference_se("accuracy", targets, tuned, probe)
+    assert selection.difference_se("accuracy", targets, tuned, probe, groups=scattered) >= per_image
