@@ -248,8 +248,10 @@ def compute_metrics(pred: pd.DataFrame, classes: Sequence[str]) -> dict:
 
 def per_subject(pred: pd.DataFrame, subjects: Sequence[str]) -> pd.DataFrame:
     """One row per subject (``subjects``: each test image's, in ``pred``'s order): its images, how many are
-    right, its accuracy and the classes it holds; worst first (lowest accuracy, then most images). A model that
-    fails on whole subjects (one patient's scans, one writer's digits) shows here, not in the per-class table."""
+    right, its accuracy, ``chance`` (two standard errors of an accuracy on that many images at the overall
+    accuracy: how far luck alone moves a subject), ``beyond_chance`` (its accuracy further from the overall one
+    than that) and the classes it holds; worst first (lowest accuracy, then most images). A model that fails on
+    whole subjects (one patient's scans, one writer's digits) shows here, not in the per-class table."""
     subjects = np.asarray(subjects).astype(str)
     if len(subjects) != len(pred):
         raise ValueError(f"subjects has {len(subjects)} entries for {len(pred)} predictions")
@@ -258,7 +260,10 @@ def per_subject(pred: pd.DataFrame, subjects: Sequence[str]) -> pd.DataFrame:
     table = frame.groupby("subject").agg(images=("correct", "size"), right=("correct", "sum"),
                                          classes=("true", lambda s: ", ".join(sorted(set(map(str, s))))))
     table["accuracy"] = table["right"] / table["images"]
-    table = table[["images", "right", "accuracy", "classes"]]
+    overall = float(frame["correct"].mean())
+    table["chance"] = 2 * np.sqrt(overall * (1 - overall) / table["images"])
+    table["beyond_chance"] = (table["accuracy"] - overall).abs() > table["chance"]
+    table = table[["images", "right", "accuracy", "chance", "beyond_chance", "classes"]]
     return table.sort_values(["accuracy", "images"], ascending=[True, False], kind="stable").reset_index()
 
 

@@ -537,8 +537,27 @@ def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | 
         advice = ("The horizontal mirror lost nothing beyond the noise: `augment = \"natural\"` (which adds it) "
                   "may suit these images, if the rest of that recipe does.")
     else:
-        advice = f"Nothing here argues against the `{recipe}` recipe's mirrors."
+        advice = _no_loss_advice(check, recipe, images)
     return "\n".join(lines + ["", advice])
+
+
+def _no_loss_advice(check: pd.DataFrame, recipe: str, images: int) -> str:
+    """The advice when the recipe's mirrors lost nothing beyond the noise: how strong that evidence is. Many
+    changed answers with no measurable loss is a check that could not tell, not a mirror shown to be safe."""
+    from .transforms import WITHOUT_MIRRORS
+
+    used = check[check["mirror"].isin(recipe_mirrors(recipe))]
+    changed = int(used["changed_answers"].max()) if len(used) else 0
+    if changed < max(3, 0.1 * images):
+        return (f"Nothing here argues against the `{recipe}` recipe's mirrors: they changed at most {changed} of the "
+                f"{images} validation answers.")
+    widest = float(used["margin"].max())
+    unseen = (f"a loss smaller than ±{widest:.3f} would go unnoticed" if math.isfinite(widest) else
+              "with every validation image of one subject no loss can be measured")
+    return (f"No loss beyond the noise, but that is weak evidence here: a mirror changed up to {changed} of the "
+            f"{images} validation answers, and {unseen}. If a mirror can change what your images show (digits, "
+            f"letters, text, left and right in anatomy), set `augment = \"{WITHOUT_MIRRORS[recipe]}\"`; otherwise "
+            f"`{recipe}` can stay.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -713,12 +732,15 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     best, last = history.loc[history[column].idxmax()], history.iloc[-1]
     declined = last[column] < best[column]  # validation turned down after its best epoch
     gap = last["train_accuracy"] - last["val_accuracy"]
+    memorized = last["train_accuracy"] >= 0.99 and gap > 0.2  # every training image right, validation far behind
     attrs = history.attrs
     text = (f"Best validation {name} {best[column]:.3f} at epoch {int(best['epoch'])} of {len(history)}"
             + (f" (stopped early: no improvement for {patience} epochs)" if attrs.get("stopped_early") else "")
             + (f"; it fell to {last[column]:.3f} by the last epoch, and the best checkpoint keeps epoch "
                f"{int(best['epoch'])}." if declined else
-               ", and the last epoch scored as high: validation had not turned down yet, so more epochs may help."
+               ", and the last epoch scored as high: validation had not turned down yet"
+               + (", but the training images are already all but memorized, so more epochs are unlikely to help much."
+                  if memorized else ", so more epochs may help.")
                if len(history) > 1 and not attrs.get("stopped_early") else "."))
     if constant is not None:
         above, noise = best[column] - constant, 0.02 if noise is None else noise
@@ -731,6 +753,8 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}")
     if gap > 0.05:
         text += (", a sign of overfitting that the best checkpoint guards against." if declined else
+                 ": the model has learned its training images far better than the task, even though validation has "
+                 "not turned down (yet)." if memorized else
                  ": the model fits its training images better, but with validation not yet turning down this is "
                  "not overfitting yet.")
     elif gap < -0.05:
@@ -768,7 +792,8 @@ def results_table(metrics: dict, baselines: dict, metric: str = "accuracy", fina
         split = baselines["scratch"].get("split", "validation")
         rows.append({"model": "from scratch (03's budget)", "split": split,
                      **{**empty, metric: baselines["scratch"]["score"]}})
-        rows.append({"model": "best pretrained (03's budget)", "split": split,
+        best = baselines["scratch"].get("pretrained_strategy")  # absent in runs from before it was recorded
+        rows.append({"model": f"best pretrained{f', {best}' if best else ''} (03's budget)", "split": split,
                      **{**empty, metric: baselines["scratch"]["pretrained_score"]}})
     rows.append({"model": "final model (the probe)" if final == "probe" else "final model", "split": "test",
                  **{k: metrics[k] for k in scored}})
@@ -805,7 +830,7 @@ def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndar
                    seed: int = 0) -> float:
     """Two standard errors of the accuracy of ``predicted``: the per-image formula (`accuracy_margin`) or, given
     ``subjects`` (each image's), a bootstrap over whole subjects, never below the formula. Images of one
-    subject tend to be right or wrong together, so they are less evidence than as many independent images."""
+    subject can be right or wrong together, and then they are less evidence than as many independent images."""
     from .metrics import score_margin
 
     targets, predicted = np.asarray(targets), np.asarray(predicted)
@@ -820,15 +845,21 @@ def plus_minus(margin: float) -> str:
     return f"±{margin:.3f}" if math.isfinite(margin) else "not measurable, since every image shows one subject"
 
 
-def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subjects: int | None = None) -> str:
-    """One sentence on how large a difference ``n`` test images can resolve; ``margin`` (two standard errors)
-    from `accuracy_noise` when they come from ``subjects`` subjects, else the per-image formula."""
-    margin = accuracy_margin(accuracy, n) if margin is None else margin
+def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subjects: int | None = None,
+               subject_noise: float | None = None) -> str:
+    """One sentence on how large a difference ``n`` test images can resolve: ``margin`` (two standard errors,
+    from `accuracy_noise`), else the per-image formula. With ``subjects`` (their number) and ``subject_noise``
+    (`helpers.metrics.subject_margin`), it says which of the two estimates the margin is."""
+    formula = accuracy_margin(accuracy, n)
+    margin = formula if margin is None else margin
     if not math.isfinite(margin):
         return (f"All {n} test images show one subject: the noise of the test score cannot be measured, and it "
                 f"says little about other subjects. Split with more subjects in test if you can.")
     where = f"{n} test images" + (f" of {subjects} subject{'s' if subjects != 1 else ''}" if subjects else "")
-    how = (" (a bootstrap over whole subjects: one subject's images tend to be right or wrong together)"
-           if subjects else "")
+    how = ""
+    if subjects and subject_noise is not None:
+        how = (f" (the wider of two estimates: resampling the {subjects} subjects whole gives ±{subject_noise:.3f}, "
+               f"which sees it when a subject's images are right or wrong together; the per-image formula gives "
+               f"±{formula:.3f})")
     return (f"With {where}, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}{how}: smaller "
             f"differences are within the noise of the split.")

@@ -92,6 +92,15 @@ def subject_count(groups: Sequence | None) -> int | None:
     return None if groups is None else len(np.unique(np.asarray(groups).astype(str)))
 
 
+def subject_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, groups: Sequence, rounds: int = 1000,
+                   seed: int = 0) -> float:
+    """Two standard errors of ``metric`` from resampling whole subjects (``groups``: each image's) alone;
+    infinite with a single subject. `score_margin` reports the wider of this and the per-image margin."""
+    if subject_count(groups) < 2:
+        return math.inf
+    return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed, groups)[:, 0].std(ddof=1))
+
+
 def score_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, rounds: int = 1000,
                  seed: int = 0, groups: Sequence | None = None) -> float:
     """Two standard errors of one model's ``metric`` on these images, by bootstrap (`bootstrap_scores`): the
@@ -101,9 +110,6 @@ def score_margin(metric: str, targets: np.ndarray, predictions: np.ndarray, roun
     With ``groups`` (each image's subject), whole subjects are resampled, and the answer is never below the
     per-image one: with a handful of subjects the subject bootstrap itself runs low. With one subject there is
     nothing to resample, and the margin is infinite: these images say nothing about other subjects."""
-    def margin(by: Sequence | None) -> float:
-        return float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed, by)[:, 0].std(ddof=1))
-
-    if groups is None:
-        return margin(None)
-    return math.inf if subject_count(groups) < 2 else max(margin(groups), margin(None))
+    per_image = float(2 * bootstrap_scores(metric, targets, [predictions], rounds, seed)[:, 0].std(ddof=1))
+    return per_image if groups is None else max(subject_margin(metric, targets, predictions, groups, rounds, seed),
+                                                per_image)

@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ctx.is_main:
         scores = workbook.validation_scores(params, sets["val"], budget["metric"], fine_tuned=candidate is not None,
                                             device=params.device)
-        final = workbook.choose_final(params, scores, budget["metric"], time.perf_counter() - started, epochs)
+        final = workbook.choose_final(params, scores, budget["metric"], time.perf_counter() - started, epochs,
+                                      strategy=model.strategy["name"])
         print(f"[train] {final['explanation']} Checkpoints in {params.run}")
     return 0
 

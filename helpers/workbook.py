@@ -785,17 +785,20 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
     return floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned, subjects_of(val))
 
 
-def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0) -> dict:
+def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0,
+                 strategy: str | None = None) -> dict:
     """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
     validation by more than the noise, else the probe (the baseline: a tie goes to it); and
     ``final.json`` saying which, why and at what cost.
 
     ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
     probe itself, ``head``), ``noise`` (two standard errors of their difference) and ``n`` (images).
+    ``strategy`` names the candidate in the explanation.
     """
     from .files import atomic_copy
 
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
+    candidate = f"The `{strategy}` model" if strategy else "The strategy's model"  # the final one may be the probe
     # With subjects the noise comes from resampling whole subjects, which the sentence has to say.
     images = (f"{scores['n']} images of {scores['subjects']} subjects, resampled whole"
               if scores.get("subjects") else f"{scores['n']} images")
@@ -809,11 +812,11 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     if tuned is None:
         explanation = "The strategy is `head`: the linear probe is the final model."
     elif use_candidate:
-        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
+        explanation = (f"{candidate} reached validation {name} {tuned:.3f}, above the linear probe's "
                        f"{probe:.3f} by {tuned - probe:.3f}, more than the noise ({noise:.3f}: two standard errors "
                        f"of the difference on these {images}): it is the final model.")
     elif tuned > probe:
-        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, above the linear probe's "
+        explanation = (f"{candidate} reached validation {name} {tuned:.3f}, above the linear probe's "
                        f"{probe:.3f} by {tuned - probe:.3f}, but within the noise ({shown}: two standard "
                        f"errors of the difference on these {images}). A difference that could be luck "
                        f"goes to the baseline: the course keeps the probe as the final model, since a model "
@@ -821,7 +824,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     else:
         verdict = ("below it by more than the noise" if probe - tuned > noise else
                    "a tie within the noise, and a tie goes to the baseline")
-        explanation = (f"The strategy's model reached validation {name} {tuned:.3f}, not above the linear "
+        explanation = (f"{candidate} reached validation {name} {tuned:.3f}, not above the linear "
                        f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "
                        f"{images}: ±{shown}): {verdict}. The course keeps the probe (a classifier on "
                        f"the frozen backbone) as the final model.")
@@ -883,12 +886,14 @@ def baselines(params: Params, sets: dict, device: str | torch.device | None = No
     strategy = read_json(params.run / "strategy.json", "03_choose_freezing")
     by_name = {row["strategy"]: row for row in strategy.get("comparison") or []}
     if "scratch" in by_name:
-        pretrained = max(row["score"] for name, row in by_name.items() if name != "scratch")
+        pretrained_name, pretrained = max(((name, row["score"]) for name, row in by_name.items() if name != "scratch"),
+                                          key=lambda item: item[1])
         protocol = strategy.get("protocol") or {}
         # 03 scored on the validation split, or with a small one by k-fold cross-validation on train + validation
         split = (f"{protocol['folds']}-fold CV on train + validation" if protocol.get("name") == "k-fold"
                  else "validation")
         out["scratch"] = {"score": by_name["scratch"]["score"], "pretrained_score": pretrained,
+                          "pretrained_strategy": pretrained_name,
                           "split": split, "metric": selection_metric(params)}
     return out
 

@@ -324,7 +324,7 @@ def test_course_end_to_end_with_subjects(tmp_path, monkeypatch):
     text = str([c.outputs for c in evaluated.cells if c.cell_type == "code"])
     assert f"{len(writers['test'])} test subjects: " in text  # the per-subject table
     assert f"test images of {len(writers['test'])} subjects, two standard errors" in text  # the test margin
-    assert "a bootstrap over whole subjects" in text
+    assert f"resampling the {len(writers['test'])} subjects whole gives" in text
     predictions = pd.read_csv(run / "test_predictions.csv")
     assert set(predictions["subject"]) == writers["test"]
 

@@ -498,5 +498,7 @@ def test_per_subject_lists_the_worst_subjects_first():
     assert list(table["subject"]) == ["s2", "s1", "s3"]  # 0/2, then 1/2, then 2/2
     assert list(table["right"]) == [0, 1, 2] and list(table["accuracy"]) == [0.0, 0.5, 1.0]
     assert table.set_index("subject").loc["s3", "classes"] == "a, b"
+    # 3 of 6 right overall: a subject of 2 images moves by 2 * sqrt(0.25 / 2) = 0.71 by chance, so none stands out
+    assert np.allclose(table["chance"], 2 * np.sqrt(0.25 / 2)) and not table["beyond_chance"].any()
     with pytest.raises(ValueError, match="subjects has 2 entries for 6 predictions"):
         ev.per_subject(pred, ["s1", "s2"])

@@ -62,6 +62,10 @@ def test_results_table_puts_the_validation_controls_in_the_metric_they_were_sele
         "majority class", "linear probe", "final model (the probe)"]
     # 03's scores say where they come from: its validation split, or cross-validation when that was small
     assert table.loc["from scratch (03's budget)", "split"] == "validation"
+    assert "best pretrained (03's budget)" in table.index  # a run from before 03's best strategy was recorded
+    named = _baselines()
+    named["scratch"]["pretrained_strategy"] = "last_n"
+    assert "best pretrained, last_n (03's budget)" in list(lessons.results_table(metrics, named, "accuracy")["model"])
     cross_validated = _baselines()
     cross_validated["scratch"]["split"] = "3-fold CV on train + validation"
     table = lessons.results_table(metrics, cross_validated, "accuracy").set_index("model")
@@ -98,6 +102,12 @@ def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_const
             in lessons.history_summary(history, constant=0.75))
     assert "0.100 above that." in lessons.history_summary(history, constant=0.60)  # clear of it: no warning
     assert "learned little" in lessons.history_summary(history, constant=0.60, noise=0.12)  # wider noise
+    # Every training image right, validation far behind and flat: memorized, more epochs will not help much
+    flat = pd.DataFrame({"epoch": [1, 2, 3], "train_accuracy": [0.9, 1.0, 1.0], "val_accuracy": [0.40, 0.41, 0.41],
+                         "train_loss": [0.5, 0.1, 0.05], "val_loss": [1.5, 1.6, 1.6]})
+    text = lessons.history_summary(flat)
+    assert "already all but memorized, so more epochs are unlikely to help much" in text
+    assert "more epochs may help" not in text and "learned its training images far better than the task" in text
 
 
 def test_cpu_latency_times_each_model_in_interleaved_rounds():
@@ -183,6 +193,12 @@ def test_mirror_check_finds_the_mirror_that_changes_the_label_and_not_the_one_th
     assert 'augment = "natural"` (which adds it) may suit' in lessons.mirror_advice(harmless, "none", 30)
     assert 'augment = "natural"` (which adds it) may suit' in lessons.mirror_advice(harmless, "natural_no_flip", 30)
     assert "Nothing here argues against the `cells`" in lessons.mirror_advice(harmless, "cells", 30)
+    # Many changed answers and no loss beyond the noise: the check could not tell, and the advice says so
+    unsure = check.copy()
+    unsure["loss_beyond_noise"], unsure["changed_answers"], unsure["margin"] = False, 12, 0.2
+    weak = lessons.mirror_advice(unsure, "natural", 30)
+    assert "weak evidence here: a mirror changed up to 12 of the 30" in weak and "±0.200 would go unnoticed" in weak
+    assert 'set `augment = "natural_no_flip"`' in weak and "Nothing here argues" not in weak
     assert "cannot be judged" in lessons.mirror_advice(check, "natural", 3)
 
 
