@@ -449,7 +449,7 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
     probe = fit_probe(train_features, train_targets, seed=seed, metric=metric,  # weighted as the run's probe is
                       groups=subjects_of(few))  # and C chosen on folds of whole subjects, as the run's is
     val_features, targets = pooled_features(model, val_set, device)
-    subjects = subjects_of(val_set)  # resampled whole for the margins: one subject's images err together
+    subjects = subjects_of(val_set)  # resampled whole for the margins: one subject's images can err together
     classes = probe.pipeline.classes_
     reference = probe.predict(val_features)
     reference_score = score(metric, targets, reference)

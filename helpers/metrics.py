@@ -36,7 +36,7 @@ def resample_counts(n: int, rounds: int, seed: int = 0, groups: Sequence | None 
 
     Without ``groups``, images are drawn one by one. With ``groups`` (each image's subject: patient, specimen,
     writer), whole subjects are drawn, each bringing all its images: the *cluster* bootstrap. Images of one subject
-    tend to be right or wrong together, so they are not independent, and resampling them one by one would
+    can be right or wrong together, and then they are not independent: resampling them one by one would
     understate the noise."""
     rng = np.random.default_rng(seed)
     if groups is None:

@@ -800,8 +800,9 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
     candidate = f"The `{strategy}` model" if strategy else "The strategy's model"  # the final one may be the probe
     # With subjects the noise comes from resampling whole subjects, which the sentence has to say.
-    images = (f"{scores['n']} images of {scores['subjects']} subjects, resampled whole"
-              if scores.get("subjects") else f"{scores['n']} images")
+    subjects = scores.get("subjects")
+    images = (f"{scores['n']} images of {subjects} subject{'s' if subjects != 1 else ''}, resampled whole"
+              if subjects else f"{scores['n']} images")
     shown = "∞" if noise is not None and math.isinf(noise) else f"{noise:.3f}" if noise is not None else None
     if shown == "∞":  # one validation subject: nothing to resample
         images += ", all of one subject, so the noise cannot be measured and no difference counts as real"
