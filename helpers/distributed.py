@@ -12,8 +12,9 @@ With W processes, each training step of batch size B per process:
 - every process reads its own B images: item r, r + W, r + 2W, ... of the order one process
   would use (`GlobalOrderSampler`), so W processes see the batches of one process with batch W*B;
 - ``DistributedDataParallel`` averages the gradients over the processes after ``backward``, so
-  the weights stay identical everywhere;
-- the losses and accuracies are summed over the processes (`Distributed.mean`), validation runs
+  the weights stay identical everywhere (with class weights, each process's loss is rescaled first,
+  `Distributed.global_mean`, so that the average is the weighted mean over the global batch);
+- the losses and accuracies are summed over the processes (`Distributed.pool`), validation runs
   on a share of the validation set per process and the predictions are gathered
   (`Distributed.gather`): every process computes the same history and makes the same early-stopping
   decision, and rank 0 alone writes files.
@@ -133,25 +134,39 @@ class Distributed:
         """The module inside DistributedDataParallel (evaluated without it: no collective calls)."""
         return net.module if isinstance(net, DistributedDataParallel) else net
 
-    def mean(self, stats: dict[str, float], n: int) -> dict[str, float]:
-        """Means over all processes of per-process means ``stats``, each over ``n`` items."""
+    def pool(self, stats: dict) -> dict:
+        """`helpers.training.train_one_epoch`'s result over all processes: the loss averaged over
+        every process's images (weighted by their class weights, as one process would), the
+        accuracy over all images."""
         if not self.enabled:
             return stats
-        keys = sorted(stats)
-        totals = torch.tensor([stats[k] * n for k in keys] + [n], dtype=torch.float64)
+        totals = torch.tensor([stats["loss"] * stats["loss_weight"], stats["loss_weight"],
+                               stats["accuracy"] * stats["images"], stats["images"]], dtype=torch.float64)
         dist.all_reduce(totals)
-        return {k: float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
+        loss, weight, right, images = totals.tolist()
+        return {"loss": loss / weight, "accuracy": right / images, "loss_weight": weight, "images": int(images)}
 
     def gather(self, result: dict) -> dict:
         """`helpers.training.evaluate`'s result over every process's share of the validation set."""
         if not self.enabled:
             return result
         shares: list = [None] * self.world_size
-        dist.all_gather_object(shares, (result["loss"] * len(result["targets"]), result["targets"],
-                                        result["predictions"]))
-        targets = np.concatenate([share[1] for share in shares])
-        return {"loss": sum(share[0] for share in shares) / len(targets), "targets": targets,
-                "predictions": np.concatenate([share[2] for share in shares])}
+        dist.all_gather_object(shares, (result["loss"] * result["loss_weight"], result["loss_weight"],
+                                        result["targets"], result["predictions"]))
+        weight = sum(share[1] for share in shares)
+        return {"loss": sum(share[0] for share in shares) / weight, "loss_weight": weight,
+                "targets": np.concatenate([share[2] for share in shares]),
+                "predictions": np.concatenate([share[3] for share in shares])}
+
+    def global_mean(self, criterion: nn.Module) -> nn.Module:
+        """``criterion`` for the training step, so that W processes with batch B take the step one
+        process takes with batch W*B.
+
+        DDP averages the processes' gradients, and each is the gradient of its own batch's mean loss.
+        That is the mean over the global batch only when every process's batch weighs the same: with
+        class weights, ``CrossEntropyLoss`` divides by the sum of the batch's weights, which differs
+        from process to process."""
+        return _GlobalMean(criterion, self.world_size) if self.enabled else criterion
 
     def sync_buffers(self, *modules: nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every process."""
@@ -170,6 +185,30 @@ class Distributed:
         """Leave the process group (at the end of a command-line run)."""
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _GlobalMean(nn.Module):
+    """A loss whose value is this process's batch mean (what the history logs) but whose gradient,
+    once DDP has averaged it over the W processes, is that of the mean over all their batches:
+    the gradient is scaled by W * (this batch's weight) / (all batches' weight)."""
+
+    def __init__(self, criterion: nn.Module, world_size: int):
+        super().__init__()
+        self.criterion, self.world_size = criterion, world_size
+
+    @property
+    def weight(self) -> torch.Tensor | None:  # the class weights, read by `helpers.training._loss_weight`
+        return getattr(self.criterion, "weight", None)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = self.criterion(logits, targets)
+        weight = self.weight
+        mine = (weight[targets].sum() if weight is not None
+                else torch.tensor(float(len(targets)), device=logits.device)).detach().double()
+        total = mine.clone()
+        dist.all_reduce(total)
+        scale = (mine * self.world_size / total).to(loss.dtype)  # exactly 1 without class weights
+        return loss * scale - (loss * (scale - 1)).detach()  # the value stays ``loss``
 
 
 def context() -> Distributed:

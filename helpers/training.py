@@ -170,7 +170,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         weight_sum += weight
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-    return {"loss": loss_sum / weight_sum, "accuracy": correct / seen}
+    # The totals beside the means let several processes pool their epochs exactly (`Distributed.pool`).
+    return {"loss": loss_sum / weight_sum, "accuracy": correct / seen, "loss_weight": weight_sum, "images": seen}
 
 
 @torch.inference_mode()
@@ -190,7 +191,7 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: nn.Module, device:
         targets.append(y.cpu())
         predictions.append(logits.argmax(1).cpu())
     targets, predictions = torch.cat(targets).numpy(), torch.cat(predictions).numpy()
-    return {"loss": loss_sum / weight_sum, "targets": targets, "predictions": predictions}
+    return {"loss": loss_sum / weight_sum, "loss_weight": weight_sum, "targets": targets, "predictions": predictions}
 
 
 # ----------------------------------------------------------------------------------------
@@ -548,11 +549,12 @@ def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader,
     optimizer = parts["optimizer"]
     lr = optimizer.param_groups[-1]["lr"] / optimizer.param_groups[-1].get("lr_scale", 1.0)
     try:
-        trained = train_one_epoch(net, loader, optimizer, parts["criterion"], device, scaler=parts["scaler"],
+        trained = train_one_epoch(net, loader, optimizer, ctx.global_mean(parts["criterion"]), device,
+                                  scaler=parts["scaler"],
                                   scheduler=parts["scheduler"], dtype=dtype, channels_last=config.channels_last,
                                   max_grad_norm=config.max_grad_norm, ema=parts["ema"], progress=progress,
                                   desc=f"epoch {epoch}")
-        trained = ctx.mean(trained, len(loader.sampler))
+        trained = ctx.pool(trained)
         ctx.sync_buffers(model, *([parts["ema"].module] if parts["ema"] is not None else []))
         row = {"epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                **_validate(model, ctx.unwrap(net), parts, val_loader, config, device, dtype, ctx)}

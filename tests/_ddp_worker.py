@@ -23,9 +23,10 @@ from pathlib import Path
 # The model, data and settings that make one process with batch 2B compute what two with batch B
 # do: no dropout, every BatchNorm frozen (running statistics, not the batch's), no augmentation.
 # SGD: its steps are linear in the gradients, so float noise stays float noise (Adam divides it by the
-# square root of tiny second moments and can blow it up to the size of a step).
+# square root of tiny second moments and can blow it up to the size of a step). Class weights: the
+# processes' batches then weigh differently, and must still add up to the one batch of one process.
 SETTINGS = dict(epochs=2, lr=0.01, optimizer="sgd", batch_size=4, seed=3, cache=False, num_workers=0,
-                progress=False)
+                progress=False, class_weights=(1.0, 3.0))
 KILL_EPOCH, KILL_STEP = 2, 2
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
