@@ -209,7 +209,9 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
         probe, reused = _shared_phase_one(model, strategy, plain, device, seed, budget, crop_pct, metric)
         shared_seconds = probe.seconds if reused else 0.0
     if trains_beyond_classifier(model):
-        phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric)
+        # Scored as it is after its last epoch: keeping its best epoch on the images it is then scored on
+        # would flatter the strategies that train for epochs over the ones fitted once (head, truncate).
+        phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric, restore_best=False)
     pred = predict(model, val, device=device)
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),

@@ -348,6 +348,28 @@ def test_notebook_01_picks_the_backbone_by_flops_not_by_a_latency_a_busy_machine
     assert choose_backbone(ranking, costs, metric="accuracy") == "efficientnet_lite2"
 
 
+def test_a_fine_tuned_candidate_is_scored_after_its_last_epoch_not_its_best(tiny_root, tiny_splits, monkeypatch):
+    """Its best epoch is picked on the images it is scored on: that would flatter the strategies trained for
+    epochs over the probe and truncate, which are fitted once."""
+    import helpers.training as training
+
+    train, val = tiny_splits["train"], tiny_splits["val"]
+    classes = sorted(train["label"].unique())
+    calls, original = [], training.fit
+
+    def recording_fit(*args, **kwargs):
+        calls.append((kwargs, original(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(training, "fit", recording_fit)
+    budget = selection.Budget(image_size=32, epochs=3, batch_size=8, lr=1e-2)
+    result = selection.evaluate_candidate("last_n", "efficientnet_lite0", train, val, classes, tiny_root, budget,
+                                          None, 0, "cpu")
+    ((kwargs, history),) = calls
+    assert kwargs["restore_best"] is False and len(history) == 3  # its whole budget, no early stop
+    assert result["score"] == pytest.approx(history["val_accuracy"].iloc[-1])  # the weights after epoch 3
+
+
 def test_a_candidate_that_reuses_the_folds_probe_is_charged_its_time(tiny_root, tiny_splits):
     """The seconds column is each strategy's own cost, whichever candidate happened to fit the shared probe."""
     train, val = tiny_splits["train"], tiny_splits["val"]
