@@ -698,7 +698,12 @@ def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -
         # missing from some folds, which `_warn_absent_classes` (splits) and the fold scores already show.
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        return list(splitter.split(np.zeros(len(labels)), np.asarray(labels), np.asarray(subjects)))
+        labels = np.asarray(labels)
+        if (np.unique(labels, return_counts=True)[1] < folds).all():
+            # scikit-learn refuses when every class (or class x group) has fewer images than folds; no fold could
+            # hold each of them anyway, so deal out whole subjects unstratified (still shuffled by the seed).
+            labels = np.zeros(len(labels), dtype=int)
+        return list(splitter.split(np.zeros(len(labels)), labels, np.asarray(subjects)))
 
 
 def shared_subjects(splits: dict[str, pd.DataFrame]) -> list[str]:
@@ -846,6 +851,26 @@ def _elpv_package_dir() -> Path:
     return Path(spec.origin).parent / "data"
 
 
+ELPV_MODULE_CELLS = 60  # the 60-cell modules the first runs of one cell type are multiples of
+
+
+def elpv_blocks(types: Sequence[str], cells: int = ELPV_MODULE_CELLS) -> list[str]:
+    """A block name per cell, the cells in file order: each run of consecutive cells of one type cut into
+    blocks of ``cells`` (the last block of a run may be shorter).
+
+    ELPV's cells come from 44 modules, and which module each came from is not recorded. The numbering
+    hints at it: the types come in runs of 60, 300, 180, 360, ... cells, and consecutive cells share their
+    label far more often than shuffled labels do (`benchmarks/elpv_modules.py`). A block is therefore a
+    *proxy* for a module, for ``subject_col="block"``: test on blocks the model never saw."""
+    names, run, position, previous = [], 0, 0, None
+    for kind in types:
+        if kind != previous:
+            run, position, previous = run + 1, 0, kind
+        names.append(f"{kind}{run:02d}-{position // cells:02d}")
+        position += 1
+    return names
+
+
 def _elpv_labels() -> pd.DataFrame:
     raw = pd.read_csv(_elpv_package_dir() / "labels.csv", sep=r"\s+", header=None,
                       names=["path", "probability", "type"])
@@ -856,6 +881,7 @@ def _elpv_labels() -> pd.DataFrame:
         "label": np.where(prob >= 0.5, "defective", "functional"),
         "label4": prob.map(lambda p: f"{p:.2f}"),
         "type": raw["type"],
+        "block": elpv_blocks(raw["type"]),
     })
 
 
@@ -863,15 +889,17 @@ def prepare_elpv(dest: str | os.PathLike = "data/elpv") -> Path:
     """Copy the 2,624 ELPV cell images out of the installed package into ``dest``.
 
     Writes ``dest/images/cellNNNN.png`` and ``dest/labels.csv`` (file, probability, label =
-    functional/defective at p >= 0.5, label4 = the four probability classes, type = mono/poly).
-    ``labels.csv`` is written last, so its presence marks a complete copy and a second call
-    returns at once.
+    functional/defective at p >= 0.5, label4 = the four probability classes, type = mono/poly,
+    block = `elpv_blocks`, a proxy for the module). ``labels.csv`` is written last, so its presence
+    marks a complete copy and a second call returns at once (a copy made before a column was added
+    gets the new table; its images are kept).
     """
     dest = Path(dest)
     labels_path = dest / "labels.csv"
     if labels_path.is_file():
         existing = pd.read_csv(labels_path, dtype=str)
-        if len(existing) == 2624 and all((dest / f).is_file() for f in existing["file"]):
+        if (len(existing) == 2624 and "block" in existing.columns
+                and all((dest / f).is_file() for f in existing["file"])):
             return dest
     table = _elpv_labels()
     source = _elpv_package_dir() / "images"
@@ -895,7 +923,7 @@ def make_tiny_elpv(dest: str | os.PathLike = "data/elpv_tiny", per_stratum: int 
     if labels_path.is_file():
         done = pd.read_csv(labels_path)
         first = _stored_shape(dest / done["file"].iloc[0]) if len(done) else None
-        if len(done) == expected and first is not None and first[:2] == (size, size):
+        if len(done) == expected and "block" in done.columns and first is not None and first[:2] == (size, size):
             return dest  # made before with these settings (another size is made again)
     table = _elpv_labels()
     # Spread the picks over the whole file list instead of taking the first few of each stratum.

@@ -11,7 +11,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .errors import InputError
 from .data import ImageDataset, subject_folds, subjects_of, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
@@ -863,3 +864,47 @@ def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subj
                f"±{formula:.3f})")
     return (f"With {where}, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}{how}: smaller "
             f"differences are within the noise of the split.")
+
+
+# ----------------------------------------------------------------------------------------
+# ELPV's modules: which cell came from which is not recorded, but the file order hints at it
+
+def neighbour_agreement(labels: Sequence, rounds: int = 1000, seed: int = 0) -> dict:
+    """How often consecutive rows share their label (``observed``), and the same for the labels shuffled
+    ``rounds`` times (``shuffled``: the mean; ``shuffled_high``: its 97.5th percentile). Far above chance,
+    the order carries information: neighbouring images were taken together (one module, one session)."""
+    labels = np.asarray(labels)
+    if len(labels) < 3:
+        raise InputError(f"neighbour agreement needs at least 3 labels, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    shuffled = np.array([(p[1:] == p[:-1]).mean() for p in (rng.permutation(labels) for _ in range(rounds))])
+    return {"observed": float((labels[1:] == labels[:-1]).mean()), "shuffled": float(shuffled.mean()),
+            "shuffled_high": float(np.quantile(shuffled, 0.975))}
+
+
+def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subject_col: str | None,
+                     seed: int = 0) -> str:
+    """Notebook 02's paragraph on ELPV's modules: the neighbour agreement of the labels in file order, and
+    how many blocks (`helpers.data.elpv_blocks`, a proxy for a module) have cells in both train and test."""
+    agreement = neighbour_agreement(table.sort_values("file")["label"], seed=seed)
+    blocks = {name: set(frame["subject"]) if "subject" in frame.columns else None for name, frame in splits.items()}
+    alike = agreement["observed"] > agreement["shuffled_high"]
+    text = (f"In file order, consecutive cells share their label {agreement['observed']:.0%} of the time; with the "
+            f"labels shuffled, {agreement['shuffled']:.0%} (97.5th percentile of 1,000 shuffles: "
+            f"{agreement['shuffled_high']:.0%}). "
+            + ("Neighbouring cells are alike beyond chance, as cells of one module would be. " if alike else
+               "Neighbouring cells are no more alike than chance, so the file order says little about modules. "))
+    if subject_col is not None:
+        n = len(blocks["test"])
+        return text + (f"This run splits by `{subject_col}`: the {n} test block{'s' if n != 1 else ''} "
+                       f"ha{'ve' if n != 1 else 's'} no cell in train, so the test score is on modules (as far as the "
+                       f"blocks follow them) the model never saw. Expect it lower than a cell-by-cell split's, and "
+                       f"wider margins: there are few blocks.")
+    blocks_option = ("To test on unseen blocks of 60 consecutive cells of one type (the table's `block` column, a "
+                     "proxy for a module), run the course with `-p subject_col block`; `benchmarks/elpv_modules.py` "
+                     "compares the two splits.")
+    if not alike:
+        return text + "This run splits cell by cell, as Deitsch et al. did. " + blocks_option
+    return text + ("This run splits cell by cell, as Deitsch et al. did, so cells of one module land in train and "
+                   "test alike: the test score is on new cells of modules the model has seen, which is easier than "
+                   "new modules. " + blocks_option)

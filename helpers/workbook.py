@@ -268,14 +268,19 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
     if elpv:
         task = p["task"] or "binary"
         _check_choice("task", task, list(ELPV_TASKS))
-        for name in ("labels_csv", "group_col", "subject_col"):
-            if p[name] is not None:  # ELPV's cells are one image each, of 44 modules the dataset does not name
+        for name in ("labels_csv", "group_col"):
+            if p[name] is not None:
                 raise InputError(f"{name} is for your own data (with data_root); ELPV sets it itself")
+        # ELPV's cells come from 44 modules the dataset does not name; its table's `block` column is a proxy
+        # (helpers.data.elpv_blocks), the one subject column it has.
+        if p["subject_col"] not in (None, "block"):
+            raise InputError(f"subject_col {p['subject_col']!r}: ELPV's table names no such column; its one subject "
+                             f"column is 'block' (60 consecutive cells of one type, a proxy for the module)")
         root = workbook_root() / "data"
         data_root = root / ("elpv_tiny" if smoke else "elpv")
         if materialize:
             data_root = make_tiny_elpv(data_root) if smoke else prepare_elpv(data_root)
-        labels_csv, file_col, group_col, subject_col = data_root / "labels.csv", "file", "type", None
+        labels_csv, file_col, group_col, subject_col = data_root / "labels.csv", "file", "type", p["subject_col"]
         label_col = ELPV_TASKS[task][0]
         stratify_col = "label4"  # both tasks split on the 4 expert classes x type: the same test cells
     else:

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, load_splits, load_table, make_splits,
-                          make_tiny_elpv, minimum_split_size, prepare_elpv, read_image, save_splits, split_sizes)
+from helpers.data import (ELPV_TASKS, ImageDataset, ImageReadError, elpv_blocks, load_splits, load_table,
+                          make_splits, make_tiny_elpv, minimum_split_size, prepare_elpv, read_image, save_splits,
+                          split_sizes)
 from helpers.transforms import SquarePad, eval_transform, is_deterministic, train_transform
 from helpers.models import BACKBONES
 
@@ -69,8 +70,9 @@ def test_the_recipes_without_flips_never_mirror_an_image():
 def test_elpv_materializes_all_2624_labelled_images(tmp_path):
     root = prepare_elpv(tmp_path / "elpv")
     table = pd.read_csv(root / "labels.csv", dtype=str)
-    assert len(table) == 2624 and list(table.columns) == ["file", "probability", "label", "label4", "type"]
+    assert len(table) == 2624 and list(table.columns) == ["file", "probability", "label", "label4", "type", "block"]
     assert table["type"].value_counts().to_dict() == {"poly": 1550, "mono": 1074}
+    assert table["block"].nunique() == 45 and table.groupby("block")["type"].nunique().eq(1).all()
     assert (table["label"] == "defective").sum() == 313 + 56 + 402 + 50
     dataset = ImageDataset(root, root / "labels.csv", label_col="label4", group_col="type",
                            classes=ELPV_TASKS["4class"][1], transform=eval_transform(LITE0, 64, crop_pct=1.0))
@@ -94,6 +96,17 @@ def test_elpv_materializes_all_2624_labelled_images(tmp_path):
     (root / "labels.csv").unlink()
     prepare_elpv(root)
     assert cell.read_bytes() == full and not list((root / "images").glob(".*"))
+    # A copy made before the block column existed gets the new table, and keeps its images.
+    table.drop(columns="block").to_csv(root / "labels.csv", index=False)
+    images_before = cell.stat().st_mtime_ns
+    prepare_elpv(root)
+    assert "block" in pd.read_csv(root / "labels.csv").columns and cell.stat().st_mtime_ns == images_before
+
+
+def test_elpv_blocks_cut_each_run_of_one_cell_type_into_blocks():
+    types = ["mono"] * 5 + ["poly"] * 3 + ["mono"] * 2
+    assert elpv_blocks(types, cells=2) == ["mono01-00", "mono01-00", "mono01-01", "mono01-01", "mono01-02",
+                                           "poly02-00", "poly02-00", "poly02-01", "mono03-00", "mono03-00"]
 
 
 def test_tiny_dataset_is_deterministic(tmp_path, tiny_root):

@@ -309,3 +309,26 @@ def test_plot_examples_of_60_classes_shows_20_and_says_how_many_are_left_out():
     few = lessons.plot_examples(types.SimpleNamespace(classes=classes[:3], targets=[0, 1, 2], load=dataset.load), 1)
     assert len(few.axes) == 3 and few._suptitle is None
     plt.close(few)
+
+
+def test_neighbour_agreement_tells_an_order_that_carries_the_labels_from_a_shuffled_one():
+    runs = np.repeat([0, 1, 0, 1], 25)  # labels in runs, as cells of one module
+    ordered = lessons.neighbour_agreement(runs)
+    assert ordered["observed"] == pytest.approx(96 / 99) and ordered["observed"] > ordered["shuffled_high"]
+    shuffled = lessons.neighbour_agreement(np.random.default_rng(0).permutation(runs))
+    assert shuffled["observed"] <= shuffled["shuffled_high"]
+    with pytest.raises(ValueError, match="at least 3 labels"):
+        lessons.neighbour_agreement([0, 1])
+
+
+def test_the_elpv_module_note_says_what_the_split_tests_on():
+    table = pd.DataFrame({"file": [f"images/cell{i:04d}.png" for i in range(120)],
+                          "label": np.repeat(["functional", "defective"] * 2, 30)})
+    note = lessons.elpv_module_note(table, {"test": table}, None)
+    assert "beyond chance" in note and "new cells of modules the model has seen" in note
+    assert "-p subject_col block" in note
+    by_block = table.assign(subject=np.repeat(["a", "b", "c", "d"], 30))
+    splits = {"train": by_block[by_block["subject"] != "d"], "test": by_block[by_block["subject"] == "d"]}
+    assert "the 1 test block has no cell in train" in lessons.elpv_module_note(by_block, splits, "block")
+    alike_by_chance = table.assign(label=np.random.default_rng(0).permutation(table["label"].to_numpy()))
+    assert "no more alike than chance" in lessons.elpv_module_note(alike_by_chance, {"test": table}, None)

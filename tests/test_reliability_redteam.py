@@ -379,8 +379,26 @@ def test_too_few_subjects_and_blank_subjects_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"subject_col 'patient' needs a label table"):
         workbook.resolve_params({"run_name": str(tmp_path / "run"), "data_root": str(root),
                                  "subject_col": "patient"}, smoke=True)
-    with pytest.raises(ValueError, match=r"subject_col is for your own data"):
+    with pytest.raises(ValueError, match=r"subject_col 'patient': ELPV's table names no such column; .* 'block'"):
         workbook.resolve_params({"run_name": str(tmp_path / "run"), "subject_col": "patient"}, smoke=True)
+    # ELPV's one subject column: blocks of consecutive cells, a proxy for its unrecorded modules
+    elpv = workbook.resolve_params({"run_name": str(tmp_path / "run"), "subject_col": "block"}, smoke=True)
+    table = workbook.label_table(elpv)
+    splits = workbook.split_table(elpv, table)
+    assert table["subject"].nunique() > 8 and not shared_subjects(splits)
+    assert {s for frame in splits.values() for s in frame["subject"]} == set(table["subject"])
+
+
+def test_subject_folds_deal_out_whole_subjects_when_every_class_is_smaller_than_the_folds():
+    from helpers.data import subject_folds
+
+    labels = np.repeat(np.arange(8), 6)  # 8 strata of 6 images, 7 folds: scikit-learn's stratified split refuses
+    subjects = np.arange(48) // 2
+    folds = subject_folds(labels, subjects, 7, seed=0)
+    assert len(folds) == 7 and sorted(np.concatenate([held for _, held in folds]).tolist()) == list(range(48))
+    for fit_rows, held in folds:
+        assert not set(subjects[fit_rows]) & set(subjects[held])
+    assert [h.tolist() for _, h in folds] != [h.tolist() for _, h in subject_folds(labels, subjects, 7, seed=1)]
 
 
 def test_the_workbook_splits_by_subject_and_its_folds_keep_subjects_whole(tmp_path):
