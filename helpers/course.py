@@ -151,6 +151,19 @@ def kernel_config() -> dict:
     return {"config": Config({"KernelManager": {"transport_encryption": "auto"}})}
 
 
+def input_error_names() -> set[str]:
+    """The names of the exceptions that mean the user's input is wrong: `InputError` and its subclasses, and a
+    missing file. A notebook's kernel raises them by name only (papermill passes on ``ename`` and ``evalue``)."""
+    from . import data, export, predict  # noqa: F401  (they define InputError's subclasses)
+
+    names, todo = {"FileNotFoundError"}, [InputError]
+    while todo:
+        error = todo.pop()
+        names.add(error.__name__)
+        todo += error.__subclasses__()
+    return names
+
+
 def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bool = False,
                notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, overwrite: bool = False,
                log_output: bool = False) -> Path:
@@ -179,10 +192,18 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
     for notebook in notebooks:
         started = time.perf_counter()
         print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
-        papermill.execute_notebook(str(notebooks_dir() / f"{notebook}.ipynb"), str(run / f"{notebook}.ipynb"),
-                                   parameters={"run_name": name, **parameters}, kernel_name="python3",
-                                   cwd=str(notebooks_dir()), log_output=log_output, progress_bar=progress,
-                                   **kernel_config())
+        try:
+            papermill.execute_notebook(str(notebooks_dir() / f"{notebook}.ipynb"), str(run / f"{notebook}.ipynb"),
+                                       parameters={"run_name": name, **parameters}, kernel_name="python3",
+                                       cwd=str(notebooks_dir()), log_output=log_output, progress_bar=progress,
+                                       **kernel_config())
+        except papermill.PapermillExecutionError as err:
+            # Bad data found inside a notebook (a duplicated row, an unreadable image) is the user's to fix: one
+            # line, as for a bad parameter. Anything else is a bug and keeps papermill's traceback.
+            if err.ename not in input_error_names():
+                raise
+            raise InputError(f"{notebook} stopped: {err.evalue} (the executed copy, with the traceback: "
+                             f"{run / (notebook + '.ipynb')})") from None
         print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
     return run
 

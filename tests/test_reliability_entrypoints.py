@@ -157,6 +157,28 @@ def test_entry_points_print_input_errors_in_one_line_but_keep_a_bugs_traceback(e
         run(ValueError("a bug, not the user's input"))
 
 
+def test_bad_data_found_inside_a_notebook_is_one_line_of_error_naming_the_executed_copy(tmp_path, capsys):
+    """Parameters are checked before any kernel starts, but the label table is read in notebook 01: a row listed
+    twice must still end as `error: ...` (exit status 2), not as papermill's traceback."""
+    import helpers.course
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(root / f"{i}.png"), np.full((16, 16, 3), 30 * i, np.uint8))
+    rows = [f"{i}.png,{'ab'[i % 2]}" for i in range(8)]
+    (root / "labels.csv").write_text("file,label\n" + "\n".join(rows + rows[:1]) + "\n")
+    status = helpers.course.main(["--smoke", "--name", str(tmp_path / "run"), "--notebooks", "01",
+                                  "-p", "data_root", str(root), "-p", "labels_csv", "labels.csv"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]  # after papermill's progress bar
+    assert line.startswith("error: 01_analyze_approach stopped: ") and "listed more than once: ['0.png']" in line
+    assert f"{tmp_path / 'run' / '01_analyze_approach.ipynb'})" in line and "Traceback" not in err
+    assert helpers.course.input_error_names() >= {"InputError", "ImageReadError", "MissingColumnError",
+                                                  "WeightsUnavailableError", "PredictError", "FileNotFoundError"}
+
+
 def test_a_damaged_json_file_of_the_run_names_itself_and_the_notebook_that_writes_it(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
