@@ -86,7 +86,44 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: not a readable image (OpenCV: {str(err).strip().splitlines()[-1]})") from err
     if image is None:
         raise ImageReadError(f"{path}: not a readable image (OpenCV could not decode it)")
+    if not is_jpeg:  # IMREAD_UNCHANGED ignores the orientation a PNG or WebP can carry (a phone's export)
+        image = _orient(image, _exif_orientation(data, path))
     return image
+
+
+# EXIF orientation (tag 0x0112) -> what turns the stored pixels upright, on an (H, W[, C]) array
+_ORIENTATIONS = {
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # upside down
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.swapaxes(0, 1),  # transposed
+    6: lambda a: np.rot90(a, -1),  # stored turned 90 degrees counter-clockwise: turn it clockwise
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),  # transposed across the other diagonal
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _exif_orientation(data: np.ndarray, path: Path) -> int:
+    """The EXIF orientation of a PNG (``eXIf`` chunk) or WebP (``EXIF`` chunk); 1 (upright) when there is none."""
+    head = data[:16].tobytes()
+    raw = data.tobytes()
+    has_exif = (head.startswith(b"\x89PNG") and b"eXIf" in raw) or (
+        head.startswith(b"RIFF") and head[8:12] == b"WEBP" and b"EXIF" in raw)
+    if not has_exif:
+        return 1
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return int(image.getexif().get(0x0112, 1))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        warnings.warn(f"{path}: its EXIF block cannot be read ({err}); the image is used as stored, unrotated",
+                      stacklevel=3)
+        return 1
+
+
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    return np.ascontiguousarray(_ORIENTATIONS[orientation](image)) if orientation in _ORIENTATIONS else image
 
 
 def _stored_shape(path: Path) -> tuple[int, ...] | None:

@@ -283,3 +283,19 @@ def test_decode_image_names_the_file_it_cannot_decode_and_keeps_what_is_stored(t
     gray = np.full((3, 5), 7, np.uint8)
     cv2.imencode(".png", gray)[1].tofile(tmp_path / "gris é.png")
     assert decode_image(tmp_path / "gris é.png").tolist() == gray.tolist()  # one channel, as stored
+
+
+@pytest.mark.parametrize("suffix", [".png", ".webp"])
+def test_png_and_webp_are_turned_upright_by_their_exif_orientation_as_jpegs_are(tmp_path, suffix):
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8))  # 10 wide, 6 high, no symmetry
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}{suffix}"
+        picture.save(path, exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        np.testing.assert_array_equal(read_image(path), upright, err_msg=f"orientation {orientation}")
+    assert read_image(tmp_path / f"o6{suffix}").shape == (10, 6, 3)  # stored sideways, read upright
