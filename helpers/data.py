@@ -259,10 +259,10 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     if loose:  # no class folder says what they are: name them rather than drop them unmentioned
         warnings.warn(f"{root}: {len(loose)} image(s) directly in the folder belong to no class and are not used: "
                       f"{loose[:10]} (move each into its class folder)", stacklevel=2)
-    rows, ignored = [], []
+    rows, ignored, broken = [], [], []
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file()
-                       and not any(is_hidden_name(part) for part in p.relative_to(class_dir).parts))
+        files, dangling = _files_below(class_dir)
+        broken += dangling
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not images:
@@ -271,7 +271,32 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     if ignored:
         warnings.warn(f"{root}: ignored {len(ignored)} non-image file(s): "
                       f"{[str(p.relative_to(root)) for p in ignored[:10]]}", stacklevel=2)
+    if broken:
+        warnings.warn(f"{root}: ignored {len(broken)} symbolic link(s) that point nowhere: "
+                      f"{[str(p.relative_to(root)) for p in broken[:10]]}", stacklevel=2)
     return pd.DataFrame(rows, columns=["file", "label"])
+
+
+def _files_below(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, dangling links) under ``folder``, sorted, hidden names skipped. Links to folders are followed (a class
+    assembled from links is common), each real folder once, so a link back up cannot loop forever."""
+    files, dangling, seen = [], [], set()
+    for current, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not is_hidden_name(d))
+        for name in names:
+            if is_hidden_name(name):
+                continue
+            path = Path(current) / name
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                dangling.append(path)
+    return sorted(files), sorted(dangling)
 
 
 def is_hidden_name(name: str) -> bool:
@@ -396,6 +421,62 @@ def _windows_paths(files: pd.Series, root: Path, source: str) -> pd.Series:
     return files.where(~changed, fixed)
 
 
+def _absolute_inside_root(files: pd.Series, root: Path, source: str) -> pd.Series:
+    """Absolute paths that lie under ``root`` (a table written with full paths) as paths relative to it, so the
+    run can move with its folder; absolute paths elsewhere stay as they are (and are refused as outside)."""
+    base = root.resolve()
+
+    def relative(name: str) -> str:
+        if not os.path.isabs(name):
+            return name
+        try:
+            return Path(name).resolve().relative_to(base).as_posix()
+        except ValueError:  # not under the root
+            return name
+
+    fixed = files.map(relative)
+    changed = fixed != files
+    if changed.any():
+        warnings.warn(f"{source}: read {int(changed.sum())} absolute path(s) under {root} as paths relative to it, "
+                      f"e.g. {files[changed].iloc[0]!r} as {fixed[changed].iloc[0]!r}", stacklevel=3)
+    return fixed
+
+
+def _unicode_spellings(files: pd.Series, root: Path, source: str) -> pd.Series:
+    """A listed name that is missing but exists in the other Unicode normal form (``café`` typed as one character,
+    stored as 'e' + accent, as macOS and some zip tools write names), read as the stored one."""
+    import unicodedata
+
+    def stored(name: str) -> str:
+        if name.isascii() or (root / name).is_file():
+            return name
+        for form in ("NFC", "NFD"):
+            other = unicodedata.normalize(form, name)
+            if other != name and (root / other).is_file():
+                return other
+        return name
+
+    fixed = files.map(stored)
+    changed = fixed != files
+    if changed.any():
+        warnings.warn(f"{source}: {int(changed.sum())} file name(s) are stored in another Unicode form than the table "
+                      f"spells them (accents as separate characters, or not), e.g. {files[changed].iloc[0]!r}; read "
+                      f"as the stored names", stacklevel=3)
+    return fixed
+
+
+def _missing_hint(missing: list[str], root: Path) -> str:
+    """Why listed files may be missing, when the folder shows it: a missing extension, another case."""
+    name = missing[0]
+    folder = (root / name).parent
+    if not folder.is_dir():
+        return f" (there is no folder {folder})" if folder != root else ""
+    stem = Path(name).name
+    near = sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and (p.stem == stem or p.name.casefold() == stem.casefold()))
+    return f" ({name!r} is not there, but {near[:3]} are: check the extension and case)" if near else ""
+
+
 def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
     """Warn when two labels differ only in case or spacing ('Cat' and 'cat'): each would be its own class."""
     spellings: dict[str, set[str]] = {}
@@ -458,7 +539,9 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
             files = "" if col == file_col else f", files {[str(frame[file_col].iat[i - 1]) for i in blank[:10]]}"
             raise InputError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
                              f"under the header is 1){files}{hint}")
-    out = pd.DataFrame({"file": _windows_paths(frame[file_col].astype(str), root, source).to_numpy()})
+    files = _windows_paths(frame[file_col].astype(str), root, source)
+    out = pd.DataFrame({"file": _unicode_spellings(_absolute_inside_root(files, root, source), root,
+                                                   source).to_numpy()})
     out["label"] = _strip_labels(frame[label_col].astype(str), source, label_col).to_numpy()
     _warn_near_duplicate_labels(out["label"], source)
     out["group"] = frame[group_col].astype(str).str.strip().to_numpy() if group_col else None
@@ -467,7 +550,11 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
 
     duplicated = out["file"][out["file"].duplicated()].unique().tolist()
     if duplicated:
-        raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}")
+        labels_of = out[out["file"].isin(duplicated)].groupby("file", sort=False)["label"].unique()
+        conflicts = [f"{name!r} as {sorted(labels)}" for name, labels in labels_of.items() if len(labels) > 1]
+        raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}"
+                         + (f"; {len(conflicts)} of them with different labels: {conflicts[:5]} (one image "
+                            f"cannot be two classes: keep the right row)" if conflicts else " (keep one row each)"))
     outside = _outside_root(out["file"])
     if outside and not allow_outside_root:
         raise InputError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
@@ -476,7 +563,8 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     paths = [root / f for f in out["file"]]
     missing = [f for f, p in zip(out["file"], paths, strict=True) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}")
+        raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}"
+                                f"{_missing_hint(missing, root)}")
     aliases = _same_file_twice(out["file"], paths)
     if aliases:
         raise InputError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "

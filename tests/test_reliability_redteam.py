@@ -733,3 +733,55 @@ def test_checkpoint_whose_classes_do_not_match_its_outputs_is_refused(model_file
 def test_absurd_learning_rates_and_image_sizes_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         workbook.resolve_params(bad, smoke=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Label tables as people write them (the red-team's odd folders, 2026-11-30)
+
+
+def test_absolute_paths_inside_the_root_are_read_as_relative_ones_and_outside_ones_refused(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "img" / "a.png", 0), _image(root / "img" / "b.png", 90), _image(tmp_path / "elsewhere.png")
+    (root / "labels.csv").write_text(f"file,label\n{root / 'img' / 'a.png'},x\nimg/b.png,y\n")
+    with pytest.warns(UserWarning, match=r"read 1 absolute path\(s\) under .* as paths relative to it"):
+        table = load_table(root, root / "labels.csv")
+    assert table["file"].tolist() == ["img/a.png", "img/b.png"]
+    (root / "labels.csv").write_text(f"file,label\n{tmp_path / 'elsewhere.png'},x\nimg/b.png,y\n")
+    with pytest.raises(ValueError, match=r"1 path\(s\) point outside"):
+        load_table(root, root / "labels.csv")
+
+
+def test_names_stored_in_the_other_unicode_form_are_found_and_said(tmp_path):
+    import unicodedata
+
+    root = tmp_path / "data"
+    stored = unicodedata.normalize("NFD", "café.png")  # as macOS or a zip tool may write it
+    _image(root / stored), _image(root / "b.png", 90)
+    (root / "labels.csv").write_text(f"file,label\n{unicodedata.normalize('NFC', 'café.png')},x\nb.png,y\n",
+                                     encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"1 file name\(s\) are stored in another Unicode form"):
+        table = load_table(root, root / "labels.csv")
+    assert table["file"].tolist() == [stored, "b.png"]
+
+
+def test_a_row_listed_twice_says_whether_its_labels_differ_and_a_missing_extension_is_pointed_out(tmp_path):
+    root = _images(tmp_path / "data", ("a.png", "b.png", "c.png"))
+    (root / "labels.csv").write_text("file,label\na.png,x\nb.png,y\na.png,y\nc.png,x\nc.png,x\n")
+    with pytest.raises(ValueError, match=r"2 file name\(s\) listed more than once: \['a.png', 'c.png'\]; 1 of them "
+                                         r"with different labels: \[\"'a.png' as \['x', 'y'\]\"\]"):
+        load_table(root, root / "labels.csv")
+    (root / "labels.csv").write_text("file,label\na,x\nb.png,y\n")
+    with pytest.raises(FileNotFoundError, match=r"\['a'\] \('a' is not there, but \['a.png'\] are: check the "
+                                                r"extension and case\)"):
+        load_table(root, root / "labels.csv")
+
+
+def test_class_folders_follow_linked_folders_once_and_name_links_that_point_nowhere(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a" / "real" / "x.png"), _image(root / "b" / "y.png", 90)
+    (root / "b" / "linked").symlink_to(root / "a" / "real", target_is_directory=True)
+    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)  # a link back up: read once, no loop
+    (root / "b" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.warns(UserWarning, match=r"ignored 1 symbolic link\(s\) that point nowhere: \['b/broken.png'\]"):
+        table = scan_class_folders(root)
+    assert table.values.tolist() == [["a/real/x.png", "a"], ["b/linked/x.png", "b"], ["b/y.png", "b"]]
