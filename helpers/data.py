@@ -299,6 +299,16 @@ def _files_below(folder: Path) -> tuple[list[Path], list[Path]]:
     return sorted(files), sorted(dangling)
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that puts numbers in text in numeric order: 'class 2' before 'class 10', '9.png' before '10.png'.
+    Names that differ only in their digits' spelling ('1' and '01') still sort apart, in a fixed order."""
+    import re
+
+    parts = tuple((0, int(part), part) if part.isdigit() else (1, part.casefold(), part)
+                  for part in re.split(r"(\d+)", name) if part)
+    return parts + ((2, name, name),)
+
+
 def is_hidden_name(name: str) -> bool:
     """Folders and files that hold no user images: hidden ones (.thumbs, .ipynb_checkpoints), a NAS's
     thumbnails (@eaDir) and the resource forks of a macOS zip (__MACOSX). `helpers.predict` skips them too."""
@@ -634,7 +644,7 @@ class ImageDataset(Dataset):
         frame = load_table(self.root, table, file_col, label_col, group_col, subject_col, check_empty=not skip_bad,
                            allow_outside_root=allow_outside_root)
         if classes is None:
-            classes = sorted(frame["label"].unique())
+            classes = sorted(frame["label"].unique(), key=natural_key)
         self.classes = [str(c) for c in classes]
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes contain duplicates: {self.classes}")

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from .data import (ELPV_TASKS, identical_files, load_splits, load_table, make_splits, make_tiny_elpv,
-                   minimum_split_size, overlapping_files, prepare_elpv, shared_subjects)
+                   minimum_split_size, natural_key, overlapping_files, prepare_elpv, shared_subjects)
 from . import files
 from .errors import InputError
 from .freezing import STRATEGIES
@@ -538,7 +538,7 @@ def smoke_subset(table: pd.DataFrame, seed: int = 0, images: int = SMOKE_IMAGES)
 
 def classes_of(params: Params, table: pd.DataFrame) -> list[str]:
     """Class names in a meaningful order: ELPV's own order, else sorted."""
-    return list(ELPV_TASKS[params.task][1]) if params.elpv else sorted(table["label"].unique())
+    return list(ELPV_TASKS[params.task][1]) if params.elpv else sorted(table["label"].unique(), key=natural_key)
 
 
 def split_table(params: Params, table: pd.DataFrame,

@@ -785,3 +785,14 @@ def test_class_folders_follow_linked_folders_once_and_name_links_that_point_nowh
     with pytest.warns(UserWarning, match=r"ignored 1 symbolic link\(s\) that point nowhere: \['b/broken.png'\]"):
         table = scan_class_folders(root)
     assert table.values.tolist() == [["a/real/x.png", "a"], ["b/linked/x.png", "b"], ["b/y.png", "b"]]
+
+
+def test_classes_are_in_natural_order_so_class_10_follows_class_9(tmp_path):
+    from helpers.data import natural_key
+
+    names = ["class 10", "class 9", "class 1", "01", "1", "B", "a"]
+    assert sorted(names, key=natural_key) == ["01", "1", "a", "B", "class 1", "class 9", "class 10"]
+    root = tmp_path / "data"
+    for i, name in enumerate(["class 10", "class 9", "class 1"]):
+        _image(root / name / "x.png", 40 * i)
+    assert ImageDataset(root).classes == ["class 1", "class 9", "class 10"]
