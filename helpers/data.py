@@ -662,13 +662,18 @@ class ImageDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.transform = transform
 
-    def _drop_unreadable(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def _unreadable(self, files: Sequence[str]) -> dict[str, str]:
+        """{file: error} of the ``files`` that cannot be read, each decoded once."""
         bad = {}
-        for file in frame["file"]:
+        for file in files:
             try:
                 read_image(self.root / file)
             except ImageReadError as err:
                 bad[file] = str(err)
+        return bad
+
+    def _drop_unreadable(self, frame: pd.DataFrame) -> pd.DataFrame:
+        bad = self._unreadable(frame["file"])
         self.skipped = bad
         if bad:
             warnings.warn(f"skipped {len(bad)} unreadable image(s) of {len(frame)}: {list(bad.values())[:20]}",
@@ -691,7 +696,17 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The untransformed image as a uint8 tensor (3, H, W)."""
-        image = read_image(self.root / self.frame["file"].iat[index])
+        try:
+            image = read_image(self.root / self.frame["file"].iat[index])
+        except ImageReadError:
+            # Name every unreadable image at once, not one per rerun: decoding them all costs what one epoch's
+            # reading does, and only on this path.
+            bad = self._unreadable(self.files)
+            if len(bad) <= 1:
+                raise
+            raise ImageReadError(f"{len(bad)} of {len(self)} image(s) cannot be read: {list(bad.values())[:20]}; "
+                                 f"replace or delete them (or drop their rows from the label table) and "
+                                 f"rerun") from None
         return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

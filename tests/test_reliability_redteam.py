@@ -796,3 +796,17 @@ def test_classes_are_in_natural_order_so_class_10_follows_class_9(tmp_path):
     for i, name in enumerate(["class 10", "class 9", "class 1"]):
         _image(root / name / "x.png", 40 * i)
     assert ImageDataset(root).classes == ["class 1", "class 9", "class 10"]
+
+
+def test_the_first_unreadable_image_a_loader_meets_names_every_unreadable_one(tmp_path):
+    root = tmp_path / "data"
+    for i in range(6):
+        _image(root / "ab"[i % 2] / f"{i}.png", 40 * i)
+    (root / "a" / "0.png").write_bytes(b"not an image at all")
+    (root / "b" / "5.png").write_bytes((root / "b" / "3.png").read_bytes()[:60])  # cut off
+    dataset = ImageDataset(root)
+    with pytest.raises(ImageReadError, match=r"2 of 6 image\(s\) cannot be read: .*a/0\.png.*b/5\.png"):
+        dataset[0]
+    (root / "b" / "5.png").write_bytes((root / "b" / "3.png").read_bytes())
+    with pytest.raises(ImageReadError, match=r"^\S*a/0\.png: not a readable image"):  # one: its own message
+        dataset[0]
