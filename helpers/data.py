@@ -731,7 +731,7 @@ def make_splits(frame: pd.DataFrame, label_col: str = "label", group_col: str | 
     lands whole in the split of its first name, and its names must agree on the label and group.
     ``subject_col`` names who or what each image shows (a patient, a specimen): all images of one
     subject then land in one split, so the test score is on subjects the model never saw. Whole
-    subjects are dealt out (scikit-learn's ``StratifiedGroupKFold``), so the shares are close to
+    subjects are dealt out (`subject_folds`, scikit-learn's ``StratifiedGroupKFold`` rule), so the shares are close to
     ``test_size`` and ``val_size`` rather than exact.
     """
     from sklearn.model_selection import train_test_split
@@ -838,22 +838,38 @@ def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series,
 
 
 def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit rows, score rows) of ``folds`` stratified folds that keep each subject's images on one side
-    (scikit-learn's ``StratifiedGroupKFold``): cross-validation with ``subject_col``, where plain folds would
-    score a model on subjects it was fitted on."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    """(fit rows, score rows) of ``folds`` stratified folds that keep each subject's images on one side:
+    cross-validation with ``subject_col``, where plain folds would score a model on subjects it was fitted on.
 
-    with warnings.catch_warnings():
-        # "The least populated class in y has only n members": a class with fewer subjects than folds is simply
-        # missing from some folds, which `_warn_absent_classes` (splits) and the fold scores already show.
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-        labels = np.asarray(labels)
-        if (np.unique(labels, return_counts=True)[1] < folds).all():
-            # scikit-learn refuses when every class (or class x group) has fewer images than folds; no fold could
-            # hold each of them anyway, so deal out whole subjects unstratified (still shuffled by the seed).
-            labels = np.zeros(len(labels), dtype=int)
-        return list(splitter.split(np.zeros(len(labels)), labels, np.asarray(subjects)))
+    Whole subjects are dealt out greedily, each to the fold whose class shares it disturbs least (scikit-learn's
+    ``StratifiedGroupKFold`` rule), largest subjects first and, among equal sizes, in an order drawn from
+    ``seed``. scikit-learn orders the subjects by how uneven their classes are instead, and shuffles only ties:
+    with subjects of distinct class mixes (ELPV's blocks) every seed then gave the same folds."""
+    labels, subjects = np.asarray(labels), np.asarray(subjects)
+    classes, y = np.unique(labels, return_inverse=True)
+    names, group = np.unique(subjects, return_inverse=True)
+    if len(names) < folds:
+        raise InputError(f"{folds} folds need at least {folds} subjects, got {len(names)}")
+    counts = np.zeros((len(names), len(classes)))
+    np.add.at(counts, (group, y), 1)
+    totals = counts.sum(0)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(len(names)), -counts.sum(1)))  # largest first, ties in a seeded order
+    per_fold, assigned = np.zeros((folds, len(classes))), np.empty(len(names), dtype=int)
+    for g in order:
+        # the fold whose per-class shares stay most even with this subject added; then the emptiest fold
+        spread = [np.std((per_fold + counts[g] * (np.arange(folds) == f)[:, None]) / totals, axis=0).mean()
+                  for f in range(folds)]
+        best = min(range(folds), key=lambda f: (round(spread[f], 12), per_fold[f].sum(), f))
+        per_fold[best] += counts[g]
+        assigned[g] = best
+    empty = [f for f in range(folds) if not per_fold[f].any()]
+    if empty:  # a few subjects much larger than the rest: evening out the shares left a fold without any
+        raise InputError(f"cannot deal {len(names)} subjects into {folds} folds that all hold images (sizes "
+                         f"{sorted(counts.sum(1).astype(int).tolist(), reverse=True)[:10]}...); more subjects, "
+                         f"or fewer folds")
+    fold_of = assigned[group]
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
 
 
 def shared_subjects(splits: dict[str, pd.DataFrame]) -> list[str]:

@@ -389,6 +389,26 @@ def test_too_few_subjects_and_blank_subjects_are_refused(tmp_path):
     assert {s for frame in splits.values() for s in frame["subject"]} == set(table["subject"])
 
 
+def test_subject_folds_change_with_the_seed_even_when_every_subject_has_its_own_class_mix():
+    """scikit-learn's StratifiedGroupKFold orders subjects by how uneven their classes are and shuffles only ties:
+    on ELPV's blocks (4 classes x cell type, each block its own mix) every seed gave one and the same split."""
+    from helpers.data import _elpv_labels, subject_folds
+
+    table = _elpv_labels()
+    labels, subjects = (table["label4"] + "|" + table["type"]).to_numpy(), table["block"].to_numpy()
+    held = [frozenset(subjects[subject_folds(labels, subjects, 4, seed)[0][1]]) for seed in range(5)]
+    assert len(set(held)) == 5
+    shares = pd.Series(labels).value_counts(normalize=True)
+    for seed in range(5):
+        for fit_rows, score_rows in subject_folds(labels, subjects, 4, seed):
+            assert not set(subjects[fit_rows]) & set(subjects[score_rows])
+            fold_shares = pd.Series(labels[score_rows]).value_counts(normalize=True).reindex(shares.index, fill_value=0)
+            # still stratified, as far as whole blocks allow (scikit-learn's one split is off by up to 0.058 here)
+            assert (fold_shares - shares).abs().max() < 0.1
+    assert [h.tolist() for _, h in subject_folds(labels, subjects, 4, 3)] == \
+        [h.tolist() for _, h in subject_folds(labels, subjects, 4, 3)]  # and reproducible
+
+
 def test_subject_folds_deal_out_whole_subjects_when_every_class_is_smaller_than_the_folds():
     from helpers.data import subject_folds
 
