@@ -214,7 +214,8 @@ def to_rgb_uint8(image: np.ndarray, path: str | os.PathLike = "<array>") -> np.n
                                  f"reads floats as 0..1 (scale the images, or save them as 8- or 16-bit)")
         image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise ImageReadError(f"{path}: unsupported pixel type {image.dtype}")
+        raise ImageReadError(f"{path}: unsupported pixel type {image.dtype}; the workbook reads 8- and 16-bit unsigned "
+                             f"integers and 0..1 floats (convert it, e.g. shift signed values to uint16 with numpy)")
 
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)

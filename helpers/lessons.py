@@ -908,3 +908,33 @@ def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subje
     return text + ("This run splits cell by cell, as Deitsch et al. did, so cells of one module land in train and "
                    "test alike: the test score is on new cells of modules the model has seen, which is easier than "
                    "new modules. " + blocks_option)
+
+
+# ----------------------------------------------------------------------------------------
+# Class names the plots' font cannot draw
+
+def _plot_font() -> str:
+    """The file of the font matplotlib draws text with by default."""
+    from matplotlib import font_manager
+
+    return font_manager.findfont(font_manager.FontProperties(family=plt.rcParams["font.family"]))
+
+
+def missing_glyphs(names: Sequence[str]) -> list[str]:
+    """The characters of ``names`` that matplotlib's default font has no glyph for (they plot as empty boxes)."""
+    from matplotlib.ft2font import FT2Font
+
+    font = FT2Font(_plot_font())
+    return sorted({ch for name in names for ch in str(name) if not ch.isspace() and font.get_char_index(ord(ch)) == 0})
+
+
+def font_note(names: Sequence[str]) -> str:
+    """A sentence for notebook 02 when class names use characters the plots cannot draw, else "". The notebooks
+    silence matplotlib's warning per missing glyph (dozens per figure), so this is where it is said."""
+    missing = missing_glyphs(names)
+    if not missing:
+        return ""
+    return (f"Class names use {len(missing)} character(s) the plots' font ({Path(_plot_font()).stem}) cannot draw, "
+            f"e.g. {' '.join(missing[:8])}: figures show them as empty boxes (tables and files keep them). Install "
+            f"a font that has them and put it first in `matplotlib.rcParams['font.sans-serif']` (e.g. Noto Sans "
+            f"CJK).")

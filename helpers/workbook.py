@@ -678,6 +678,9 @@ def environment() -> dict:
     """Where this notebook runs: Python, torch, device, GPU, CPU threads, Colab, smoke mode."""
     from .runtime import pick_device
 
+    # matplotlib warns once per missing glyph and figure (dozens for a class name in another script); notebook 02
+    # says it once instead (`lessons.font_note`).
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     device = pick_device(None)
     info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,

@@ -332,3 +332,22 @@ def test_the_elpv_module_note_says_what_the_split_tests_on():
     assert "the 1 test block has no cell in train" in lessons.elpv_module_note(by_block, splits, "block")
     alike_by_chance = table.assign(label=np.random.default_rng(0).permutation(table["label"].to_numpy()))
     assert "no more alike than chance" in lessons.elpv_module_note(alike_by_chance, {"test": table}, None)
+
+
+def test_class_names_the_plot_font_cannot_draw_are_said_once_and_their_warnings_silenced():
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    assert lessons.missing_glyphs(["cat", "café crème", "Ωmega"]) == [] and lessons.font_note(["cat"]) == ""
+    assert lessons.missing_glyphs(["日本", "cat"]) == ["日", "本"]
+    assert "2 character(s) the plots' font" in lessons.font_note(["日本"])
+    from helpers import workbook
+
+    workbook.environment()  # every notebook's setup cell: silences matplotlib's warning per missing glyph
+    fig, ax = plt.subplots()
+    ax.set_title("日本")
+    with warnings.catch_warnings(record=True) as caught:  # keeps the filters set so far
+        fig.canvas.draw()
+    plt.close(fig)
+    assert not [w for w in caught if "missing from font" in str(w.message)]
