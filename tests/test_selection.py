@@ -495,3 +495,25 @@ def test_one_subject_gives_no_measurable_margin_and_few_subjects_never_less_than
     scattered = np.where(np.arange(len(targets)) % 2 == 0, "a", "b")
     per_image = selection.difference_se("accuracy", targets, tuned, probe)
     assert selection.difference_se("accuracy", targets, tuned, probe, groups=scattered) >= per_image
+
+
+def test_the_training_span_changes_the_probes_size_not_its_optimum():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from helpers.probe import TrainingSpan
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    x = rng.normal(size=(30, 200)) + rng.normal(size=(3, 200))[y]
+    span = TrainingSpan().fit(x)
+    assert span.components_.shape == (29, 200)  # 30 centred images span 29 directions
+    np.testing.assert_allclose(span.components_ @ span.components_.T, np.eye(29), atol=1e-10)
+    new = rng.normal(size=(5, 200))
+    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, tol=1e-10, max_iter=10000)).fit(x, y)
+    spanned = make_pipeline(StandardScaler(), TrainingSpan(), LogisticRegression(C=0.1, tol=1e-10, max_iter=10000))
+    np.testing.assert_allclose(spanned.fit(x, y).predict_proba(new), plain.predict_proba(new), atol=1e-6)
+    assert TrainingSpan().fit(x[:, :20]).components_ is None  # more images than features: nothing to gain
+    probe = fit_probe(x, y, folds=3)
+    assert [type(step).__name__ for step in probe.pipeline] == ["StandardScaler", "LogisticRegression"]
