@@ -265,7 +265,8 @@ notebook parameters (-p KEY VALUE; unset: the default for this machine and data)
   file_col      its file column (default: file)
   label_col     its label column (default: label)
   group_col     optional subgroup column (scanner, site): splits balanced and results reported per group
-  subject_col   optional column naming who/what each image shows (patient, specimen): kept in one split
+  subject_col   optional column naming who/what each image shows (patient, specimen): kept in one split;
+                ELPV: block (60 consecutive cells, a proxy for its unrecorded modules)
   task          ELPV: binary or 4class; your own data: custom (the default there)
   backbone      e.g. efficientnet_lite0 (offline), resnet50, timm/<name>; unset: notebook 01's pick
   strategy      head, last_n, initial, truncate or full; unset: notebook 03's choice

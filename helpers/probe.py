@@ -39,8 +39,8 @@ C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 class TrainingSpan(TransformerMixin, BaseEstimator):
-    """The features' coordinates in the span of the (centred) training features, when there are fewer images
-    than features; the features as they are otherwise.
+    """The features' coordinates in the span of the (centred) training features, when there are at most half
+    as many images as features; the features as they are otherwise.
 
     An L2-penalized linear model's weights lie in that span (its gradient is a sum over the training images),
     so this changes nothing about the optimum, only its size: with 100 images of 1,280 features the solver
@@ -50,7 +50,7 @@ class TrainingSpan(TransformerMixin, BaseEstimator):
     def fit(self, features: np.ndarray, targets: np.ndarray | None = None) -> "TrainingSpan":
         features = np.asarray(features, dtype=np.float64)
         self.mean_, self.components_ = features.mean(0), None
-        if len(features) - 1 < features.shape[1]:
+        if 2 * len(features) <= features.shape[1]:  # with more images the basis costs more than it saves
             # The span's orthonormal basis from the small images x images Gram matrix (cheaper than an SVD of the
             # images x features matrix): its eigenvectors u give the basis rows u.T @ centred / sqrt(eigenvalue).
             centred = features - self.mean_
