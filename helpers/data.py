@@ -435,15 +435,18 @@ def _windows_paths(files: pd.Series, root: Path, source: str) -> pd.Series:
 def _absolute_inside_root(files: pd.Series, root: Path, source: str) -> pd.Series:
     """Absolute paths that lie under ``root`` (a table written with full paths) as paths relative to it, so the
     run can move with its folder; absolute paths elsewhere stay as they are (and are refused as outside)."""
-    base = root.resolve()
-
     def relative(name: str) -> str:
         if not os.path.isabs(name):
             return name
-        try:
-            return Path(name).resolve().relative_to(base).as_posix()
-        except ValueError:  # not under the root
-            return name
+        # As written first (a link inside the root stays a link), then with every link resolved (a root reached
+        # through a link); a path under neither is left absolute, and refused as outside.
+        for path, base in ((Path(os.path.normpath(name)), Path(os.path.abspath(root))),
+                           (Path(name).resolve(), root.resolve())):
+            try:
+                return path.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return name
 
     fixed = files.map(relative)
     changed = fixed != files

@@ -884,10 +884,10 @@ def neighbour_agreement(labels: Sequence, rounds: int = 1000, seed: int = 0) -> 
 
 def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subject_col: str | None,
                      seed: int = 0) -> str:
-    """Notebook 02's paragraph on ELPV's modules: the neighbour agreement of the labels in file order, and
-    how many blocks (`helpers.data.elpv_blocks`, a proxy for a module) have cells in both train and test."""
+    """Notebook 02's paragraph on ELPV's modules: the neighbour agreement of the labels in file order, and what
+    the split tests on: new cells of seen modules (cell by cell), or unseen blocks (`helpers.data.elpv_blocks`, a
+    proxy for a module, with ``subject_col='block'``)."""
     agreement = neighbour_agreement(table.sort_values("file")["label"], seed=seed)
-    blocks = {name: set(frame["subject"]) if "subject" in frame.columns else None for name, frame in splits.items()}
     alike = agreement["observed"] > agreement["shuffled_high"]
     text = (f"In file order, consecutive cells share their label {agreement['observed']:.0%} of the time; with the "
             f"labels shuffled, {agreement['shuffled']:.0%} (97.5th percentile of 1,000 shuffles: "
@@ -895,7 +895,7 @@ def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subje
             + ("Neighbouring cells are alike beyond chance, as cells of one module would be. " if alike else
                "Neighbouring cells are no more alike than chance, so the file order says little about modules. "))
     if subject_col is not None:
-        n = len(blocks["test"])
+        n = splits["test"]["subject"].nunique()
         return text + (f"This run splits by `{subject_col}`: the {n} test block{'s' if n != 1 else ''} "
                        f"ha{'ve' if n != 1 else 's'} no cell in train, so the test score is on modules (as far as the "
                        f"blocks follow them) the model never saw. Expect it lower than a cell-by-cell split's, and "
