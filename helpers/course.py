@@ -202,7 +202,9 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
             # line, as for a bad parameter. Anything else is a bug and keeps papermill's traceback.
             if err.ename not in input_error_names():
                 raise
-            raise InputError(f"{notebook} stopped: {err.evalue} (the executed copy, with the traceback: "
+            # The last line: an error raised in a DataLoader worker arrives with the worker's traceback before it.
+            message = (err.evalue or err.ename).strip().splitlines()[-1]
+            raise InputError(f"{notebook} stopped: {message} (the executed copy, with the traceback: "
                              f"{run / (notebook + '.ipynb')})") from None
         print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
     return run

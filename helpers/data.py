@@ -305,7 +305,7 @@ def natural_key(name: str) -> tuple:
     Names that differ only in their digits' spelling ('1' and '01') still sort apart, in a fixed order."""
     import re
 
-    parts = tuple((0, int(part), part) if part.isdigit() else (1, part.casefold(), part)
+    parts = tuple((0, int(part), part) if part.isdecimal() else (1, part.casefold(), part)
                   for part in re.split(r"(\d+)", name) if part)
     return parts + ((2, name, name),)
 
@@ -441,6 +441,7 @@ def _absolute_inside_root(files: pd.Series, root: Path, source: str) -> pd.Serie
         # As written first (a link inside the root stays a link), then with every link resolved (a root reached
         # through a link); a path under neither is left absolute, and refused as outside.
         for path, base in ((Path(os.path.normpath(name)), Path(os.path.abspath(root))),
+                           (Path(os.path.normpath(name)), root.resolve()),  # the root given through a link
                            (Path(name).resolve(), root.resolve())):
             try:
                 return path.relative_to(base).as_posix()
@@ -485,9 +486,12 @@ def _missing_hint(missing: list[str], root: Path) -> str:
     folder = (root / name).parent
     if not folder.is_dir():
         return f" (there is no folder {folder})" if folder != root else ""
-    stem = Path(name).name
-    near = sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and (p.stem == stem or p.name.casefold() == stem.casefold()))
+    listed = Path(name)
+    try:
+        near = sorted(p.name for p in folder.iterdir() if p.is_file() and (
+            p.stem in (listed.name, listed.stem) or p.name.casefold() == listed.name.casefold()))
+    except OSError:  # a folder we may not list: no hint, the missing files are named anyway
+        return ""
     return f" ({name!r} is not there, but {near[:3]} are: check the extension and case)" if near else ""
 
 
@@ -704,7 +708,10 @@ class ImageDataset(Dataset):
             image = read_image(self.root / self.frame["file"].iat[index])
         except ImageReadError:
             # Name every unreadable image at once, not one per rerun: decoding them all costs what one epoch's
-            # reading does, and only on this path.
+            # reading does, and only on this path. Not under torchrun: the other processes would wait in a
+            # collective call for as long, and could time out before the message arrives.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise
             bad = self._unreadable(self.files)
             if len(bad) <= 1:
                 raise
@@ -872,7 +879,9 @@ def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -
         raise InputError(f"cannot deal {len(names)} subjects into {folds} folds that all hold images (sizes "
                          f"{sorted(counts.sum(1).astype(int).tolist(), reverse=True)[:10]}...); more subjects, "
                          f"or fewer folds")
-    fold_of = assigned[group]
+    # The largest subject always opens fold 0, and the splits hold out fold 0: number the folds at random, so that
+    # the largest subject is not in every seed's test split.
+    fold_of = rng.permutation(folds)[assigned][group]
     return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
 
 

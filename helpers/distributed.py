@@ -166,7 +166,9 @@ class Distributed:
         That is the mean over the global batch only when every process's batch weighs the same: with
         class weights, ``CrossEntropyLoss`` divides by the sum of the batch's weights, which differs
         from process to process."""
-        return _GlobalMean(criterion, self.world_size) if self.enabled else criterion
+        # Without class weights every process's batch weighs its size, the same for all (the shares are padded).
+        weighted = getattr(criterion, "weight", None) is not None
+        return _GlobalMean(criterion, self.world_size) if self.enabled and weighted else criterion
 
     def sync_buffers(self, *modules: nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every process."""

@@ -409,6 +409,17 @@ def test_subject_folds_change_with_the_seed_even_when_every_subject_has_its_own_
         [h.tolist() for _, h in subject_folds(labels, subjects, 4, 3)]  # and reproducible
 
 
+def test_the_largest_subject_is_not_in_every_seeds_first_fold():
+    """The first subject dealt (the largest) always opened fold 0, and the splits hold out fold 0 as test."""
+    from helpers.data import subject_folds
+
+    subjects = np.array([0] * 40 + list(range(1, 61)))
+    labels = np.arange(100) % 2
+    folds_of_the_largest = {next(i for i, (_, held) in enumerate(subject_folds(labels, subjects, 5, seed))
+                                 if 0 in held) for seed in range(10)}
+    assert len(folds_of_the_largest) > 1
+
+
 def test_subject_folds_deal_out_whole_subjects_when_every_class_is_smaller_than_the_folds():
     from helpers.data import subject_folds
 
@@ -790,6 +801,9 @@ def test_a_row_listed_twice_says_whether_its_labels_differ_and_a_missing_extensi
     with pytest.raises(ValueError, match=r"2 file name\(s\) listed more than once: \['a.png', 'c.png'\]; 1 of them "
                                          r"with different labels: \[\"'a.png' as \['x', 'y'\]\"\]"):
         load_table(root, root / "labels.csv")
+    (root / "labels.csv").write_text("file,label\na.jpg,x\nb.png,y\n")
+    with pytest.raises(FileNotFoundError, match=r"\('a.jpg' is not there, but \['a.png'\] are"):
+        load_table(root, root / "labels.csv")
     (root / "labels.csv").write_text("file,label\na,x\nb.png,y\n")
     with pytest.raises(FileNotFoundError, match=r"\['a'\] \('a' is not there, but \['a.png'\] are: check the "
                                                 r"extension and case\)"):
@@ -812,6 +826,7 @@ def test_classes_are_in_natural_order_so_class_10_follows_class_9(tmp_path):
 
     names = ["class 10", "class 9", "class 1", "01", "1", "B", "a"]
     assert sorted(names, key=natural_key) == ["01", "1", "a", "B", "class 1", "class 9", "class 10"]
+    assert sorted(["m²", "m2", "m1"], key=natural_key) == ["m1", "m2", "m²"]  # '²' is a digit to isdigit, not to int
     root = tmp_path / "data"
     for i, name in enumerate(["class 10", "class 9", "class 1"]):
         _image(root / name / "x.png", 40 * i)
