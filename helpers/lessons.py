@@ -898,8 +898,8 @@ def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subje
         n = splits["test"]["subject"].nunique()
         return text + (f"This run splits by `{subject_col}`: the {n} test block{'s' if n != 1 else ''} "
                        f"ha{'ve' if n != 1 else 's'} no cell in train, so the test score is on modules (as far as the "
-                       f"blocks follow them) the model never saw. Expect it lower than a cell-by-cell split's, and "
-                       f"wider margins: there are few blocks.")
+                       f"blocks follow them) the model never saw. With so few blocks, which ones land in test moves "
+                       f"the score a lot: expect wide margins, and compare seeds before reading much into one run.")
     blocks_option = ("To test on unseen blocks of 60 consecutive cells of one type (the table's `block` column, a "
                      "proxy for a module), run the course with `-p subject_col block`; `benchmarks/elpv_modules.py` "
                      "compares the two splits.")
