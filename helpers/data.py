@@ -480,6 +480,25 @@ def _unicode_spellings(files: pd.Series, root: Path, source: str) -> pd.Series:
     return fixed
 
 
+def _stored_names(files: pd.Series, root: Path, source: str) -> pd.Series:
+    """The listed names as stored under ``root``: Windows backslashes, absolute paths under the root and the other
+    Unicode normal form each read as the stored name, with a warning."""
+    files = _absolute_inside_root(_windows_paths(files, root, source), root, source)
+    return _unicode_spellings(files, root, source)
+
+
+def _check_listed_once(table: pd.DataFrame, source: str) -> None:
+    """Refuse a file listed twice, saying whether its rows disagree on the label."""
+    duplicated = table["file"][table["file"].duplicated()].unique().tolist()
+    if not duplicated:
+        return
+    labels_of = table[table["file"].isin(duplicated)].groupby("file", sort=False)["label"].unique()
+    conflicts = [f"{name!r} as {sorted(labels)}" for name, labels in labels_of.items() if len(labels) > 1]
+    raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}"
+                     + (f"; {len(conflicts)} of them with different labels: {conflicts[:5]} (one image "
+                        f"cannot be two classes: keep the right row)" if conflicts else " (keep one row each)"))
+
+
 def _missing_hint(missing: list[str], root: Path) -> str:
     """Why listed files may be missing, when the folder shows it: a missing extension, another case."""
     name = missing[0]
@@ -557,22 +576,14 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
             files = "" if col == file_col else f", files {[str(frame[file_col].iat[i - 1]) for i in blank[:10]]}"
             raise InputError(f"{source}: empty {col!r} in {len(blank)} row(s): data rows {blank[:10]} (the row "
                              f"under the header is 1){files}{hint}")
-    files = _windows_paths(frame[file_col].astype(str), root, source)
-    out = pd.DataFrame({"file": _unicode_spellings(_absolute_inside_root(files, root, source), root,
-                                                   source).to_numpy()})
+    out = pd.DataFrame({"file": _stored_names(frame[file_col].astype(str), root, source).to_numpy()})
     out["label"] = _strip_labels(frame[label_col].astype(str), source, label_col).to_numpy()
     _warn_near_duplicate_labels(out["label"], source)
     out["group"] = frame[group_col].astype(str).str.strip().to_numpy() if group_col else None
     if subject_col:
         out["subject"] = frame[subject_col].astype(str).str.strip().to_numpy()
 
-    duplicated = out["file"][out["file"].duplicated()].unique().tolist()
-    if duplicated:
-        labels_of = out[out["file"].isin(duplicated)].groupby("file", sort=False)["label"].unique()
-        conflicts = [f"{name!r} as {sorted(labels)}" for name, labels in labels_of.items() if len(labels) > 1]
-        raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}"
-                         + (f"; {len(conflicts)} of them with different labels: {conflicts[:5]} (one image "
-                            f"cannot be two classes: keep the right row)" if conflicts else " (keep one row each)"))
+    _check_listed_once(out, source)
     outside = _outside_root(out["file"])
     if outside and not allow_outside_root:
         raise InputError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
