@@ -33,9 +33,8 @@ from .workbook import (NOTEBOOKS, TEXT_PARAMETERS, check_parameters, existing_ou
                        workbook_root)
 
 SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "test_balanced_accuracy",
-                "test_macro_f1", "test_roc_auc", "ece",
-                "ece_after_temperature", "tta_accuracy", "augment", "backbone", "strategy", "image_size", "epochs",
-                "train_seconds")
+                "test_macro_f1", "test_roc_auc", "ece", "ece_after_temperature", "ece_by_chance", "tta_accuracy",
+                "augment", "backbone", "strategy", "image_size", "epochs", "train_seconds")
 
 
 def parse_value(text: str, key: str | None = None) -> object:

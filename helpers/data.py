@@ -829,9 +829,11 @@ def _subject_splits(frame: pd.DataFrame, label_col: str, group_col: str | None, 
     return splits
 
 
-def _subject_units(frame: pd.DataFrame, copies: Sequence[Sequence[str]], subject_col: str) -> pd.Series:
-    """Per row, the unit that must stay in one split: its subject, merged with the subjects of its copies."""
-    parent = {s: s for s in frame[subject_col].astype(str)}
+def _subject_units(frame: pd.DataFrame, copies: Sequence[Sequence[str]], subject_col: str | None) -> pd.Series:
+    """Per row, the unit that must stay in one split: its subject (its file, without ``subject_col``), merged
+    with the subjects of its copies."""
+    keys = frame[subject_col].astype(str) if subject_col else frame["file"].astype(str)
+    parent = {s: s for s in keys}
 
     def root(s: str) -> str:
         while parent[s] != s:
@@ -839,12 +841,26 @@ def _subject_units(frame: pd.DataFrame, copies: Sequence[Sequence[str]], subject
             s = parent[s]
         return s
 
-    subject_of = dict(zip(frame["file"], frame[subject_col].astype(str), strict=True))
+    subject_of = dict(zip(frame["file"], keys, strict=True))
     for names in copies:
         first = root(subject_of[names[0]])
         for name in names[1:]:
             parent[root(subject_of[name])] = first
-    return frame[subject_col].astype(str).map(root)
+    return keys.map(root)
+
+
+def fold_units(root: str | os.PathLike, frame: pd.DataFrame) -> np.ndarray | None:
+    """Per row of ``frame`` (a split table: ``file``, and ``subject`` with subject_col), the unit that
+    cross-validation must keep on one side of every fold: its subject, merged with those of its byte-identical
+    copies (`identical_files`); without subjects, each picture with its copies. The split keeps copies together,
+    but inside the training split a copy in the fit part and one in the score part would reward memory there
+    too: a high C for the probe, the strategy that memorizes in 03. None when there are neither subjects nor
+    copies: plain stratified folds then do."""
+    copies = identical_files(root, frame["file"].tolist())
+    subject_col = "subject" if "subject" in frame.columns else None
+    if subject_col is None and not copies:
+        return None
+    return _subject_units(frame.reset_index(drop=True), copies, subject_col).to_numpy()
 
 
 def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series, share: float, seed: int,
@@ -969,6 +985,16 @@ def subjects_of(dataset: torch.utils.data.Dataset) -> np.ndarray | None:
         return None if parent is None else parent[np.asarray(dataset.indices)]
     frame = getattr(dataset, "frame", None)
     return frame["subject"].astype(str).to_numpy() if frame is not None and "subject" in frame else None
+
+
+def units_of(dataset: torch.utils.data.Dataset) -> np.ndarray | None:
+    """`fold_units` of every item of ``dataset`` (an `ImageDataset`, or a ``Subset`` of one), in order: the
+    groups for cross-validating on its images (the probe's C, 03's folds); None when plain folds do."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        parent = units_of(dataset.dataset)
+        return None if parent is None else parent[np.asarray(dataset.indices)]
+    frame = getattr(dataset, "frame", None)
+    return None if frame is None else fold_units(dataset.root, frame)
 
 
 def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:

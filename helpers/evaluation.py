@@ -22,8 +22,9 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
-  after temperature scaling; ``temperature``: T fitted on the validation split (1 when every validation
-  image is right: nothing to fit);
+  after temperature scaling; ``ece_by_chance``: the ECE a perfectly calibrated model with the same test
+  confidences would show on this many images (`ece_by_chance`); ``temperature``: T fitted on the validation
+  split (1 when every validation image is right: nothing to fit);
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
   flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (a recipe without flips);
   ``augment``: the training augmentation recipe the flips follow (None when not given);
@@ -56,9 +57,9 @@ TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra view
 METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "baseline_majority",
                 "baseline_majority_macro_f1", "baseline_probe", "baseline_probe_balanced_accuracy",
                 "baseline_probe_macro_f1", "baseline_scratch_val", "pretrained_val_same_budget", "selection_metric",
-                "final_model", "per_group", "per_class", "ece", "ece_after_temperature", "temperature", "tta_accuracy",
-                "tta", "augment", "backbone", "strategy", "image_size", "epochs", "train_seconds", "task", "classes",
-                "n_test")
+                "final_model", "per_group", "per_class", "ece", "ece_after_temperature", "ece_by_chance",
+                "temperature", "tta_accuracy", "tta", "augment", "backbone", "strategy", "image_size", "epochs",
+                "train_seconds", "task", "classes", "n_test")
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,8 +285,10 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
     """Top-label ECE: bin images by their top probability into ``n_bins`` equal-width bins and
     average |accuracy - mean confidence| over the bins, weighted by bin size (Guo et al. 2017)."""
     probs, targets = _check_probs(probs, targets)
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == targets
+    return _binned_gap(probs.max(1), probs.argmax(1) == targets, n_bins)
+
+
+def _binned_gap(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
     # Bins (lo, hi]; a confidence of exactly 0 joins the first bin.
     bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
     ece = 0.0
@@ -293,6 +296,20 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: i
         in_bin = bins == b
         ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
+
+
+def ece_by_chance(probs: np.ndarray, rounds: int = 200, seed: int = 0, n_bins: int = 15) -> float:
+    """The ECE that a perfectly calibrated model with these confidences would show on this many images, from
+    chance alone: each image is right with probability equal to its confidence, averaged over ``rounds`` draws.
+    ECE is biased upward on small splits (a bin's gap counts whichever way it goes), so an ECE near this figure
+    is no evidence of miscalibration; with confidences of exactly 1 it is 0."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) == 0:
+        raise ValueError(f"probs must be a non-empty (images, classes) array, got shape {probs.shape}")
+    confidence = probs.max(1)
+    rng = np.random.default_rng(seed)
+    return float(np.mean([_binned_gap(confidence, rng.random(len(confidence)) < confidence, n_bins)
+                          for _ in range(rounds)]))
 
 
 def ece_difference_se(probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, rounds: int = 500,
@@ -787,6 +804,7 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "per_class": m["per_class"],
         "ece": float(ece),
         "ece_after_temperature": float(ece_after),
+        "ece_by_chance": ece_by_chance(probs_and_targets(pred, classes)[0]),
         "temperature": float(temperature),
         "tta_accuracy": compute_metrics(tta_pred, classes)["accuracy"] if tta_pred is not None else None,
         "tta": tta,

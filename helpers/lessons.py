@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .data import ImageDataset, subject_folds, subjects_of, subsample  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
+from .data import ImageDataset, fold_units, subject_folds, subjects_of, subsample, units_of  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import BackboneSpec, TransferModel, create_model, offline_backbones
@@ -148,7 +148,7 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     backbone's feature space? ``frame`` is a label table (file, label[, group][, subject]). The same
     lines as notebook 01 writes by hand: standardize, ``LogisticRegression(C=0.1)``,
     stratified k-fold (k = ``folds``, at most the smallest class's count; with a ``subject`` column,
-    folds that keep each subject whole, `helpers.data.subject_folds`). For a ``metric`` that
+    and for copies of one picture, folds that keep each whole: `helpers.data.fold_units`). For a ``metric`` that
     counts every class the same (macro-F1), the classes are weighted by inverse frequency, as the
     probe of notebook 04 weighs them (`helpers.metrics.class_weighting`).
     """
@@ -171,9 +171,10 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     features, targets = pooled_features(model, dataset, device)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000,
                                                                class_weight=class_weighting(metric)))
-    folds = min(folds, int(counts.min()), frame["subject"].nunique() if "subject" in frame.columns else folds)
-    cv = (StratifiedKFold(folds, shuffle=True, random_state=seed) if "subject" not in frame.columns
-          else subject_folds(targets, frame["subject"].astype(str).to_numpy(), folds, seed))
+    units = fold_units(root, frame)  # subjects and byte-identical copies stay on one side of every fold
+    folds = min(folds, int(counts.min()), len(set(units)) if units is not None else folds)
+    cv = (StratifiedKFold(folds, shuffle=True, random_state=seed) if units is None
+          else subject_folds(targets, units, folds, seed))
     scores = cross_validate(probe, features, targets, cv=cv, scoring=("accuracy", "balanced_accuracy", "f1_macro"))
     return {"backbone": backbone, "images": len(dataset), "image_size": image_size, "features": features.shape[1],
             "accuracy": float(scores["test_accuracy"].mean()),
@@ -448,7 +449,7 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
     few = stratified_subset(train_set, max_train, seed)
     train_features, train_targets = pooled_features(model, few, device)
     probe = fit_probe(train_features, train_targets, seed=seed, metric=metric,  # weighted as the run's probe is
-                      groups=subjects_of(few))  # and C chosen on folds of whole subjects, as the run's is
+                      groups=units_of(few))  # and C chosen on folds of whole subjects and copies, as the run's is
     val_features, targets = pooled_features(model, val_set, device)
     subjects = subjects_of(val_set)  # resampled whole for the margins: one subject's images can err together
     classes = probe.pipeline.classes_
@@ -913,19 +914,24 @@ def elpv_module_note(table: pd.DataFrame, splits: dict[str, pd.DataFrame], subje
 # ----------------------------------------------------------------------------------------
 # Class names the plots' font cannot draw
 
-def _plot_font() -> str:
-    """The file of the font matplotlib draws text with by default."""
+def _plot_fonts() -> list[str]:
+    """The files of the fonts matplotlib draws text with by default: since matplotlib 3.6 a glyph the first lacks
+    is taken from the next font named in ``font.family`` (its fallback chain)."""
     from matplotlib import font_manager
 
-    return font_manager.findfont(font_manager.FontProperties(family=plt.rcParams["font.family"]))
+    prop = font_manager.FontProperties(family=plt.rcParams["font.family"])
+    chain = getattr(font_manager.fontManager, "_find_fonts_by_props", None)  # how matplotlib itself finds them
+    return [str(path) for path in chain(prop)] if chain else [font_manager.findfont(prop)]
 
 
 def missing_glyphs(names: Sequence[str]) -> list[str]:
-    """The characters of ``names`` that matplotlib's default font has no glyph for (they plot as empty boxes)."""
+    """The characters of ``names`` that none of matplotlib's default fonts has a glyph for (they plot as empty
+    boxes)."""
     from matplotlib.ft2font import FT2Font
 
-    font = FT2Font(_plot_font())
-    return sorted({ch for name in names for ch in str(name) if not ch.isspace() and font.get_char_index(ord(ch)) == 0})
+    fonts = [FT2Font(path) for path in _plot_fonts()]
+    return sorted({ch for name in names for ch in str(name)
+                   if not ch.isspace() and all(font.get_char_index(ord(ch)) == 0 for font in fonts)})
 
 
 def font_note(names: Sequence[str]) -> str:
@@ -934,7 +940,8 @@ def font_note(names: Sequence[str]) -> str:
     missing = missing_glyphs(names)
     if not missing:
         return ""
-    return (f"Class names use {len(missing)} character(s) the plots' font ({Path(_plot_font()).stem}) cannot draw, "
+    fonts = ", ".join(Path(path).stem for path in _plot_fonts())
+    return (f"Class names use {len(missing)} character(s) the plots' font ({fonts}) cannot draw, "
             f"e.g. {' '.join(missing[:8])}: figures show them as empty boxes (tables and files keep them). Install "
             f"a font that has them and put it first in `matplotlib.rcParams['font.sans-serif']` (e.g. Noto Sans "
             f"CJK).")

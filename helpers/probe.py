@@ -105,8 +105,9 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
     that count every class the same, the classes are weighted by inverse frequency
     (``class_weight="balanced"``), so the probe optimizes what it is judged on instead of ignoring
     rare classes. ``folds`` shrinks to the smallest class's count; with fewer than 2 images in some
-    class there is nothing to cross-validate and C = 0.1 is used. ``groups`` (the images' subjects, with
-    ``subject_col``) keeps each subject in one fold, so C is not chosen on subjects it was fitted on.
+    class there is nothing to cross-validate and C = 0.1 is used. ``groups`` (the images' subjects with
+    ``subject_col``, and copies of one picture: `helpers.data.units_of`) keeps each group in one fold, so C is
+    not chosen on subjects or pictures it was fitted on.
     """
     if metric not in _SCORERS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {list(_SCORERS)}")

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .data import ImageDataset, subject_folds, subjects_of, subsample
+from .data import ImageDataset, fold_units, subject_folds, subjects_of, subsample, units_of
 from .errors import InputError
 from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score, subject_count
@@ -97,23 +97,24 @@ def protocol(n_val: int, min_holdout: int = MIN_HOLDOUT, folds: int = 3) -> dict
                    f"train + validation instead of one noisy split"}
 
 
-def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict,
-               seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
-    """(fit part, score part) per fold: the given split, or stratified folds of train + val (whole subjects
-    per fold when the tables have a ``subject`` column, as `helpers.data.make_splits` splits them)."""
+def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict, seed: int, *,
+               root: str | Path) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(fit part, score part) per fold: the given split, or stratified folds of train + val. Each fold keeps
+    whole the subjects (when the tables have a ``subject`` column, as `helpers.data.make_splits` splits them)
+    and the byte-identical copies of a picture under ``root`` (`helpers.data.fold_units`)."""
     if plan["name"] == "holdout":
         return [(train, val)]
     pool = pd.concat([train, val], ignore_index=True)
     labels = pool["label"].to_numpy()
     folds = min(plan["folds"], int(pd.Series(labels).value_counts().min()))
-    subjects = pool["subject"].astype(str).to_numpy() if "subject" in pool.columns else None
-    if subjects is not None:
-        folds = min(folds, len(set(subjects)))
+    units = fold_units(root, pool)
+    if units is not None:
+        folds = min(folds, len(set(units)))
     if folds < 2:
         raise InputError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
                          f"subjects) among {len(pool)}")
-    parts = (StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels) if subjects is None
-             else subject_folds(labels, subjects, folds, seed))
+    parts = (StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels) if units is None
+             else subject_folds(labels, units, folds, seed))
     return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True)) for a, b in parts]
 
 
@@ -134,7 +135,7 @@ def phase_one(model: TransferModel, train: ImageDataset, device: str | torch.dev
     """Fit the classifier on the frozen features exactly (convex, for ``metric``: `fit_probe`) and put it
     into ``model``."""
     started = time.perf_counter()
-    probe = fit_probe(*pooled_features(model, train, device), seed=seed, metric=metric, groups=subjects_of(train))
+    probe = fit_probe(*pooled_features(model, train, device), seed=seed, metric=metric, groups=units_of(train))
     install_probe(model, probe)
     probe.seconds = time.perf_counter() - started
     return probe

@@ -116,6 +116,10 @@ class TrainConfig:
             raise InputError(f"class_weights must be 'balanced', a tensor or None, got {weights!r}")
         if weights is not None and not isinstance(weights, str):  # a tensor, array or list: store plain floats
             object.__setattr__(self, "class_weights", tuple(float(w) for w in torch.as_tensor(weights).flatten()))
+            bad = [w for w in self.class_weights if not (math.isfinite(w) and w > 0)]
+            if bad:  # a batch of weight-0 classes only has loss 0/0; under torchrun the other processes would wait
+                raise InputError(f"class_weights must all be positive and finite, got {list(self.class_weights)}; "
+                                 f"to leave a class out, leave its images out of the table")
         schedule = {int(k): int(v) for k, v in dict(self.unfreeze_schedule).items()}
         for epoch, n in schedule.items():
             if not 1 <= epoch <= self.epochs or n < 1:

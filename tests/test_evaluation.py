@@ -181,6 +181,24 @@ def test_ece_calibrated_vs_overconfident():
     assert ev.expected_calibration_error(overconfident, wrong_40) == pytest.approx(0.39, abs=0.02)
 
 
+def test_ece_by_chance_is_what_a_calibrated_model_scores_on_that_many_images():
+    rng = np.random.default_rng(1)
+    seen = {}
+    for n in (40, 400, 4000):
+        confidence = rng.uniform(0.5, 1.0, n)
+        probs = np.stack([confidence, 1 - confidence], 1)
+        # ECEs of 200 test sets drawn from this calibrated model: their mean is what chance alone gives
+        draws = [ev.expected_calibration_error(probs, np.where(rng.uniform(size=n) < confidence, 0, 1))
+                 for _ in range(200)]
+        seen[n] = ev.ece_by_chance(probs)
+        assert seen[n] == pytest.approx(np.mean(draws), rel=0.15), n
+    assert seen[40] > 3 * seen[4000] > 0  # the bias shrinks with more images
+    assert ev.ece_by_chance(np.tile([1.0, 0.0], (50, 1))) == 0.0  # certain and always right: no gap to find
+    assert ev.ece_by_chance(np.tile([0.7, 0.3], (50, 1))) == ev.ece_by_chance(np.tile([0.7, 0.3], (50, 1)))
+    with pytest.raises(ValueError, match="non-empty"):
+        ev.ece_by_chance(np.zeros((0, 2)))
+
+
 def toy_logits(n, seed):
     rng = np.random.default_rng(seed)
     true_logits = rng.normal(size=(n, 3)) * 2.0
@@ -380,6 +398,7 @@ def test_summarize_run_and_write_json(tmp_path):
     assert tuple(summary) == ev.METRICS_KEYS
     assert summary["test_accuracy"] == 0.75 and summary["tta_accuracy"] == 0.75 and summary["tta"] == "hvflip"
     assert summary["image_size"] == 224
+    assert summary["ece_by_chance"] == ev.ece_by_chance(np.array([[.8, .2], [.3, .7], [.6, .4], [.9, .1]]))
     assert summary["task"] == "binary" and summary["epochs"] == 3 and summary["n_test"] == 4
     assert summary["per_group"]["mono"]["n"] == 2
     assert summary["baseline_majority"] is None and summary["selection_metric"] is None  # no baselines given

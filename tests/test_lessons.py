@@ -342,6 +342,10 @@ def test_class_names_the_plot_font_cannot_draw_are_said_once_and_their_warnings_
     assert lessons.missing_glyphs(["cat", "café crème", "Ωmega"]) == [] and lessons.font_note(["cat"]) == ""
     assert lessons.missing_glyphs(["日本", "cat"]) == ["日", "本"]
     assert "2 character(s) the plots' font" in lessons.font_note(["日本"])
+    # A font later in font.family supplies what the first lacks (matplotlib's fallback): ⌚ is in STIX, not DejaVu
+    assert lessons.missing_glyphs(["⌚ 日"]) == ["⌚", "日"]
+    with plt.rc_context({"font.family": ["DejaVu Sans", "STIXGeneral"]}):
+        assert lessons.missing_glyphs(["⌚ 日"]) == ["日"] and "(DejaVuSans, STIXGeneral)" in lessons.font_note(["日"])
     from helpers import workbook
 
     workbook.environment()  # every notebook's setup cell: silences matplotlib's warning per missing glyph

@@ -444,7 +444,7 @@ def test_the_workbook_splits_by_subject_and_its_folds_keep_subjects_whole(tmp_pa
                                       "labels_csv": "labels.csv", "subject_col": "patient"}, smoke=False)
     splits = workbook.split_table(params, workbook.label_table(params))
     assert shared_subjects(splits) == [] and "subject" in splits["train"].columns
-    folds = selection.make_folds(splits["train"], splits["val"], {"name": "k-fold", "folds": 3}, seed=0)
+    folds = selection.make_folds(splits["train"], splits["val"], {"name": "k-fold", "folds": 3}, seed=0, root=root)
     for fit_part, score_part in folds:
         assert not set(fit_part["subject"]) & set(score_part["subject"])
     # A split written by hand with a subject in two splits is refused when the later notebooks load it

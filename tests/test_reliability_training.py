@@ -238,6 +238,8 @@ def test_fit_rejects_bad_arguments_before_any_work(tiny_root, tiny_splits):
         (dict(device="gpu"), r"unknown device 'gpu'; choose 'cuda', 'mps', 'cpu' or 'auto'"),
         (dict(class_weights=[1.0, 2.0, 3.0]), r"class_weights needs 2 values \(one per class\), got shape \(3,\)"),
         (dict(class_weights="inverse"), r"class_weights must be 'balanced', a tensor or None, got 'inverse'"),
+        (dict(class_weights=[1.0, 0.0]), r"class_weights must all be positive and finite, got \[1\.0, 0\.0\]"),
+        (dict(class_weights=[1.0, math.nan]), r"class_weights must all be positive and finite, got \[1\.0, nan\]"),
         (dict(resume=True), r"resume=True needs out_dir"),
         (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\), got 1\.0"),
         (dict(patience=0), r"patience must be None or a positive integer, got 0"),

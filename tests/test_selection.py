@@ -100,16 +100,48 @@ def test_protocol_cross_validates_small_validation_splits():
     assert small["name"] == "k-fold" and "68 validation images" in small["why"]
 
 
-def test_folds_cover_train_and_validation_once_each():
+def _files(root, names, content=None):
+    """Files of distinct bytes (``content`` maps a name to its bytes, for copies)."""
+    for name in names:
+        (root / name).write_bytes((content or {}).get(name, name.encode()))
+
+
+def test_folds_cover_train_and_validation_once_each(tmp_path):
     train = pd.DataFrame({"file": [f"t{i}" for i in range(30)], "label": ["a", "b", "c"] * 10})
     val = pd.DataFrame({"file": [f"v{i}" for i in range(9)], "label": ["a", "b", "c"] * 3})
-    folds = selection.make_folds(train, val, {"name": "k-fold", "folds": 3}, seed=0)
+    _files(tmp_path, list(train["file"]) + list(val["file"]))
+    folds = selection.make_folds(train, val, {"name": "k-fold", "folds": 3}, seed=0, root=tmp_path)
     scored = pd.concat([s for _, s in folds])
     assert sorted(scored["file"]) == sorted(train["file"].tolist() + val["file"].tolist())
     for fit_part, score_part in folds:
         assert not set(fit_part["file"]) & set(score_part["file"])
         assert score_part["label"].value_counts().min() >= 3  # stratified
-    assert selection.make_folds(train, val, {"name": "holdout", "folds": 1}, 0)[0][1] is val
+    assert selection.make_folds(train, val, {"name": "holdout", "folds": 1}, 0, root=tmp_path)[0][1] is val
+
+
+def test_folds_and_the_probes_c_search_keep_the_copies_of_a_picture_together(tmp_path):
+    from helpers.data import ImageDataset, fold_units, units_of
+
+    # Six pictures stored three times each (in train and validation alike): a copy in the fit part and one in
+    # the score part would reward memory, so every fold must hold each picture's copies on one side.
+    train = pd.DataFrame({"file": [f"t{i}.png" for i in range(30)], "label": ["a", "b", "c"] * 10})
+    val = pd.DataFrame({"file": [f"v{i}.png" for i in range(9)], "label": ["a", "b", "c"] * 3})
+    groups = [[f"t{i}.png", f"t{i + 6}.png", f"v{i}.png"] for i in range(6)]  # i, i + 6: the same label
+    content = {name: f"picture {k}".encode() for k, names in enumerate(groups) for name in names}
+    _files(tmp_path, list(train["file"]) + list(val["file"]), content)
+    assert fold_units(tmp_path, train.iloc[12:]) is None  # no copies left, no subjects: plain folds
+    for seed in range(3):
+        for fit_part, score_part in selection.make_folds(train, val, {"name": "k-fold", "folds": 3}, seed,
+                                                         root=tmp_path):
+            for names in groups:
+                assert set(names) <= set(fit_part["file"]) or set(names) <= set(score_part["file"]), names
+    units = units_of(torch.utils.data.Subset(ImageDataset(tmp_path, pd.concat([train, val])), range(30)))
+    assert len(units) == 30 and len(set(units)) == 30 - 6  # t0..t5 share their unit with t6..t11
+    assert all(units[i] == units[i + 6] for i in range(6))
+    # With subjects, a picture stored under two subjects joins them into one unit
+    subjects = train.assign(subject=[f"s{i // 2}" for i in range(30)])
+    units = fold_units(tmp_path, subjects)
+    assert units[0] == units[1] == units[6] == units[7] and len(set(units)) == 15 - 3  # s0+s3, s1+s4, s2+s5
 
 
 def _run(strategy, correct, fold=0, trainable=10):
