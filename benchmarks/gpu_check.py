@@ -9,7 +9,7 @@ Prints one table:
   `benchmarks/throughput.py`'s ``time_steps``;
 - the course at its GPU budget (``python -m helpers.course --name gpu``): wall time and test accuracy
   from ``runs/gpu/metrics.json``;
-- ``helpers.predict`` with the run's best checkpoint exported to ``.pt2`` and loaded on CUDA
+- ``helpers.predict`` with the run's final model (``final.pt``: what ``metrics.json`` scored) exported to ``.pt2`` and loaded on CUDA
   (``helpers.export.load_exported(path, device="cuda")``): images per second over the test split and
   its accuracy, which must match the course's;
 - peak GPU memory of the rows measured in this process (the course runs in its own processes).
@@ -72,7 +72,8 @@ def course_row(name: str) -> dict:
 
 
 def export_row(name: str) -> dict:
-    """Export the run's best checkpoint to .pt2, load it on CUDA and label the test split."""
+    """Export the run's final model (``final.pt``, the one notebook 05 scored) to .pt2, load it on CUDA and
+    label the test split."""
     import pandas as pd
 
     from helpers.checkpoint import model_from_checkpoint
@@ -80,9 +81,9 @@ def export_row(name: str) -> dict:
     from helpers.predict import predict_folder
 
     run = ROOT / "runs" / name
-    if not (run / "best.pt").is_file():
-        return {"check": "predict .pt2 on CUDA", "note": f"no {run / 'best.pt'}: run the course first"}
-    model, ckpt = model_from_checkpoint(run / "best.pt")
+    if not (run / "final.pt").is_file():
+        return {"check": "predict .pt2 on CUDA", "note": f"no {run / 'final.pt'}: run the course first"}
+    model, ckpt = model_from_checkpoint(run / "final.pt")
     path = export_model(model, ckpt, run / "gpu_check.pt2")
     module, meta = load_exported(path, device="cuda")
     root = Path(json.loads((run / "dataset.json").read_text())["root"])

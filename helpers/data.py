@@ -1,4 +1,4 @@
-"""Datasets, transforms and splits: the article's `ImageDataset`, generalized and fixed.
+"""Datasets, label tables and splits: the article's `ImageDataset`, generalized and fixed.
 
 The article reads a folder with OpenCV and label-encodes from a table. We keep that shape and
 fix what it gets wrong: OpenCV returns BGR (the article feeds BGR to an RGB network), 16-bit,

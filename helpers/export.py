@@ -17,7 +17,7 @@ that way. `load_exported` therefore inspects the archive first and refuses anyth
 `export_model` writes: JSON, raw tensor bytes, and sample inputs that load with
 ``weights_only=True``. ``trusted=True`` skips that check for a file you made yourself. To share
 a model with people who should not have to trust you, share the ``weights_only`` checkpoint
-(``best.pt``).
+(the course's ``final.pt``).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def check_export_safe(path: str | os.PathLike) -> None:
     except UnsafeExportError as err:
         raise UnsafeExportError(
             f"refusing to load {path}: {err}; torch.export.load would unpickle it, which can run code from "
-            f"the file. Share and load the weights_only checkpoint (best.pt) instead; for a file you exported "
+            f"the file. Share and load the weights_only checkpoint (final.pt) instead; for a file you exported "
             f"yourself, pass trusted=True (predict: --trust-export)") from None
     except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError, KeyError, OSError) as err:
         raise InputError(f"{path} is damaged or not a helpers export ({type(err).__name__}: {err})") from err

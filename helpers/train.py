@@ -20,7 +20,7 @@ An interrupted run continues from ``last.pt``, also when torchrun restarts it (`
 Under torchrun, ``--batch-size`` is per process: W processes train with an effective batch of
 W x batch size, and the learning rate is scaled for it (``--lr-scaling``: square root by
 default, the rule for Adam-type optimizers; ``linear`` is Goyal et al.'s rule for SGD), with
-fit's one-epoch linear warm-up. Rank 0 prepares the run folder and writes every file.
+notebook 04's half-epoch linear warm-up. Rank 0 prepares the run folder and writes every file.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Notebook-side glue: parameters, smoke settings, the run folder and the environment report.
 
 Every notebook has the same papermill ``parameters`` cell (the names in ``PARAMETERS``) with
-plain assignments, many of them ``None``. The next cell calls `resolve_params`, which checks
+plain assignments, many of them ``None``. The next cell calls `start` (`resolve_params`), which checks
 the values and fills each ``None`` with a default that depends on the machine (GPU or CPU) and
 on ``TL_SMOKE=1`` (the CI budget: the 64-image ELPV subset or a sample of your folder, 64 px, one
 epoch in notebook 03's comparison and two in 04). A value the user set, in the notebook or with
