@@ -9,9 +9,9 @@ Prints one table:
   `benchmarks/throughput.py`'s ``time_steps``;
 - the course at its GPU budget (``python -m helpers.course --name gpu``): wall time and test accuracy
   from ``runs/gpu/metrics.json``;
-- ``helpers.predict`` with the run's final model (``final.pt``: what ``metrics.json`` scored) exported to ``.pt2`` and loaded on CUDA
-  (``helpers.export.load_exported(path, device="cuda")``): images per second over the test split and
-  its accuracy, which must match the course's;
+- ``helpers.predict`` with the run's final model (``final.pt``: what ``metrics.json`` scored) exported to
+  ``.pt2`` and loaded on CUDA (``helpers.export.load_exported(path, device="cuda")``): images per second
+  over the test split and its accuracy, which must match the course's;
 - peak GPU memory of the rows measured in this process (the course runs in its own processes).
 
 Without a CUDA device it prints why and exits with status 2, before importing the workbook.

@@ -856,8 +856,11 @@ def fold_units(root: str | os.PathLike, frame: pd.DataFrame) -> np.ndarray | Non
     but inside the training split a copy in the fit part and one in the score part would reward memory there
     too: a high C for the probe, the strategy that memorizes in 03. None when there are neither subjects nor
     copies: plain stratified folds then do."""
-    copies = identical_files(root, frame["file"].tolist())
     subject_col = "subject" if "subject" in frame.columns else None
+    if subject_col and frame[subject_col].isna().any():
+        raise MissingColumnError(f"{int(frame[subject_col].isna().sum())} image(s) have no subject, e.g. "
+                                 f"{frame.loc[frame[subject_col].isna(), 'file'].iloc[0]!r}")
+    copies = identical_files(root, frame["file"].tolist())
     if subject_col is None and not copies:
         return None
     return _subject_units(frame.reset_index(drop=True), copies, subject_col).to_numpy()
@@ -873,6 +876,16 @@ def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series,
                          f"subject_col unset if images of one subject are not alike)")
     keep, held = subject_folds(strata.to_numpy(), units.to_numpy(), folds, seed)[0]
     return frame.iloc[keep], frame.iloc[held]
+
+
+def fold_count(labels: Sequence, units: Sequence | None, folds: int) -> int:
+    """How many cross-validation folds ``labels`` allow, at most ``folds``: every class needs a unit (an image, or
+    with ``units`` a subject or a picture with its copies) in each fold, or a fold's fit part lacks the class.
+    Below 2 there is nothing to cross-validate."""
+    labels = np.asarray(labels)
+    per_class = (pd.Series(np.asarray(units) if units is not None else np.arange(len(labels)))
+                 .groupby(labels).nunique())
+    return int(min(folds, per_class.min())) if len(per_class) else 0
 
 
 def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

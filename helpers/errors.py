@@ -1,8 +1,8 @@
 """The one exception class for mistakes a user can fix: a parameter, a file, a label table, a run folder.
 
 The command-line entry points (`helpers.course`, `helpers.train`, `helpers.predict`) print an `InputError` as
-one line and exit with status 2. Anything else, including a plain `ValueError` from a wrong call inside the helpers, keeps its
-traceback: catching every `ValueError` as "bad input" would hide bugs behind a tidy message.
+one line and exit with status 2. Anything else, including a plain `ValueError` from a wrong call inside the
+helpers, keeps its traceback: catching every `ValueError` as "bad input" would hide bugs behind a tidy message.
 `InputError` subclasses `ValueError`, so ``except ValueError`` in a user's own code still catches it.
 """
 

@@ -22,8 +22,9 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
-  after temperature scaling; ``ece_by_chance``: the ECE a perfectly calibrated model with the same test
-  confidences would show on this many images (`ece_by_chance`); ``temperature``: T fitted on the validation
+  after temperature scaling; ``ece_by_chance``: the ECE a perfectly calibrated model with the same
+  (uncalibrated) test confidences would show on this many images, on average (`ece_by_chance`);
+  ``temperature``: T fitted on the validation
   split (1 when every validation image is right: nothing to fit);
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
   flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (a recipe without flips);
@@ -298,18 +299,23 @@ def _binned_gap(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> flo
     return float(ece)
 
 
-def ece_by_chance(probs: np.ndarray, rounds: int = 200, seed: int = 0, n_bins: int = 15) -> float:
+def ece_by_chance(probs: np.ndarray, rounds: int = 200, seed: int = 0, n_bins: int = 15,
+                  quantile: float | None = None) -> float:
     """The ECE that a perfectly calibrated model with these confidences would show on this many images, from
-    chance alone: each image is right with probability equal to its confidence, averaged over ``rounds`` draws.
-    ECE is biased upward on small splits (a bin's gap counts whichever way it goes), so an ECE near this figure
-    is no evidence of miscalibration; with confidences of exactly 1 it is 0."""
+    chance alone: each image is right with probability equal to its confidence; the mean over ``rounds`` draws,
+    or their ``quantile`` (0.95: an ECE above it is unlikely from chance alone). ECE is biased upward on small
+    splits (a bin's gap counts whichever way it goes), so an ECE near the mean is no evidence of
+    miscalibration; with confidences of exactly 1 it is 0. The draws treat images as independent: images of one
+    subject that err together make the real figure larger."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or len(probs) == 0:
         raise ValueError(f"probs must be a non-empty (images, classes) array, got shape {probs.shape}")
+    if quantile is not None and not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     confidence = probs.max(1)
     rng = np.random.default_rng(seed)
-    return float(np.mean([_binned_gap(confidence, rng.random(len(confidence)) < confidence, n_bins)
-                          for _ in range(rounds)]))
+    draws = [_binned_gap(confidence, rng.random(len(confidence)) < confidence, n_bins) for _ in range(rounds)]
+    return float(np.mean(draws) if quantile is None else np.quantile(draws, quantile))
 
 
 def ece_difference_se(probs_a: np.ndarray, probs_b: np.ndarray, targets: np.ndarray, rounds: int = 500,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache import extract_features
-from .data import subject_folds
+from .data import fold_count, subject_folds
 from .errors import InputError
 from .metrics import class_weighting
 from .models import TransferModel, final_linear
@@ -115,7 +115,7 @@ def fit_probe(features: np.ndarray, targets: np.ndarray, folds: int = 5, seed: i
     counts = np.bincount(targets)
     if (counts > 0).sum() < 2:
         raise InputError(f"a probe needs at least two classes in the training features, got counts {counts}")
-    folds = int(min(folds, counts[counts > 0].min(), len(set(groups)) if groups is not None else folds))
+    folds = fold_count(targets, groups, folds)  # each class in every fold: images, or units with ``groups``
     class_weight = class_weighting(metric)
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight=class_weight))
     with warnings.catch_warnings():

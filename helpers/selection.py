@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .data import ImageDataset, fold_units, subject_folds, subjects_of, subsample, units_of
+from .data import ImageDataset, fold_count, fold_units, subject_folds, subjects_of, subsample, units_of
 from .errors import InputError
 from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score, subject_count
@@ -106,13 +106,11 @@ def make_folds(train: pd.DataFrame, val: pd.DataFrame, plan: dict, seed: int, *,
         return [(train, val)]
     pool = pd.concat([train, val], ignore_index=True)
     labels = pool["label"].to_numpy()
-    folds = min(plan["folds"], int(pd.Series(labels).value_counts().min()))
     units = fold_units(root, pool)
-    if units is not None:
-        folds = min(folds, len(set(units)))
+    folds = fold_count(labels, units, plan["folds"])
     if folds < 2:
-        raise InputError(f"cannot cross-validate: a class has fewer than 2 images (or there are fewer than 2 "
-                         f"subjects) among {len(pool)}")
+        raise InputError(f"cannot cross-validate: a class has fewer than 2 images (or its images are all of one "
+                         f"subject, or copies of one picture) among {len(pool)}")
     parts = (StratifiedKFold(folds, shuffle=True, random_state=seed).split(pool, labels) if units is None
              else subject_folds(labels, units, folds, seed))
     return [(pool.iloc[a].reset_index(drop=True), pool.iloc[b].reset_index(drop=True)) for a, b in parts]

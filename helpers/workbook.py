@@ -518,22 +518,28 @@ def label_table(params: Params) -> pd.DataFrame:
                             params.group_col)
         table["stratum"] = strata["label"].to_numpy()
     if params.smoke and not params.elpv:  # ELPV has its own 64-image copy
-        table = smoke_subset(table, params.seed)
+        table = smoke_subset(table, params.seed, copies=identical_files(params.data_root, table["file"].tolist()))
     return table
 
 
 SMOKE_IMAGES = 64  # smoke mode's dataset size: ELPV's tiny copy, and a sample of your own folder
 
 
-def smoke_subset(table: pd.DataFrame, seed: int = 0, images: int = SMOKE_IMAGES) -> pd.DataFrame:
+def smoke_subset(table: pd.DataFrame, seed: int = 0, images: int = SMOKE_IMAGES,
+                 copies: Sequence[Sequence[str]] = ()) -> pd.DataFrame:
     """A seeded sample of about ``images`` rows, the same number of each class (x group), enough of each
     for notebook 02's three-way split (`helpers.data.minimum_split_size`): smoke mode on your own folder
-    rehearses the course on a few dozen images, as it does on ELPV, instead of reading all of them."""
+    rehearses the course on a few dozen images, as it does on ELPV, instead of reading all of them. The split
+    counts pictures, so pictures are sampled, each with all its ``copies`` (`helpers.data.identical_files`):
+    a sample of files could hold too few pictures to split."""
+    first_of = {name: names[0] for names in copies for name in names}
+    picture = table["file"].map(lambda name: first_of.get(name, name))
+    whole, table = table, table[picture == table["file"]]  # one row per picture: the first name of its copies
     strata = table["label"] + ("|" + table["group"] if table["group"].notna().all() else "")
     count = strata.nunique()
     per = max(4, math.ceil(minimum_split_size(count) / count), math.ceil(images / count))
     keep = [rows.sample(n=min(len(rows), per), random_state=seed) for _, rows in table.groupby(strata, sort=True)]
-    return pd.concat(keep).sort_index()
+    return whole[picture.isin(set(pd.concat(keep)["file"]))]
 
 
 def classes_of(params: Params, table: pd.DataFrame) -> list[str]:

@@ -150,6 +150,13 @@ def test_smoke_mode_samples_your_folder_evenly_with_enough_of_each_class_to_spli
     make_splits(workbook.smoke_subset(many), group_col=None)
     small = table.groupby("label").head(5)
     assert workbook.smoke_subset(small).sort_index().equals(small.sort_index())  # nothing to cut
+    # Half of the files are second copies of the others: the sample takes pictures, each with all its files, so
+    # the split, which counts pictures, still has enough of them (9 files per class could hold 5 pictures)
+    copies = [[f"f{i}", f"f{i + 120}"] for i in range(120)]
+    sample = workbook.smoke_subset(many, copies=copies)
+    assert len(sample) == 2 * 12 * 9 and all(set(names) <= set(sample["file"]) or not set(names) & set(sample["file"])
+                                             for names in copies)
+    make_splits(sample, group_col=None, copies=[names for names in copies if set(names) <= set(sample["file"])])
 
 
 def test_later_notebooks_take_the_dataset_from_the_split_not_elpv(tmp_path):

@@ -193,6 +193,9 @@ def test_ece_by_chance_is_what_a_calibrated_model_scores_on_that_many_images():
         seen[n] = ev.ece_by_chance(probs)
         assert seen[n] == pytest.approx(np.mean(draws), rel=0.15), n
     assert seen[40] > 3 * seen[4000] > 0  # the bias shrinks with more images
+    assert ev.ece_by_chance(probs, quantile=0.95) > seen[4000]  # the mean of the draws is below their 95th centile
+    with pytest.raises(ValueError, match="quantile must be in"):
+        ev.ece_by_chance(probs, quantile=95)
     assert ev.ece_by_chance(np.tile([1.0, 0.0], (50, 1))) == 0.0  # certain and always right: no gap to find
     assert ev.ece_by_chance(np.tile([0.7, 0.3], (50, 1))) == ev.ece_by_chance(np.tile([0.7, 0.3], (50, 1)))
     with pytest.raises(ValueError, match="non-empty"):

@@ -2,6 +2,7 @@
 below the probe on validation)."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -142,6 +143,42 @@ def test_folds_and_the_probes_c_search_keep_the_copies_of_a_picture_together(tmp
     subjects = train.assign(subject=[f"s{i // 2}" for i in range(30)])
     units = fold_units(tmp_path, subjects)
     assert units[0] == units[1] == units[6] == units[7] and len(set(units)) == 15 - 3  # s0+s3, s1+s4, s2+s5
+
+
+def test_folds_need_each_class_in_several_units_and_the_wiring_passes_the_units(tmp_path, monkeypatch):
+    from helpers import lessons
+    from helpers.data import ImageDataset, fold_count, fold_units
+    from helpers.errors import InputError, MissingColumnError
+
+    labels = ["a"] * 6 + ["b"] * 3
+    assert fold_count(labels, None, 5) == 3  # three images of b: three folds at most
+    assert fold_count(labels, ["u0", "u1", "u2", "u3", "u4", "u5", "p", "p", "q"], 5) == 2  # b: two units
+    assert fold_count(labels, list(range(6)) + ["p"] * 3, 5) == 1  # b is one picture: nothing to cross-validate
+    # A probe whose class is one unit falls back to the default C instead of failing folds (cv = nan)
+    features, targets = blobs(2, per_class=20)
+    groups = np.array([f"u{i}" for i in range(20)] + ["copy"] * 20)
+    probe = fit_probe(features, targets, seed=0, groups=groups)
+    assert probe.folds == 0 and probe.C == 0.1 and probe.cv_score is None
+    # Notebook 01's probe says which class cannot be cross-validated, before loading any model
+    names = ["a0.png", "a1.png", "b0.png", "b1.png"]
+    _files(tmp_path, names, {"b0.png": b"same", "b1.png": b"same"})
+    frame = pd.DataFrame({"file": names, "label": ["a", "a", "b", "b"]})
+    with pytest.raises(InputError, match=r"class\(es\) \['b'\] have all their images"):
+        lessons.linear_probe("efficientnet_lite0", tmp_path, frame, ["a", "b"], 32)
+    with pytest.raises(MissingColumnError, match="1 image\\(s\\) have no subject, e.g. 'a1.png'"):
+        fold_units(tmp_path, frame.assign(subject=["s", None, "t", "t"]))
+    # phase_one hands the probe's C search the training split's units (copies here), not None
+    seen = {}
+
+    def fit(*args, groups=None, **kwargs):
+        seen["groups"] = groups
+        return SimpleNamespace()
+
+    monkeypatch.setattr(selection, "pooled_features", lambda model, data, device: (features[:4], targets[18:22]))
+    monkeypatch.setattr(selection, "fit_probe", fit)
+    monkeypatch.setattr(selection, "install_probe", lambda model, probe: model)
+    selection.phase_one(None, ImageDataset(tmp_path, frame), "cpu", seed=0)
+    assert list(seen["groups"]) == ["a0.png", "a1.png", "b0.png", "b0.png"]
 
 
 def _run(strategy, correct, fold=0, trainable=10):
