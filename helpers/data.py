@@ -621,23 +621,33 @@ def identical_files(root: str | os.PathLike, files: Sequence[str]) -> list[list[
     other in test, and the test score would then reward memory. Only exact copies are found: a resized or
     re-encoded copy has other bytes."""
     # Files of different sizes cannot be equal, so only files that share their size with another are read.
-    by_size: dict[int, list[str]] = {}
+    by_size: dict[int, list[tuple[str, os.stat_result]]] = {}
     for name in files:
-        by_size.setdefault((Path(root) / name).stat().st_size, []).append(name)
+        stat = (Path(root) / name).stat()
+        by_size.setdefault(stat.st_size, []).append((name, stat))
     by_content: dict[str, list[str]] = {}
-    for names in by_size.values():
-        if len(names) > 1:
-            for name in names:
-                by_content.setdefault(_content_digest(Path(root) / name), []).append(name)
+    for entries in by_size.values():
+        if len(entries) > 1:
+            for name, stat in entries:
+                by_content.setdefault(_content_digest(Path(root) / name, stat), []).append(name)
     return [names for names in by_content.values() if len(names) > 1]
 
 
-def _content_digest(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Digests already computed, by path and what a rewrite changes (size, modification and change times, inode): the
+# course looks for copies in 02 and again for every cross-validation (`fold_units`), and on same-size formats
+# (BMP, raw TIFF) that reads every file.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _content_digest(path: Path, stat: os.stat_result) -> str:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key not in _DIGESTS:
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 class ImageDataset(Dataset):

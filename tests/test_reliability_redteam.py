@@ -268,6 +268,19 @@ def test_copies_of_one_picture_under_other_names_stay_in_one_split(tmp_path):
         assert all(len({split_of[name] for name in names}) == 1 for names in copies), seed
 
 
+def test_copies_are_found_again_after_a_file_changes(tmp_path):
+    import os
+
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"same bytes")
+    (tmp_path / "d.png").write_bytes(b"other byte")  # same size, other bytes
+    assert identical_files(tmp_path, ["a.png", "b.png", "c.png", "d.png"]) == [["a.png", "b.png", "c.png"]]
+    (tmp_path / "b.png").write_bytes(b"other byte")  # rewritten in place, same size: now a copy of d
+    stat = (tmp_path / "b.png").stat()
+    os.utime(tmp_path / "b.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock: a later second
+    assert identical_files(tmp_path, ["a.png", "b.png", "c.png", "d.png"]) == [["a.png", "c.png"], ["b.png", "d.png"]]
+
+
 def test_one_picture_with_two_labels_is_refused_with_its_names(tmp_path):
     root = tmp_path / "data"
     for label, base in (("cat", 0), ("dog", 100)):
