@@ -9,7 +9,7 @@ CV on train + validation) with plain folds and with folds that keep copies toget
 and scores both once on test, beside the same folder without the second copies. A cross-validated score far
 above test is the leak; the grouped one should sit near test, as the plain one does without copies.
 
-    python benchmarks/copies_leak.py --seeds 0 1        # ~2 min on 2 cores: digits, 300 pictures, 600 files
+    python benchmarks/copies_leak.py --seeds 0 1        # ~1 min on 2 cores: digits, 300 pictures, 600 files
 """
 
 from __future__ import annotations

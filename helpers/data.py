@@ -889,13 +889,27 @@ def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series,
 
 
 def fold_count(labels: Sequence, units: Sequence | None, folds: int) -> int:
-    """How many cross-validation folds ``labels`` allow, at most ``folds``: every class needs a unit (an image, or
-    with ``units`` a subject or a picture with its copies) in each fold, or a fold's fit part lacks the class.
-    Below 2 there is nothing to cross-validate."""
+    """How many cross-validation folds ``labels`` allow, at most ``folds``: at most as many as the units (images,
+    or with ``units`` subjects or pictures with their copies) of the class with fewest, since a class needs a
+    unit outside each fold to be fitted on. Necessary, not always enough: with subjects that hold several classes
+    the greedy `subject_folds` can still put all of a class's subjects in one fold. Below 2 there is nothing to
+    cross-validate."""
     labels = np.asarray(labels)
     per_class = (pd.Series(np.asarray(units) if units is not None else np.arange(len(labels)))
                  .groupby(labels).nunique())
     return int(min(folds, per_class.min())) if len(per_class) else 0
+
+
+def require_folds(labels: Sequence, units: Sequence | None, folds: int, what: str) -> int:
+    """`fold_count`, or an `InputError` naming the classes that leave fewer than 2 folds for ``what``."""
+    count = fold_count(labels, units, folds)
+    if count < 2:
+        per_class = pd.Series(np.asarray(units) if units is not None else np.arange(len(labels))).groupby(
+            np.asarray(labels)).nunique()
+        raise InputError(f"cannot cross-validate {what} on {len(labels)} images: class(es) "
+                         f"{per_class[per_class < 2].index.tolist()} have a single image, or all their images of one "
+                         f"subject or as copies of one picture; add images of them")
+    return count
 
 
 def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

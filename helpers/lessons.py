@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .data import ImageDataset, fold_count, fold_units, subject_folds, subjects_of, subsample, units_of  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
+from .data import ImageDataset, fold_units, require_folds, subject_folds, subjects_of, subsample, units_of  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import BackboneSpec, TransferModel, create_model, offline_backbones
@@ -148,7 +148,7 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
     backbone's feature space? ``frame`` is a label table (file, label[, group][, subject]). The same
     lines as notebook 01 writes by hand: standardize, ``LogisticRegression(C=0.1)``,
     stratified k-fold (k = ``folds``, at most the smallest class's count; with a ``subject`` column,
-    and for copies of one picture, folds that keep each whole: `helpers.data.fold_units`, `fold_count`). For a
+    and for copies of one picture, folds that keep each whole: `helpers.data.fold_units`, `require_folds`). For a
     ``metric`` that counts every class the same (macro-F1), the classes are weighted by inverse frequency, as the
     probe of notebook 04 weighs them (`helpers.metrics.class_weighting`).
     """
@@ -165,12 +165,7 @@ def linear_probe(backbone: str, root: str | Path, frame: pd.DataFrame, classes: 
         raise ValueError(f"cannot cross-validate a probe on {len(frame)} images: a class has only one of them "
                          f"(images per class: {counts.to_dict()}); sample with lessons.subsample, which keeps 2")
     units = fold_units(root, frame)  # subjects and byte-identical copies stay on one side of every fold
-    folds = fold_count(frame["label"].to_numpy(), units, folds)
-    if folds < 2:
-        per_class = pd.Series(units).groupby(frame["label"].to_numpy()).nunique()
-        raise InputError(f"cannot cross-validate a probe on {len(frame)} images: class(es) "
-                         f"{per_class[per_class < 2].index.tolist()} have all their images of one subject or as "
-                         f"copies of one picture; sample more images of them")
+    folds = require_folds(frame["label"].to_numpy(), units, folds, "a probe")
     started = time.perf_counter()
     model = create_model(backbone, len(classes))
     dataset = ImageDataset(root, frame[["file", "label"]], classes=classes,

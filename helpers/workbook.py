@@ -529,7 +529,8 @@ def smoke_subset(table: pd.DataFrame, seed: int = 0, images: int = SMOKE_IMAGES,
                  copies: Sequence[Sequence[str]] = ()) -> pd.DataFrame:
     """A seeded sample of about ``images`` rows, the same number of each class (x group), enough of each
     for notebook 02's three-way split (`helpers.data.minimum_split_size`): smoke mode on your own folder
-    rehearses the course on a few dozen images, as it does on ELPV, instead of reading all of them. The split
+    rehearses the course on a few dozen images, as it does on ELPV, instead of decoding all of them (finding the
+    copies reads the files that share their size with another, once per notebook). The split
     counts pictures, so pictures are sampled, each with all its ``copies`` (`helpers.data.identical_files`):
     a sample of files could hold too few pictures to split."""
     first_of = {name: names[0] for names in copies for name in names}

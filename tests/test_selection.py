@@ -147,13 +147,15 @@ def test_folds_and_the_probes_c_search_keep_the_copies_of_a_picture_together(tmp
 
 def test_folds_need_each_class_in_several_units_and_the_wiring_passes_the_units(tmp_path, monkeypatch):
     from helpers import lessons
-    from helpers.data import ImageDataset, fold_count, fold_units
+    from helpers.data import ImageDataset, fold_count, fold_units, require_folds
     from helpers.errors import InputError, MissingColumnError
 
     labels = ["a"] * 6 + ["b"] * 3
     assert fold_count(labels, None, 5) == 3  # three images of b: three folds at most
     assert fold_count(labels, ["u0", "u1", "u2", "u3", "u4", "u5", "p", "p", "q"], 5) == 2  # b: two units
     assert fold_count(labels, list(range(6)) + ["p"] * 3, 5) == 1  # b is one picture: nothing to cross-validate
+    with pytest.raises(InputError, match=r"cannot cross-validate the probe on 9 images: class\(es\) \['b'\]"):
+        require_folds(labels, list(range(6)) + ["p"] * 3, 5, "the probe")  # notebook 01's check
     # A probe whose class is one unit falls back to the default C instead of failing folds (cv = nan)
     features, targets = blobs(2, per_class=20)
     groups = np.array([f"u{i}" for i in range(20)] + ["copy"] * 20)
@@ -163,7 +165,7 @@ def test_folds_need_each_class_in_several_units_and_the_wiring_passes_the_units(
     names = ["a0.png", "a1.png", "b0.png", "b1.png"]
     _files(tmp_path, names, {"b0.png": b"same", "b1.png": b"same"})
     frame = pd.DataFrame({"file": names, "label": ["a", "a", "b", "b"]})
-    with pytest.raises(InputError, match=r"class\(es\) \['b'\] have all their images"):
+    with pytest.raises(InputError, match=r"class\(es\) \['b'\] have a single image, or all their images"):
         lessons.linear_probe("efficientnet_lite0", tmp_path, frame, ["a", "b"], 32)
     with pytest.raises(MissingColumnError, match="1 image\\(s\\) have no subject, e.g. 'a1.png'"):
         fold_units(tmp_path, frame.assign(subject=["s", None, "t", "t"]))
