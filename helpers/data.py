@@ -633,9 +633,9 @@ def identical_files(root: str | os.PathLike, files: Sequence[str]) -> list[list[
     return [names for names in by_content.values() if len(names) > 1]
 
 
-# Digests already computed, by path and what a rewrite changes (size, modification and change times, inode): the
-# course looks for copies in 02 and again for every cross-validation (`fold_units`), and on same-size formats
-# (BMP, raw TIFF) that reads every file.
+# Digests already computed in this process, by path and what a rewrite changes (size, modification and change
+# times, inode): a notebook looks for copies again for every cross-validation (`fold_units`), and on same-size
+# formats (BMP, raw TIFF) that reads every file.
 _DIGESTS: dict[tuple, str] = {}
 
 

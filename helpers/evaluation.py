@@ -24,8 +24,7 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
   after temperature scaling; ``ece_by_chance``: the ECE a perfectly calibrated model with the same
   (uncalibrated) test confidences would show on this many images, on average (`ece_by_chance`);
-  ``temperature``: T fitted on the validation
-  split (1 when every validation image is right: nothing to fit);
+  ``temperature``: T fitted on the validation split (1 when every validation image is right: nothing to fit);
 - ``tta_accuracy``: test accuracy with flip test-time augmentation (None when not run); ``tta``: which
   flips (``"hflip"``, or ``"hvflip"`` for images with no 'up'), None when not run (a recipe without flips);
   ``augment``: the training augmentation recipe the flips follow (None when not given);
