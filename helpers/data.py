@@ -891,9 +891,8 @@ def _hold_out_subjects(frame: pd.DataFrame, strata: pd.Series, units: pd.Series,
 def fold_count(labels: Sequence, units: Sequence | None, folds: int) -> int:
     """How many cross-validation folds ``labels`` allow, at most ``folds``: at most as many as the units (images,
     or with ``units`` subjects or pictures with their copies) of the class with fewest, since a class needs a
-    unit outside each fold to be fitted on. Necessary, not always enough: with subjects that hold several classes
-    the greedy `subject_folds` can still put all of a class's subjects in one fold. Below 2 there is nothing to
-    cross-validate."""
+    unit outside each fold to be fitted on (`subject_folds` then keeps one outside each fold, where subjects that
+    hold several classes allow it). Below 2 there is nothing to cross-validate."""
     labels = np.asarray(labels)
     per_class = (pd.Series(np.asarray(units) if units is not None else np.arange(len(labels)))
                  .groupby(labels).nunique())
@@ -919,7 +918,9 @@ def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -
     Whole subjects are dealt out greedily, each to the fold whose class shares it disturbs least (scikit-learn's
     ``StratifiedGroupKFold`` rule), largest subjects first and, among equal sizes, in an order drawn from
     ``seed``. scikit-learn orders the subjects by how uneven their classes are instead, and shuffles only ties:
-    with subjects of distinct class mixes (ELPV's blocks) every seed then gave the same folds."""
+    with subjects of distinct class mixes (ELPV's blocks) every seed then gave the same folds. Where the deal has
+    put every subject of a class in one fold, subjects are moved so that the other folds have it too
+    (`_keep_classes_outside`)."""
     labels, subjects = np.asarray(labels), np.asarray(subjects)
     classes, y = np.unique(labels, return_inverse=True)
     names, group = np.unique(subjects, return_inverse=True)
@@ -938,6 +939,7 @@ def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -
         best = min(range(folds), key=lambda f: (round(spread[f], 12), per_fold[f].sum(), f))
         per_fold[best] += counts[g]
         assigned[g] = best
+    _keep_classes_outside(counts, per_fold, assigned)
     empty = [f for f in range(folds) if not per_fold[f].any()]
     if empty:  # a few subjects much larger than the rest: evening out the shares left a fold without any
         raise InputError(f"cannot deal {len(names)} subjects into {folds} folds that all hold images (sizes "
@@ -947,6 +949,37 @@ def subject_folds(labels: Sequence, subjects: Sequence, folds: int, seed: int) -
     # the largest subject is not in every seed's test split.
     fold_of = rng.permutation(folds)[assigned][group]
     return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
+
+
+def _keep_classes_outside(counts: np.ndarray, per_fold: np.ndarray, assigned: np.ndarray) -> None:
+    """Move subjects until no fold holds every subject of a class that has several: the other folds are what a
+    fold's model is fitted on (or, in a split, the training images), and they must have each class. The greedy
+    deal can trap a class in one fold when subjects hold several classes. Each move takes one of the trapped
+    class's subjects to another fold, the move that leaves the fewest classes trapped (then the smallest subject,
+    to the emptiest fold); bounded, in case no move frees them all."""
+    holders, totals = counts > 0, counts.sum(0)
+    several = holders.sum(0) > 1
+
+    def trapped(table: np.ndarray) -> np.ndarray:  # fold x class: every image of a class of several subjects
+        return (table == totals) & several
+
+    for _ in range(len(assigned)):
+        stuck = np.argwhere(trapped(per_fold))
+        if not len(stuck):
+            return
+        f, c = stuck[0]
+        moves = []
+        for g in np.flatnonzero((assigned == f) & holders[:, c]):
+            for h in range(len(per_fold)):
+                if h != f:
+                    after = per_fold.copy()
+                    after[f] -= counts[g]
+                    after[h] += counts[g]
+                    moves.append((int(trapped(after).sum()), counts[g].sum(), per_fold[h].sum(), g, h))
+        _, _, _, g, h = min(moves)
+        per_fold[f] -= counts[g]
+        per_fold[h] += counts[g]
+        assigned[g] = h
 
 
 def shared_subjects(splits: dict[str, pd.DataFrame]) -> list[str]:
