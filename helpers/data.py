@@ -893,18 +893,21 @@ def fold_count(labels: Sequence, units: Sequence | None, folds: int) -> int:
     or with ``units`` subjects or pictures with their copies) of the class with fewest, since a class needs a
     unit outside each fold to be fitted on (`subject_folds` then keeps one outside each fold, where subjects that
     hold several classes allow it). Below 2 there is nothing to cross-validate."""
-    labels = np.asarray(labels)
-    per_class = (pd.Series(np.asarray(units) if units is not None else np.arange(len(labels)))
-                 .groupby(labels).nunique())
+    per_class = _units_per_class(labels, units)
     return int(min(folds, per_class.min())) if len(per_class) else 0
+
+
+def _units_per_class(labels: Sequence, units: Sequence | None) -> pd.Series:
+    """Distinct units (images without ``units``) of each class."""
+    labels = np.asarray(labels)
+    return pd.Series(np.asarray(units) if units is not None else np.arange(len(labels))).groupby(labels).nunique()
 
 
 def require_folds(labels: Sequence, units: Sequence | None, folds: int, what: str) -> int:
     """`fold_count`, or an `InputError` naming the classes that leave fewer than 2 folds for ``what``."""
     count = fold_count(labels, units, folds)
     if count < 2:
-        per_class = pd.Series(np.asarray(units) if units is not None else np.arange(len(labels))).groupby(
-            np.asarray(labels)).nunique()
+        per_class = _units_per_class(labels, units)
         raise InputError(f"cannot cross-validate {what} on {len(labels)} images: class(es) "
                          f"{per_class[per_class < 2].index.tolist()} have a single image, or all their images of one "
                          f"subject or as copies of one picture; add images of them")
