@@ -1062,12 +1062,19 @@ def subjects_of(dataset: torch.utils.data.Dataset) -> np.ndarray | None:
 
 def units_of(dataset: torch.utils.data.Dataset) -> np.ndarray | None:
     """`fold_units` of every item of ``dataset`` (an `ImageDataset`, or a ``Subset`` of one), in order: the
-    groups for cross-validating on its images (the probe's C, 03's folds); None when plain folds do."""
+    groups for cross-validating on its images (the probe's C, 03's folds) and for resampling them whole in a
+    margin's bootstrap, since copies of one picture are one piece of evidence; None when single images do."""
     if isinstance(dataset, torch.utils.data.Subset):
         parent = units_of(dataset.dataset)
         return None if parent is None else parent[np.asarray(dataset.indices)]
     frame = getattr(dataset, "frame", None)
     return None if frame is None else fold_units(dataset.root, frame)
+
+
+def unit_name(dataset: torch.utils.data.Dataset) -> str:
+    """What `units_of` groups ``dataset``'s images by, for the text beside a margin: "subject" when the data
+    names subjects (their copies merged in), else "picture" (a picture with its byte-identical copies)."""
+    return "subject" if subjects_of(dataset) is not None else "picture"
 
 
 def targets_of(dataset: torch.utils.data.Dataset) -> list[int] | None:

@@ -728,7 +728,9 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
     metric and on the same cell types (both together for ``cell_type`` "all"; per group, from
     ``metrics["per_group"]``, for "mono", "poly" and "mono and poly"). A figure of the same task gets the signed
     difference and, given the test predictions ``pred`` (`predict`'s table), two bootstrap standard errors of this
-    run's score on those images; a figure whose task is unclear gets neither, since it may be another task's."""
+    run's score on those images, √2 times that for the difference (the published figure is as noisy, on a test
+    set of similar size) and the verdict; a figure whose task is unclear gets none of these, since it may be
+    another task's."""
     lines = []
     for row in published.itertuples():
         if row.task not in (task, "unclear"):
@@ -739,6 +741,8 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
                 ours, where, rows = metrics[f"test_{row.metric}"], "both cell types", pred
             elif group in metrics.get("per_group", {}):
                 ours, where = metrics["per_group"][group][row.metric], f"{group} cells"
+                if len(groups) > 1:  # one figure for the paper's models of every type, not one per type
+                    where += f" (the paper gives one figure for its {' and '.join(groups)} models)"
                 rows = None if pred is None else pred[pred["group"] == group]
             else:
                 continue  # a group this run did not score
@@ -748,10 +752,17 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
                 lines.append(f"{head} (task not stated), {where}, {name}: {value}; this run {ours:.3f} (no "
                              f"difference given: the figure may be for the other task)")
                 continue
-            detail = f"{ours - row.value:+.3f}"
+            difference = ours - row.value
+            detail = f"{difference:+.3f}"
             if rows is not None and len(rows):
                 margin = score_margin(row.metric, rows["target"].to_numpy(), rows["predicted"].to_numpy())
-                detail += (f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}"
+                # The published figure has noise of its own: on a test set of similar size, the difference is
+                # about sqrt(2) times as noisy as this run's score alone.
+                both = math.sqrt(2) * margin
+                verdict = ("within the noise" if abs(difference) <= both else
+                           f"{'above' if difference > 0 else 'below'} it by more than the noise")
+                detail += (f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}, "
+                           f"of the difference about ±{both:.3f}: {verdict}"
                            if margin > 0 else f"; every resample of its {len(rows)} images scores the same, so the "
                            f"bootstrap cannot measure its noise")
             lines.append(f"{head} ({row.task}), {where}, {name}: {value}; this run {ours:.3f} ({detail})")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .data import ImageDataset, fold_units, require_folds, subject_folds, subjects_of, subsample, units_of  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
+from .data import ImageDataset, fold_units, require_folds, subject_folds, subsample, units_of  # noqa: F401 (subsample: notebook 01 calls lessons.subsample)
 from .transforms import Preprocessing, eval_transform
 from .freezing import STRATEGIES, trainable_summary
 from .models import BackboneSpec, TransferModel, create_model, offline_backbones
@@ -451,7 +451,7 @@ def mirror_check(model: TransferModel, train_set: ImageDataset, val_set: ImageDa
     probe = fit_probe(train_features, train_targets, seed=seed, metric=metric,  # weighted as the run's probe is
                       groups=units_of(few))  # and C chosen on folds of whole subjects and copies, as the run's is
     val_features, targets = pooled_features(model, val_set, device)
-    subjects = subjects_of(val_set)  # resampled whole for the margins: one subject's images can err together
+    subjects = units_of(val_set)  # resampled whole for the margins: one subject's images (or copies) err together
     classes = probe.pipeline.classes_
     reference = probe.predict(val_features)
     reference_score = score(metric, targets, reference)
@@ -513,8 +513,10 @@ def mirror_advice(check: pd.DataFrame, recipe: str, images: int, settled: str | 
                 f"{MIN_MIRROR_IMAGES}): decide from what your images show.")
     lines = [f"As stored, the probe scores {reference:.3f} ({name}) on {images} validation images."]
     for mirror, rows in check.iloc[1:].groupby("mirror", sort=False):
+        gains = rows[(rows["margin"] > 0) & (rows["difference"] > rows["margin"])]  # a surprise, said not hidden
         verdict = (f"**it loses {name} beyond the noise**" if rows["loss_beyond_noise"].any() else
-                   "no loss beyond the noise")
+                   "no loss beyond the noise" + (f"; *{'*, *'.join(gains['use'])}* gained beyond it, which is read "
+                                                 f"like no loss (below)" if len(gains) else ""))
         lines.append(f"- **{mirror}**: " + "; ".join(_mirror_score(row) for _, row in rows.iterrows())
                      + f": {verdict}.")
     conflicts = mirror_conflicts(check, recipe)
@@ -647,12 +649,12 @@ def majority_score(train: pd.DataFrame, scored: list[pd.DataFrame], metric: str 
 
 def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | None = None,
                     metric: str = "accuracy") -> plt.Figure:
-    """Score ± one standard error per strategy, with the majority baseline, the linear probe (``head``) and
-    the guide's pick marked; the from-scratch control in grey."""
+    """Score ± one standard error per strategy, in ``results``' rank order (`selection.summarize`), with the
+    majority baseline, the linear probe (``head``) and the guide's pick marked; the from-scratch control in grey."""
     from .selection import CONTROL
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    order = results.sort_values("score")
+    order = results.iloc[::-1]  # the table's rank order (exact ties cheapest first), rank 1 on top
     colors = ["grey" if s == CONTROL else ("darkorange" if s == guide_pick else "steelblue") for s in order["strategy"]]
     ax.barh(order["strategy"], order["score"], xerr=order["se"], color=colors, capsize=3)
     ax.axvline(majority, color="black", ls="--", lw=1, label=f"majority class ({majority:.3f})")  # same metric
@@ -660,7 +662,8 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
     ax.axvline(probe, color="seagreen", ls=":", lw=1.5, label=f"linear probe = head ({probe:.3f})")
     low = max(0.0, min(majority, order["score"].min()) - 0.05)
     ax.set_xlim(low, min(1.0, order["score"].max() + order["se"].max() + 0.05))
-    ax.set_xlabel(f"validation {metric.replace('_', ' ')} (mean ± 1 standard error)")
+    ax.set_xlabel(f"validation {metric.replace('_', ' ')} (bars: ± 1 standard error of each score; a tie is "
+                  f"judged on 2 of the paired difference)", fontsize=9)
     ax.set_title("Strategies under one recipe and budget" + (f"; orange: the guide's pick ({guide_pick})"
                                                              if guide_pick else "") + "; grey: from scratch",
                  fontsize=10)
@@ -831,8 +834,9 @@ def accuracy_margin(accuracy: float, n: int) -> float:
 def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndarray | None = None,
                    seed: int = 0) -> float:
     """Two standard errors of the accuracy of ``predicted``: the per-image formula (`accuracy_margin`) or, given
-    ``subjects`` (each image's), a bootstrap over whole subjects, never below the formula. Images of one
-    subject can be right or wrong together, and then they are less evidence than as many independent images."""
+    ``subjects`` (each image's subject, or picture with its copies: `helpers.data.units_of`), a bootstrap over
+    them whole, never below the formula. Images of one subject can be right or wrong together (copies of one
+    picture always are), and then they are less evidence than as many independent images."""
     from .metrics import score_margin
 
     targets, predicted = np.asarray(targets), np.asarray(predicted)
@@ -842,29 +846,67 @@ def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndar
     return max(formula, score_margin("accuracy", targets, predicted, seed=seed, groups=subjects))
 
 
-def plus_minus(margin: float) -> str:
-    """A margin as text: "±0.027", or what an infinite one means (every image of one subject, `accuracy_noise`)."""
-    return f"±{margin:.3f}" if math.isfinite(margin) else "not measurable, since every image shows one subject"
+def plus_minus(margin: float, unit: str = "subject") -> str:
+    """A margin as text: "±0.027", or what an infinite one means (every image of one subject, or copies of one
+    picture: ``unit``, `accuracy_noise`)."""
+    return f"±{margin:.3f}" if math.isfinite(margin) else f"not measurable, since every image shows one {unit}"
 
 
 def noise_note(n: int, accuracy: float = 0.85, margin: float | None = None, subjects: int | None = None,
-               subject_noise: float | None = None) -> str:
+               subject_noise: float | None = None, unit: str = "subject") -> str:
     """One sentence on how large a difference ``n`` test images can resolve: ``margin`` (two standard errors,
-    from `accuracy_noise`), else the per-image formula. With ``subjects`` (their number) and ``subject_noise``
-    (`helpers.metrics.subject_margin`), it says which of the two estimates the margin is."""
+    from `accuracy_noise`), else the per-image formula. With ``subjects`` (how many groups: subjects, or with
+    ``unit="picture"`` pictures with their copies) and ``subject_noise`` (`helpers.metrics.subject_margin`), it
+    says which of the two estimates the margin is."""
     formula = accuracy_margin(accuracy, n)
     margin = formula if margin is None else margin
     if not math.isfinite(margin):
+        if unit == "picture":
+            return (f"All {n} test images are copies of one picture: the noise of the test score cannot be measured, "
+                    f"and it says little about other pictures.")
         return (f"All {n} test images show one subject: the noise of the test score cannot be measured, and it "
                 f"says little about other subjects. Split with more subjects in test if you can.")
-    where = f"{n} test images" + (f" of {subjects} subject{'s' if subjects != 1 else ''}" if subjects else "")
+    where = f"{n} test images" + (f" of {subjects} {unit}{'s' if subjects != 1 else ''}" if subjects else "")
     how = ""
     if subjects and subject_noise is not None:
-        how = (f" (the wider of two estimates: resampling the {subjects} subjects whole gives ±{subject_noise:.3f}, "
-               f"which sees it when a subject's images are right or wrong together; the per-image formula gives "
-               f"±{formula:.3f})")
+        together = ("a subject's images are right or wrong together" if unit == "subject" else
+                    "copies of a picture, right or wrong together, count as one image")
+        how = (f" (the wider of two estimates: resampling the {subjects} {unit}s whole gives ±{subject_noise:.3f}, "
+               f"which sees it when {together}; the per-image formula gives ±{formula:.3f})")
     return (f"With {where}, two standard errors of an accuracy near {accuracy:.2f} are ±{margin:.3f}{how}: smaller "
             f"differences are within the noise of the split.")
+
+
+def accuracy_by_stratum(pred: pd.DataFrame, split_table: pd.DataFrame) -> pd.DataFrame | None:
+    """Test accuracy per finer label (``split_table``'s ``stratum`` column, e.g. the experts' four defect
+    probabilities that ELPV's binary task merges into two classes), one row per finer label with its class,
+    images, right answers and accuracy; None when the split table has no label finer than the classes."""
+    if "stratum" not in split_table.columns:
+        return None
+    finer = split_table.set_index("file")["stratum"].reindex(pred["file"])
+    if finer.isna().any():
+        raise ValueError(f"{int(finer.isna().sum())} predicted file(s) are not in the split table, e.g. "
+                         f"{pred['file'][finer.isna().to_numpy()].iloc[0]!r}")
+    frame = pd.DataFrame({"stratum": finer.to_numpy(), "class": pred["true"].to_numpy(),
+                          "right": (pred["target"] == pred["predicted"]).to_numpy()})
+    if frame.groupby("stratum")["class"].nunique().max() == 1 and frame["stratum"].nunique() == frame[
+            "class"].nunique():
+        return None  # one finer label per class: nothing the classes do not already show
+    table = frame.groupby(["stratum", "class"]).agg(images=("right", "size"), right=("right", "sum"))
+    table["accuracy"] = table["right"] / table["images"]
+    return table.reset_index()
+
+
+def stratum_note(table: pd.DataFrame) -> str:
+    """One sentence on the hardest finer label of `accuracy_by_stratum`'s table, with the noise of its accuracy."""
+    overall = table["right"].sum() / table["images"].sum()
+    worst = table.loc[table["accuracy"].idxmin()]
+    margin = accuracy_margin(worst["accuracy"], int(worst["images"]))
+    beyond = overall - worst["accuracy"] > margin
+    return (f"The hardest finer label is {worst['stratum']} (class *{worst['class']}*): {int(worst['right'])} of "
+            f"{int(worst['images'])} right ({worst['accuracy']:.2f}, ±{margin:.2f}), against {overall:.2f} over all "
+            f"test images, " + ("further below than the noise of so few images explains." if beyond else
+                                "within the noise of so few images."))
 
 
 # ----------------------------------------------------------------------------------------

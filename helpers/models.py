@@ -141,6 +141,16 @@ class TransferModel(nn.Module):
     def classifier(self) -> nn.Module:
         return self.groups["classifier"]
 
+    def __setattr__(self, name: str, value) -> None:
+        # ``model.classifier = nn.Linear(...)`` is the textbook move. nn.Module would register the new layer as
+        # a second, unused child beside the property, so it must replace the group the forward pass runs.
+        if name == "classifier" and "groups" in self._modules:
+            if not isinstance(value, nn.Module):
+                raise TypeError(f"model.classifier must be an nn.Module, got {type(value).__name__}")
+            self.groups["classifier"] = value
+            return
+        super().__setattr__(name, value)
+
     @property
     def num_classes(self) -> int:
         return final_linear(self.classifier).out_features

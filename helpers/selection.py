@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from .data import ImageDataset, fold_count, fold_units, subject_folds, subjects_of, subsample, units_of
+from .data import ImageDataset, fold_count, fold_units, subject_folds, subsample, units_of
 from .errors import InputError
 from .freezing import apply_strategy, truncation_point
 from .metrics import bootstrap_scores, class_weighting, score, subject_count
@@ -215,7 +215,7 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
             "targets": pred["target"].to_numpy(), "predicted": pred["predicted"].to_numpy(),
-            "subjects": subjects_of(val), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "subjects": units_of(val), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "seconds": time.perf_counter() - started + shared_seconds}
 
 
@@ -247,8 +247,9 @@ def difference_se(metric: str, targets: np.ndarray, pred_a: np.ndarray, pred_b: 
 def floor_scores(metric: str, targets: np.ndarray, probe_pred: np.ndarray, tuned_pred: np.ndarray | None,
                  subjects: Sequence | None = None) -> dict:
     """The floor's evidence on validation: the probe's and the fine-tuned model's scores, and the noise of
-    their difference (``TIE_SE`` standard errors; over whole subjects given ``subjects``); the fine-tuned model
-    must clear it to replace the probe. The answer's ``subjects`` counts them (None without)."""
+    their difference (``TIE_SE`` standard errors; over whole groups given ``subjects``: subjects, or pictures
+    with their copies, `helpers.data.units_of`); the fine-tuned model must clear it to replace the probe. The
+    answer's ``subjects`` counts the groups (None without)."""
     targets, probe_pred = np.asarray(targets), np.asarray(probe_pred)
     out = {"n": len(targets), "probe": score(metric, targets, probe_pred), "fine_tuned": None, "noise": None,
            "subjects": subject_count(subjects)}
@@ -268,8 +269,9 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     For accuracy both errors are the usual formulas on the per-image hits; macro-F1 and balanced accuracy are
     not means over images, so their errors come from a bootstrap over the images (paired for ``se_vs_best``;
     with several folds, over the folds' pooled predictions). Each run needs ``targets`` and ``predicted`` then,
-    as `evaluate_candidate` returns them. When the runs carry ``subjects`` (the data names them), every error is
-    a bootstrap over whole subjects, accuracy's too, never below the per-image error (see `difference_se`)."""
+    as `evaluate_candidate` returns them. When the runs carry ``subjects`` (the data names subjects, or stores
+    pictures more than once: `helpers.data.units_of`), every error is a bootstrap over those groups, whole,
+    accuracy's too, never below the per-image error (see `difference_se`)."""
     frame = pd.DataFrame(runs)
     table = frame.groupby("strategy").agg(score=("score", "mean"), folds=("score", "size"),
                                           trainable=("trainable", "first"), seconds=("seconds", "sum"))

@@ -787,7 +787,7 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
     """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``best.pt`` on the same
     validation images, with the noise of the difference (`selection.floor_scores`): what `choose_final` decides on."""
     from .checkpoint import model_from_checkpoint
-    from .data import subjects_of
+    from .data import unit_name, units_of
     from .evaluation import predict
     from .selection import floor_scores
 
@@ -797,7 +797,9 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
 
     probe = predictions("probe.pt")
     tuned = predictions("best.pt")["predicted"].to_numpy() if fine_tuned else None
-    return floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned, subjects_of(val))
+    # Subjects, or pictures stored more than once, are resampled whole: their images are not independent evidence.
+    scores = floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned, units_of(val))
+    return {**scores, "unit": unit_name(val)}
 
 
 def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0,
@@ -807,20 +809,22 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     ``final.json`` saying which, why and at what cost.
 
     ``scores`` is `validation_scores`' answer: ``probe``, ``fine_tuned`` (None when the strategy is the
-    probe itself, ``head``), ``noise`` (two standard errors of their difference) and ``n`` (images).
+    probe itself, ``head``), ``noise`` (two standard errors of their difference), ``n`` (images), and
+    ``subjects`` and ``unit`` (how many groups were resampled whole, and of what: None without).
     ``strategy`` names the candidate in the explanation.
     """
     from .files import atomic_copy
 
     probe, tuned, noise = scores["probe"], scores["fine_tuned"], scores["noise"]
     candidate = f"The `{strategy}` model" if strategy else "The strategy's model"  # the final one may be the probe
-    # With subjects the noise comes from resampling whole subjects, which the sentence has to say.
-    subjects = scores.get("subjects")
-    images = (f"{scores['n']} images of {subjects} subject{'s' if subjects != 1 else ''}, resampled whole"
-              if subjects else f"{scores['n']} images")
+    # With subjects (or copies) the noise comes from resampling them whole, which the sentence has to say.
+    units, unit = scores.get("subjects"), scores.get("unit", "subject")
+    images = (f"{scores['n']} images of {units} {unit}{'s' if units != 1 else ''}, "
+              + ("resampled whole" if unit == "subject" else "each resampled with its copies")
+              if units else f"{scores['n']} images")
     shown = "∞" if noise is not None and math.isinf(noise) else f"{noise:.3f}" if noise is not None else None
     if shown == "∞":  # one validation subject: nothing to resample
-        images += ", all of one subject, so the noise cannot be measured and no difference counts as real"
+        images += f", all of one {unit}, so the noise cannot be measured and no difference counts as real"
     use_candidate = tuned is not None and tuned - probe > noise
     source = params.run / ("best.pt" if use_candidate else "probe.pt")
     atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name

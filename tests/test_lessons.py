@@ -355,3 +355,39 @@ def test_class_names_the_plot_font_cannot_draw_are_said_once_and_their_warnings_
         fig.canvas.draw()
     plt.close(fig)
     assert not [w for w in caught if "missing from font" in str(w.message)]
+
+
+def test_a_mirror_that_gains_beyond_the_noise_is_said_not_hidden():
+    row = {"metric": "accuracy", "changed_answers": 20, "loss_beyond_noise": False}
+    check = pd.DataFrame([
+        {**row, "mirror": "none", "use": "as stored", "score": 0.80, "accuracy": 0.80, "difference": 0.0,
+         "margin": 0.0, "changed_answers": 0},
+        {**row, "mirror": "vertical mirror", "use": "scored on mirrors", "score": 0.85, "accuracy": 0.85,
+         "difference": 0.05, "margin": 0.04},
+        {**row, "mirror": "vertical mirror", "use": "averaged at test", "score": 0.81, "accuracy": 0.81,
+         "difference": 0.01, "margin": 0.03}])
+    advice = lessons.mirror_advice(check, "cells", 300)
+    assert "no loss beyond the noise; *scored on mirrors* gained beyond it" in advice
+    assert "gained" not in lessons.mirror_advice(check.assign(difference=[0.0, 0.03, 0.01]), "cells", 300)
+
+
+def test_accuracy_by_stratum_splits_merged_labels_and_names_the_hardest():
+    # ELPV's binary task: four expert probabilities merged into two classes
+    files = [f"cell{i}.png" for i in range(40)]
+    stratum = ["0.00"] * 20 + ["0.33"] * 5 + ["0.67"] * 5 + ["1.00"] * 10
+    true = ["functional"] * 25 + ["defective"] * 15
+    right = [True] * 20 + [True] * 4 + [False] + [False] * 4 + [True] + [True] * 9 + [False]
+    pred = pd.DataFrame({"file": files[::-1], "true": true[::-1], "target": [t == "defective" for t in true[::-1]]})
+    pred["predicted"] = np.where(right[::-1], pred["target"], ~pred["target"])
+    table = lessons.accuracy_by_stratum(pred, pd.DataFrame({"file": files, "label": true, "stratum": stratum}))
+    by = table.set_index("stratum")
+    assert by.loc["0.67", "right"] == 1 and by.loc["0.67", "images"] == 5 and by.loc["0.67", "class"] == "defective"
+    assert by["images"].sum() == 40 and by.loc["0.00", "accuracy"] == 1.0
+    note = lessons.stratum_note(table)
+    assert note.startswith("The hardest finer label is 0.67 (class *defective*): 1 of 5 right (0.20")
+    # No finer label, or one per class: nothing to show
+    split = pd.DataFrame({"file": files, "label": true})
+    assert lessons.accuracy_by_stratum(pred, split) is None
+    assert lessons.accuracy_by_stratum(pred, split.assign(stratum=true)) is None
+    with pytest.raises(ValueError, match="not in the split table, e.g. 'cell39.png'"):
+        lessons.accuracy_by_stratum(pred, split.assign(stratum=stratum).iloc[:-1])

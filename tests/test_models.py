@@ -66,6 +66,18 @@ def test_new_classifier_and_info_are_uniform():
     torch.testing.assert_close(model.groups["stage3"].state_dict(), pretrained.groups["stage3"].state_dict())
 
 
+def test_assigning_model_classifier_replaces_the_group_the_forward_pass_runs():
+    # The textbook move: nn.Module alone would keep a second, unused classifier beside the real one
+    model = create_model("efficientnet_lite0", 2, pretrained=False)
+    model.requires_grad_(False)
+    model.classifier = torch.nn.Linear(model.classifier[-1].in_features, 5)
+    assert "classifier" not in model._modules and model.groups["classifier"] is model.classifier
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5) and model.num_classes == 5
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1280 * 5 + 5
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        model.classifier = None
+
+
 @pytest.mark.parametrize("name", [n for n in BACKBONES if BACKBONES[n].source == "torchvision"])
 def test_online_backbones_have_layer_groups_that_chain(name):
     model = create_model(name, 3, pretrained=False).eval()

@@ -2,6 +2,7 @@
 below the probe on validation)."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -523,6 +524,38 @@ def test_the_floor_keeps_the_probe_when_the_gain_is_two_subjects_luck(run_with_t
     assert info["model"] == "probe"
     assert (params.run / "final.pt").read_bytes() == (params.run / "probe.pt").read_bytes()
     assert "200 images of 10 subjects, resampled whole" in info["explanation"]
+
+
+def test_the_floor_resamples_each_picture_with_its_copies(run_with_two_models, tiny_root, tiny_splits, tmp_path):
+    import shutil
+
+    from helpers.data import ELPV_TASKS, ImageDataset
+    from helpers.lessons import noise_note
+    from helpers.models import BACKBONES
+    from helpers.transforms import eval_transform
+
+    # Every validation picture stored twice: a copy is right or wrong with its original, so it adds no evidence
+    val = tiny_splits["val"]
+    root = tmp_path / "twice"
+    for name in val["file"]:
+        for copy in (name, f"copy_{Path(name).name}"):
+            (root / copy).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tiny_root / name, root / copy)
+    twice = pd.concat([val, val.assign(file=[f"copy_{Path(name).name}" for name in val["file"]])], ignore_index=True)
+    dataset = ImageDataset(root, twice, group_col="group", classes=ELPV_TASKS["binary"][1],
+                           transform=eval_transform(BACKBONES["efficientnet_lite0"], image_size=64, crop_pct=1.0))
+    scores = workbook.validation_scores(run_with_two_models, dataset, "accuracy", fine_tuned=True, device="cpu")
+    assert scores["n"] == 2 * len(val) and scores["subjects"] == len(val) and scores["unit"] == "picture"
+    info = workbook.choose_final(run_with_two_models, scores, "accuracy", train_seconds=1.0)
+    assert f"{2 * len(val)} images of {len(val)} pictures, each resampled with its copies" in info["explanation"]
+    # The margin: resampling pictures whole is wider than counting each copy as evidence
+    targets, probe, tuned, _ = _clustered()
+    pictures = np.repeat(np.arange(len(targets)), 2)
+    doubled = [np.repeat(a, 2) for a in (targets, probe, tuned)]
+    per_file = selection.floor_scores("accuracy", *doubled)["noise"]
+    per_picture = selection.floor_scores("accuracy", *doubled, subjects=pictures)["noise"]
+    assert per_picture > 1.25 * per_file  # about sqrt(2): half as many independent answers
+    assert "of 200 pictures" in noise_note(400, 0.8, per_picture, 200, per_picture, unit="picture")
 
 
 def test_summarize_resamples_subjects_when_the_runs_carry_them():
