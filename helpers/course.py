@@ -188,6 +188,7 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
     replaced = existing_outputs(run, notebooks)
     if replaced:
         print(f"[course] {run} exists: this run replaces {', '.join(replaced)}", flush=True)
+    warned: list[str] = []
     for notebook in notebooks:
         started = time.perf_counter()
         print(f"[course] {notebook} -> {run / (notebook + '.ipynb')}", flush=True)
@@ -197,6 +198,7 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
                                        cwd=str(notebooks_dir()), log_output=log_output, progress_bar=progress,
                                        **kernel_config())
         except papermill.PapermillExecutionError as err:
+            _echo_warnings(run, notebook, warned)  # what it warned of before stopping may be why it stopped
             # Bad data found inside a notebook (a duplicated row, an unreadable image) is the user's to fix: one
             # line, as for a bad parameter. Anything else is a bug and keeps papermill's traceback.
             if err.ename not in input_error_names():
@@ -206,7 +208,36 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
             raise InputError(f"{notebook} stopped: {message} (the executed copy, with the traceback: "
                              f"{run / (notebook + '.ipynb')})") from None
         print(f"[course] {notebook} done in {time.perf_counter() - started:.0f} s", flush=True)
+        _echo_warnings(run, notebook, warned)
+    if warned:
+        print(f"[course] {len(warned)} warning(s) above; each is in its notebook's executed copy too", flush=True)
     return run
+
+
+WARNING_LINE = re.compile(r"^\S.*?:\d+: (\w*Warning): (.*)$", re.MULTILINE)  # how Python prints a warning
+
+
+def notebook_warnings(path: Path) -> list[str]:
+    """The warnings an executed notebook printed (``Category: message``, each once, in order): files left out,
+    a recipe kept against the evidence... In a batch run nobody reads the kernels' stderr, so the course
+    repeats them."""
+    import nbformat
+
+    found: list[str] = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                found += [f"{kind}: {message}" for kind, message in WARNING_LINE.findall(output.get("text", ""))]
+    return list(dict.fromkeys(found))
+
+
+def _echo_warnings(run: Path, notebook: str, warned: list[str]) -> None:
+    """Print the warnings of ``notebook``'s executed copy not printed yet (the same table warns in every notebook
+    that reads it: once is enough), and add them to ``warned``."""
+    for warning in notebook_warnings(run / f"{notebook}.ipynb"):
+        if warning not in warned:
+            warned.append(warning)
+            print(f"[course]   {notebook} warned: {warning}", flush=True)
 
 
 def read_metrics(run: Path) -> dict:

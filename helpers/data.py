@@ -13,6 +13,7 @@ import io
 import math
 import os
 import struct
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +27,14 @@ from torch.utils.data import Dataset
 from .errors import InputError, MissingColumnError
 from .files import atomic_copy, atomic_open, write_csv
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# A 1 x 1 GIF: recent OpenCV builds decode GIF (its first frame), older ones do not. A class folder's GIFs are read
+# where they can be, and otherwise skipped with a warning rather than stopping a run that could do without them.
+_TINY_GIF = (b"GIF87a\x01\x00\x01\x00\x81\x00\x00" + bytes(12)
+             + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x08\x04\x00\x01\x04\x04\x00;")
+OPENCV_READS_GIF = cv2.imdecode(np.frombuffer(_TINY_GIF, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+# What a class folder's files must end in to be read (.jfif and .jpe are JPEG's other names).
+IMAGE_EXTENSIONS = ((".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp")
+                    + ((".gif",) if OPENCV_READS_GIF else ()))
 # Folder names of a dataset split beforehand (train/val/test): never taken for class names.
 SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout")
 
@@ -270,8 +278,11 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
             raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
         rows += [(p.relative_to(root).as_posix(), class_dir.name) for p in images]
     if ignored:
-        warnings.warn(f"{root}: ignored {len(ignored)} non-image file(s): "
-                      f"{[str(p.relative_to(root)) for p in ignored[:10]]}", stacklevel=2)
+        gifs = "" if OPENCV_READS_GIF or not any(p.suffix.lower() == ".gif" for p in ignored) else (
+            "; this OpenCV build cannot read GIF (newer ones can), so convert those to PNG")
+        warnings.warn(f"{root}: ignored {len(ignored)} file(s) whose extension is not one read as an image "
+                      f"({' '.join(IMAGE_EXTENSIONS)}){gifs}: {[str(p.relative_to(root)) for p in ignored[:10]]}"
+                      + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""), stacklevel=2)
     if broken:
         warnings.warn(f"{root}: ignored {len(broken)} symbolic link(s) that point nowhere: "
                       f"{[str(p.relative_to(root)) for p in broken[:10]]}", stacklevel=2)
@@ -307,7 +318,7 @@ def natural_key(name: str) -> tuple:
 
     parts = tuple((0, int(part), part) if part.isdecimal() else (1, part.casefold(), part)
                   for part in re.split(r"(\d+)", name) if part)
-    return parts + ((2, name, name),)
+    return parts + ((-1, name, name),)  # the end sorts first: 'dog' before 'dog2', '1' before '1e3'
 
 
 def is_hidden_name(name: str) -> bool:
@@ -487,8 +498,9 @@ def _stored_names(files: pd.Series, root: Path, source: str) -> pd.Series:
     return _unicode_spellings(files, root, source)
 
 
-def _check_listed_once(table: pd.DataFrame, source: str) -> None:
-    """Refuse a file listed twice, saying whether its rows disagree on the label."""
+def _check_listed_once(table: pd.DataFrame, source: str, also: str = "") -> None:
+    """Refuse a file listed twice, saying whether its rows disagree on the label (and ``also``: the table's other
+    problems, so that one round of fixes mends them all)."""
     duplicated = table["file"][table["file"].duplicated()].unique().tolist()
     if not duplicated:
         return
@@ -496,7 +508,8 @@ def _check_listed_once(table: pd.DataFrame, source: str) -> None:
     conflicts = [f"{name!r} as {sorted(labels)}" for name, labels in labels_of.items() if len(labels) > 1]
     raise InputError(f"{source}: {len(duplicated)} file name(s) listed more than once: {duplicated[:10]}"
                      + (f"; {len(conflicts)} of them with different labels: {conflicts[:5]} (one image "
-                        f"cannot be two classes: keep the right row)" if conflicts else " (keep one row each)"))
+                        f"cannot be two classes: keep the right row)" if conflicts else " (keep one row each)")
+                     + (f"; also {also}" if also else ""))
 
 
 def _missing_hint(missing: list[str], root: Path) -> str:
@@ -515,14 +528,17 @@ def _missing_hint(missing: list[str], root: Path) -> str:
 
 
 def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
-    """Warn when two labels differ only in case or spacing ('Cat' and 'cat'): each would be its own class."""
+    """Warn when two labels differ only in case, spacing or Unicode form ('Cat' and 'cat'; 'café' with é as one
+    character or as e and an accent, as macOS writes folder names): each would be its own class."""
     spellings: dict[str, set[str]] = {}
     for label in labels.unique():
-        spellings.setdefault(" ".join(label.casefold().split()), set()).add(label)
-    clashes = [sorted(names) for names in spellings.values() if len(names) > 1]
+        spellings.setdefault(" ".join(unicodedata.normalize("NFKC", label).casefold().split()), set()).add(label)
+    # Names that print alike are shown with their escapes, or the message would list one name twice
+    clashes = [sorted(names) if len({unicodedata.normalize("NFKC", n) for n in names}) == len(names)
+               else sorted(ascii(n) for n in names) for names in spellings.values() if len(names) > 1]
     if clashes:
-        warnings.warn(f"{source}: labels that differ only in case or spacing are separate classes: {clashes[:5]}; "
-                      f"spell each class one way if they are the same", stacklevel=3)
+        warnings.warn(f"{source}: labels that differ only in case, spacing or Unicode form are separate classes: "
+                      f"{clashes[:5]}; spell each class one way if they are the same", stacklevel=3)
 
 
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
@@ -583,25 +599,35 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     if subject_col:
         out["subject"] = frame[subject_col].astype(str).str.strip().to_numpy()
 
-    _check_listed_once(out, source)
+    _check_files(out, root, source, check_empty, allow_outside_root)
+    return out
+
+
+def _check_files(out: pd.DataFrame, root: Path, source: str, check_empty: bool, allow_outside_root: bool) -> None:
+    """`load_table`'s checks of the listed files: each listed once, inside ``root``, present, not twice under two
+    spellings, not empty; several problems are named in one error, so that one round of fixes mends them."""
+    paths = [root / f for f in out["file"]]
+    missing = [f for f, p in zip(out["file"], paths, strict=True) if not p.is_file()]
+    missing_note = (f"{len(missing)} listed file(s) missing under {root}: {missing[:10]}{_missing_hint(missing, root)}"
+                    if missing else "")
+    empty = [f for f, p in zip(out["file"], paths, strict=True) if check_empty and p.is_file() and not p.stat().st_size]
+    empty_note = f"{len(empty)} empty file(s) (0 bytes) under {root}: {empty[:10]}" if empty else ""
+    _check_listed_once(out, source, also="; ".join(n for n in (missing_note, empty_note) if n))
     outside = _outside_root(out["file"])
     if outside and not allow_outside_root:
         raise InputError(f"{source}: {len(outside)} path(s) point outside {root} (absolute, or climbing out "
                          f"with ..): {outside[:10]}; set data_root to a folder that holds every image, or "
                          f"pass allow_outside_root=True")
-    paths = [root / f for f in out["file"]]
-    missing = [f for f, p in zip(out["file"], paths, strict=True) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{source}: {len(missing)} listed file(s) missing under {root}: {missing[:10]}"
-                                f"{_missing_hint(missing, root)}")
+        raise FileNotFoundError(f"{source}: {missing_note}" + (f"; also {empty_note}" if empty else ""))
     aliases = _same_file_twice(out["file"], paths)
     if aliases:
         raise InputError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
-                         f"of the same path (they would leak between splits): {aliases[:10]}")
-    empty = [f for f, p in zip(out["file"], paths, strict=True) if check_empty and p.stat().st_size == 0]
-    if empty:
-        raise ImageReadError(f"{source}: {len(empty)} empty file(s) (0 bytes) under {root}: {empty[:10]}")
-    return out
+                         f"of the same path (they would leak between splits): {aliases[:10]}"
+                         + (f"; also {empty_note}" if empty else ""))
+    if empty:  # decoded images come later (notebook 02), all at once; an empty file needs no decoding to find
+        raise ImageReadError(f"{source}: {empty_note}; notebook 02 then decodes every other image and names all "
+                             f"it cannot read at once")
 
 
 def overlapping_files(splits: dict[str, pd.DataFrame], root: str | os.PathLike) -> list[str]:

@@ -229,8 +229,8 @@ def bgr_demo() -> plt.Figure:
 
 def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
     """How the files are stored: size, channels and bit depth per image, counted, with the largest pixel value
-    stored in each format (``largest_value``: 16-bit files that never exceed 4095 hold 12-bit data, which the
-    reader's division by 257 turns dark).
+    stored in each format (``largest_value``) and how many of its 16-bit images never exceed 4095
+    (``within_12_bits``: 12-bit data, which the reader's division by 257 turns dark).
 
     Every image (or the first ``n``) is decoded once, with the checks training makes, so that a file that
     cannot be read stops notebook 02 with every such file named at once, not notebook 04 minutes later.
@@ -250,12 +250,14 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
         rows.append({"height": image.shape[0], "width": image.shape[1],
                      "channels": 1 if image.ndim == 2 else image.shape[2], "dtype": str(image.dtype),
                      "largest_value": image.max().item() if image.size else 0})
+        rows[-1]["within_12_bits"] = rows[-1]["dtype"] == "uint16" and rows[-1]["largest_value"] <= TWELVE_BIT_MAX
     if bad:
         raise ImageReadError(f"{len(bad)} of {len(files)} image(s) cannot be read: {list(bad.values())[:20]}; "
                              f"replace or delete them (or drop their rows from the label table) and rerun")
     formats = ["height", "width", "channels", "dtype"]
-    table = pd.DataFrame(rows, columns=[*formats, "largest_value"])
-    return (table.groupby(formats).agg(images=("largest_value", "size"), largest_value=("largest_value", "max"))
+    table = pd.DataFrame(rows, columns=[*formats, "largest_value", "within_12_bits"])
+    return (table.groupby(formats).agg(images=("largest_value", "size"), largest_value=("largest_value", "max"),
+                                       within_12_bits=("within_12_bits", "sum"))
             .reset_index().sort_values("images", ascending=False, kind="stable").reset_index(drop=True))
 
 
@@ -263,10 +265,20 @@ TWELVE_BIT_MAX = 4095  # 16-bit files whose values never exceed this hold 12-bit
 
 
 def twelve_bit_note(stats: pd.DataFrame) -> str:
-    """A warning sentence when every 16-bit image of `image_stats`' table stays within 12 bits, else ""."""
+    """A warning sentence when 16-bit images of `image_stats`' table stay within 12 bits (all of them, or some:
+    then they train darker than the rest), else ""."""
     deep = stats[stats["dtype"] == "uint16"]
-    if deep.empty or deep["largest_value"].max() > TWELVE_BIT_MAX:
+    if deep.empty:
         return ""
+    dim = int(deep["within_12_bits"].sum()) if "within_12_bits" in deep else 0
+    if deep["largest_value"].max() > TWELVE_BIT_MAX:
+        if not dim:
+            return ""
+        return (f"**{dim} of the {int(deep['images'].sum())} 16-bit images never exceed {TWELVE_BIT_MAX}**: 12-bit "
+                f"data, stored beside files that use the full 16-bit range. The reader maps 0–65535 to 0–255, so "
+                f"these train at most 16 of 255, far darker than the others; if they come from one camera or one "
+                f"class, the model can learn their brightness instead of what they show. Rescale the 12-bit files "
+                f"to the full range (multiply by 16) or save everything as 8-bit, then rerun. ")
     top, count = int(deep["largest_value"].max()), int(deep["images"].sum())
     if top == 0:
         return f"**The {count} 16-bit images are entirely 0 (black)**: check how they were exported. "

@@ -55,6 +55,20 @@ def list_images(folder: Path, recursive: bool = False, all_files: bool = False) 
     return images
 
 
+def left_out(folder: Path, files: Sequence[Path], recursive: bool = False, all_files: bool = False) -> str:
+    """What `list_images` did not take from ``folder`` (hidden files aside), as a line to print, "" if nothing:
+    images in subfolders without ``recursive``, files of other extensions without ``all_files``."""
+    taken = set(files)
+    rest = [p for p in folder.rglob("*") if p.is_file() and p not in taken
+            and not any(is_hidden_name(part) for part in p.relative_to(folder).parts)]
+    nested = [p for p in rest if p.parent != folder and p.suffix.lower() in IMAGE_EXTENSIONS]
+    other = [p for p in rest if p.suffix.lower() not in IMAGE_EXTENSIONS and (recursive or p.parent == folder)]
+    parts = ([f"{len(nested)} image(s) in subfolders (add --recursive)"] if nested else []) + (
+        [f"{len(other)} file(s) with other extensions, e.g. {other[0].relative_to(folder).as_posix()!r} (add "
+         f"--all-files to read them as images)"] if other else [])
+    return f"not read: {'; '.join(parts)}" if parts else ""
+
+
 def load_model(path: Path, device: torch.device | str = "cpu",
                trust_export: bool = False) -> tuple[torch.nn.Module, dict]:
     """(module on ``device`` returning probabilities for [0, 1] input, meta with ``classes`` and
@@ -208,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_out_path(args.out, args.overwrite)
         files = list_images(args.folder, args.recursive, args.all_files)
+        skipped = left_out(args.folder, files, args.recursive, args.all_files)  # before --out is written there
         check_out_is_not_an_input(args.out, args.model, files)
         device = pick_device(args.device)
         model, meta = load_model(args.model, device, args.trust_export)
@@ -231,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     write_csv(escape_formulas(table), args.out)
     counts = table["predicted"].value_counts().to_dict()
+    if skipped:  # said before the last line, which scripts (and notebook 05) read as the summary
+        print(skipped)
     print(f"wrote {args.out}: {len(table)} image(s), predicted {counts}")
     return 0
 

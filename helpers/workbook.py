@@ -518,7 +518,9 @@ def label_table(params: Params) -> pd.DataFrame:
                             params.group_col)
         table["stratum"] = strata["label"].to_numpy()
     if params.smoke and not params.elpv:  # ELPV has its own 64-image copy
+        whole = len(table)
         table = smoke_subset(table, params.seed, copies=identical_files(params.data_root, table["file"].tolist()))
+        table.attrs["images_in_folder"] = whole  # for the notebooks to say how much of the folder they saw
     return table
 
 

@@ -1,6 +1,8 @@
 """The course runner: argument parsing, parameter validation, grid expansion, and one end-to-end
 run of all five notebooks on a class-folder dataset they have never seen."""
 
+import contextlib
+import io
 import json
 import warnings
 
@@ -269,19 +271,44 @@ def class_folder_course(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TL_SMOKE", "1")
         data = _class_folders(tmp_path / "photos")
-        run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "task": "custom"}, smoke=True,
-                                progress=False)
+        (data / "coffee" / "notes.txt").write_text("where these came from")  # left out, with a warning
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            run = course.run_course(str(tmp_path / "run"), {"data_root": str(data), "task": "custom"}, smoke=True,
+                                    progress=False)
+    (tmp_path / "course.log").write_text(printed.getvalue())  # what the terminal showed
     return data, run
+
+
+def test_the_warnings_of_an_executed_notebook_are_read_back_once_each(tmp_path):
+    notebook = nbformat.v4.new_notebook()
+    stderr = ("/x/helpers/data.py:12: UserWarning: /data: ignored 2 file(s) whose extension ...: ['a/b.txt']\n"
+              "  frame = scan_class_folders(root)\n")
+    notebook.cells = [nbformat.v4.new_code_cell("1", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text=stderr),
+        nbformat.v4.new_output("stream", name="stdout", text="x.py:1: UserWarning: printed, not warned\n")]),
+        nbformat.v4.new_code_cell("2", outputs=[nbformat.v4.new_output("stream", name="stderr", text=stderr
+                                  + "/y.py:3: RuntimeWarning: overflow in exp\n")])]
+    nbformat.write(notebook, tmp_path / "01.ipynb")
+    assert course.notebook_warnings(tmp_path / "01.ipynb") == [
+        "UserWarning: /data: ignored 2 file(s) whose extension ...: ['a/b.txt']", "RuntimeWarning: overflow in exp"]
 
 
 def test_course_end_to_end_on_class_folders(class_folder_course):
     data, run = class_folder_course
     for notebook in workbook.NOTEBOOKS:
         executed = nbformat.read(run / f"{notebook}.ipynb", as_version=4)
-        # What a reader of the executed copy meets: no warnings, no flood of progress-bar updates. One
-        # warning is the workbook's own, true of this data: 9 test images cannot calibrate a temperature.
-        problems = [p for p in output_problems(executed) if "fitted temperature" not in p]
+        # What a reader of the executed copy meets: no warnings, no flood of progress-bar updates. Two
+        # warnings are the workbook's own, true of this data: 9 test images cannot calibrate a temperature,
+        # and coffee/notes.txt is not an image.
+        problems = [p for p in output_problems(executed)
+                    if "fitted temperature" not in p and "not one read as an image" not in p]
         assert problems == [], notebook
+    # A batch run's terminal repeats every warning of the executed copies, each once
+    printed = (run.parent / "course.log").read_text()
+    warned = [w for notebook in workbook.NOTEBOOKS for w in course.notebook_warnings(run / f"{notebook}.ipynb")]
+    assert any("['coffee/notes.txt']" in w for w in warned)
+    assert all(printed.count(f"warned: {w}\n") == 1 for w in set(warned))
     # 05's by-hand prediction noticed that imread decodes these files differently, and used the reader's pixels
     by_hand = nbformat.read(run / "05_evaluate.ipynb", as_version=4)
     assert "cv2.imread decodes it differently" in str([c.outputs for c in by_hand.cells if c.get("id") == "05-10"])

@@ -537,3 +537,24 @@ def test_per_subject_lists_the_worst_subjects_first():
     assert np.allclose(table["chance"], 2 * np.sqrt(0.25 / 2)) and not table["beyond_chance"].any()
     with pytest.raises(ValueError, match="subjects has 2 entries for 6 predictions"):
         ev.per_subject(pred, ["s1", "s2"])
+
+
+def test_a_temperature_is_kept_only_if_it_helps_on_validation_images_it_was_not_fitted_on():
+    from helpers.evaluation import fit_temperature, temperature_holds_up
+
+    rng = np.random.default_rng(0)
+    calibrated = rng.normal(0, 1, (400, 3))
+    targets = np.array([rng.choice(3, p=p) for p in torch.tensor(calibrated).softmax(1).numpy()])
+    overconfident = temperature_holds_up(5 * calibrated, targets)  # what temperature scaling is for
+    assert overconfident["holds_up"] and overconfident["nll_fitted"] < 0.6 * overconfident["nll_plain"]
+    assert overconfident["folds"] == 10
+    # Four equally sure answers, one wrong: T = 1.8 fits them, but each fit on three images misjudges the fourth
+    logits, few = np.array([[2.0, 0.0]] * 4), np.array([0, 0, 0, 1])
+    assert fit_temperature(logits, few) == pytest.approx(1.82, abs=0.01)
+    held_out = temperature_holds_up(logits, few)
+    assert held_out["folds"] == 4 and not held_out["holds_up"] and held_out["nll_fitted"] > held_out["nll_plain"]
+    assert not temperature_holds_up(logits[:1], few[:1])["holds_up"]  # one image: nothing to hold out
+    # With groups (copies of one picture), whole groups are held out: two copies of each of the four answers
+    grouped = temperature_holds_up(np.repeat(logits, 2, axis=0), np.repeat(few, 2), groups=np.repeat(np.arange(4), 2))
+    assert grouped["folds"] == 4 and not grouped["holds_up"]
+    assert grouped["nll_fitted"] == pytest.approx(held_out["nll_fitted"], rel=0.05)  # as without the copies

@@ -203,13 +203,20 @@ def test_predict_cli_bad_images(head_export, folder, tmp_path, capsys):
     assert len(table) == 6 and "broken.png" not in table["file"].tolist()
 
 
-def test_predict_cli_recursive(head_export, folder, tmp_path):
+def test_predict_cli_recursive(head_export, folder, tmp_path, capsys):
     _, path = head_export
     sub = folder / "more"
     sub.mkdir()
     shutil.copy(next(folder.glob("*.png")), sub / "copy.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert main([str(path), str(folder), "--out", str(tmp_path / "flat.csv"), "--num-workers", "0"]) == 0
+    # What the command left out is said, not only when it found nothing
+    assert ("not read: 1 image(s) in subfolders (add --recursive); 1 file(s) with other extensions, e.g. "
+            "'notes.txt'") in capsys.readouterr().out
     assert main([str(path), str(folder), "--out", str(tmp_path / "deep.csv"), "--recursive",
                  "--num-workers", "0"]) == 0
+    assert "in subfolders" not in capsys.readouterr().out
+    (folder / "notes.txt").unlink()
     files = read_predictions(tmp_path / "deep.csv")["file"].tolist()
     assert len(files) == 7 and "more/copy.png" in files  # without --recursive: 6 (see the CLI tests above)
 

@@ -147,7 +147,11 @@ def test_windows_paths_and_near_duplicate_labels(tmp_path):
     assert table["file"].tolist() == ["img/a.png", "img/b.png"]
     messages = " ".join(str(w.message) for w in caught)
     assert "read 1 path(s) written with backslashes" in messages
-    assert "differ only in case or spacing are separate classes: [['Cat', 'cat']]" in messages
+    assert "differ only in case, spacing or Unicode form are separate classes: [['Cat', 'cat']]" in messages
+    # 'café' as one character and as e + accent (macOS folder names): alike on screen, so shown with escapes
+    table = pd.DataFrame({"file": ["img/a.png", "img/b.png"], "label": ["caf\u00e9", "cafe\u0301"]})
+    with pytest.warns(UserWarning, match=r"Unicode form are separate classes: \[\[\"'caf\\\\xe9'\", "):
+        load_table(tmp_path, table)
 
 
 def test_label_unseen_in_training_is_an_error_not_a_new_class(tmp_path):
@@ -178,7 +182,8 @@ def test_class_folder_without_images_is_named(tmp_path):
         ImageDataset(tmp_path)
     # Non-image files next to images are reported, not silently dropped.
     (tmp_path / "dog" / "1.jpg").write_bytes(_jpeg_bytes(_noise()))
-    with pytest.warns(UserWarning, match=r"ignored 1 non-image file\(s\): \['dog/readme\.txt'\]"):
+    with pytest.warns(UserWarning, match=r"ignored 1 file\(s\) whose extension is not one read as an image "
+                                         r"\(\.png .*\): \['dog/readme\.txt'\]"):
         dataset = ImageDataset(tmp_path)
     assert dataset.files == ["cat/1.png", "dog/1.jpg"]
 
@@ -309,3 +314,18 @@ def test_class_folders_skip_hidden_and_system_folders_and_name_loose_images(tmp_
     with pytest.warns(UserWarning, match=r"1 image\(s\) directly in the folder belong to no class .*\['stray\.png'\]"):
         table = scan_class_folders(tmp_path)
     assert table.values.tolist() == [["cat/1.png", "cat"], ["dog/sub/2.png", "dog"]]
+
+
+def test_a_label_table_s_problems_are_named_in_one_error(tmp_path):
+    # One round of fixes should mend them all: a duplicated row, a missing file and an empty file at once
+    (tmp_path / "a.png").write_bytes(_png_bytes(_noise()))
+    (tmp_path / "empty.png").write_bytes(b"")
+    table = pd.DataFrame({"file": ["a.png", "a.png", "gone.png", "empty.png"], "label": ["x", "x", "y", "y"]})
+    with pytest.raises(ValueError, match=r"listed more than once: \['a\.png'\] \(keep one row each\); also 1 listed "
+                                         r"file\(s\) missing under .*\['gone\.png'\]; 1 empty file\(s\) .*"
+                                         r"\['empty\.png'\]"):
+        load_table(tmp_path, table)
+    with pytest.raises(FileNotFoundError, match=r"missing under .*\['gone\.png'\]; also 1 empty file"):
+        load_table(tmp_path, table.drop(index=1))
+    with pytest.raises(ValueError, match=r"1 empty file\(s\) .*\['empty\.png'\]; notebook 02 then decodes"):
+        load_table(tmp_path, table.drop(index=[1, 2]))

@@ -324,10 +324,12 @@ def test_notebook_02_says_when_16_bit_files_hold_12_bit_data(tmp_path):
     write("dog/b.png", 3000)  # a camera's 12 bits: 0..4095
     stats = image_stats(ImageDataset(tmp_path))
     assert stats.to_dict("records") == [{"height": 8, "width": 8, "channels": 1, "dtype": "uint16", "images": 2,
-                                         "largest_value": 4000}]
+                                         "largest_value": 4000, "within_12_bits": 2}]
     note = twelve_bit_note(stats)
     assert "The 2 16-bit images never exceed 4000" in note and "only 16 of 255" in note
-    write("dog/c.png", 65535)  # one image using the full range: the data is 16-bit after all
+    write("dog/c.png", 65535)  # one image using the full range: the other two still train nearly black
+    assert "**2 of the 3 16-bit images never exceed 4095**" in twelve_bit_note(image_stats(ImageDataset(tmp_path)))
+    write("cat/a.png", 65535), write("dog/b.png", 40000)  # every image uses more than 12 bits: nothing to say
     assert twelve_bit_note(image_stats(ImageDataset(tmp_path))) == ""
     black = pd.DataFrame([{"height": 8, "width": 8, "channels": 1, "dtype": "uint16", "images": 3,
                            "largest_value": 0}])
@@ -862,6 +864,7 @@ def test_classes_are_in_natural_order_so_class_10_follows_class_9(tmp_path):
     names = ["class 10", "class 9", "class 1", "01", "1", "B", "a"]
     assert sorted(names, key=natural_key) == ["01", "1", "a", "B", "class 1", "class 9", "class 10"]
     assert sorted(["m²", "m2", "m1"], key=natural_key) == ["m1", "m2", "m²"]  # '²' is a digit to isdigit, not to int
+    assert sorted(["dog2", "dog", "1e3", "1", "01"], key=natural_key) == ["01", "1", "1e3", "dog", "dog2"]
     root = tmp_path / "data"
     for i, name in enumerate(["class 10", "class 9", "class 1"]):
         _image(root / name / "x.png", 40 * i)
