@@ -198,7 +198,10 @@ def run_course(name: str, parameters: dict[str, object] | None = None, smoke: bo
                                        cwd=str(notebooks_dir()), log_output=log_output, progress_bar=progress,
                                        **kernel_config())
         except papermill.PapermillExecutionError as err:
-            _echo_warnings(run, notebook, warned)  # what it warned of before stopping may be why it stopped
+            try:  # what it warned of before stopping may be why it stopped; never in place of the error itself
+                _echo_warnings(run, notebook, warned)
+            except (OSError, ValueError) as unreadable:  # nbformat's errors for a broken file are ValueErrors
+                print(f"[course]   {notebook}'s warnings cannot be read from its executed copy: {unreadable}")
             # Bad data found inside a notebook (a duplicated row, an unreadable image) is the user's to fix: one
             # line, as for a bad parameter. Anything else is a bug and keeps papermill's traceback.
             if err.ename not in input_error_names():

@@ -27,14 +27,10 @@ from torch.utils.data import Dataset
 from .errors import InputError, MissingColumnError
 from .files import atomic_copy, atomic_open, write_csv
 
-# A 1 x 1 GIF: recent OpenCV builds decode GIF (its first frame), older ones do not. A class folder's GIFs are read
-# where they can be, and otherwise skipped with a warning rather than stopping a run that could do without them.
-_TINY_GIF = (b"GIF87a\x01\x00\x01\x00\x81\x00\x00" + bytes(12)
-             + b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x08\x04\x00\x01\x04\x04\x00;")
-OPENCV_READS_GIF = cv2.imdecode(np.frombuffer(_TINY_GIF, np.uint8), cv2.IMREAD_UNCHANGED) is not None
-# What a class folder's files must end in to be read (.jfif and .jpe are JPEG's other names).
-IMAGE_EXTENSIONS = ((".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp")
-                    + ((".gif",) if OPENCV_READS_GIF else ()))
+# What a class folder's files must end in to be read (.jfif and .jpe are JPEG's other names). GIFs are decoded by
+# Pillow (their first frame): OpenCV reads GIF only in some builds, and the same folder must give the same images
+# on every machine.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Folder names of a dataset split beforehand (train/val/test): never taken for class names.
 SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout")
 
@@ -88,6 +84,8 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     if is_jpeg and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
         _check_complete(data, path, "JPEG")
 
+    if head.startswith(b"GIF8"):
+        return _decode_gif(data, path)
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR if is_jpeg else cv2.IMREAD_UNCHANGED)
     except cv2.error as err:  # OpenCV's own limits and assertions name no file
@@ -97,6 +95,19 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     if not is_jpeg:  # IMREAD_UNCHANGED ignores the orientation a PNG or WebP can carry (a phone's export)
         image = _orient(image, _exif_orientation(data, path))
     return image
+
+
+def _decode_gif(data: np.ndarray, path: Path) -> np.ndarray:
+    """A GIF's first frame as OpenCV's BGR ``uint8`` (its palette applied, transparency dropped), by Pillow: OpenCV
+    reads GIF only in some builds."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            rgb = np.asarray(image.convert("RGB"))  # the first frame: an animation's others are not the picture
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"{path}: not a readable image (Pillow: {err})") from err
+    return np.ascontiguousarray(rgb[:, :, ::-1])
 
 
 # EXIF orientation (tag 0x0112) -> what turns the stored pixels upright, on an (H, W[, C]) array
@@ -278,10 +289,8 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
             raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
         rows += [(p.relative_to(root).as_posix(), class_dir.name) for p in images]
     if ignored:
-        gifs = "" if OPENCV_READS_GIF or not any(p.suffix.lower() == ".gif" for p in ignored) else (
-            "; this OpenCV build cannot read GIF (newer ones can), so convert those to PNG")
         warnings.warn(f"{root}: ignored {len(ignored)} file(s) whose extension is not one read as an image "
-                      f"({' '.join(IMAGE_EXTENSIONS)}){gifs}: {[str(p.relative_to(root)) for p in ignored[:10]]}"
+                      f"({' '.join(IMAGE_EXTENSIONS)}): {[str(p.relative_to(root)) for p in ignored[:10]]}"
                       + (f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""), stacklevel=2)
     if broken:
         warnings.warn(f"{root}: ignored {len(broken)} symbolic link(s) that point nowhere: "

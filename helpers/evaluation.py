@@ -753,14 +753,15 @@ def published_results() -> pd.DataFrame:
 
 
 def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
-                         pred: pd.DataFrame | None = None) -> list[str]:
+                         pred: pd.DataFrame | None = None, units: Sequence | None = None) -> list[str]:
     """One Markdown line per published figure that may be for ``task``, beside this run's test score in the same
     metric and on the same cell types (both together for ``cell_type`` "all"; per group, from
     ``metrics["per_group"]``, for "mono", "poly" and "mono and poly"). A figure of the same task gets the signed
     difference and, given the test predictions ``pred`` (`predict`'s table), two bootstrap standard errors of this
     run's score on those images, √2 times that for the difference (the published figure is as noisy, on a test
     set of similar size) and the verdict; a figure whose task is unclear gets none of these, since it may be
-    another task's."""
+    another task's. With ``units`` (each test image's subject or picture with its copies, in ``pred``'s order)
+    the margin is the wider of the per-image one and the one over whole units."""
     lines = []
     for row in published.itertuples():
         if row.task not in (task, "unclear"):
@@ -768,12 +769,14 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
         groups = ["all"] if row.cell_type == "all" else [g.strip() for g in row.cell_type.split(" and ")]
         for group in groups:
             if group == "all":
-                ours, where, rows = metrics[f"test_{row.metric}"], "both cell types", pred
+                ours, where, rows, members = metrics[f"test_{row.metric}"], "both cell types", pred, units
             elif group in metrics.get("per_group", {}):
                 ours, where = metrics["per_group"][group][row.metric], f"{group} cells"
                 if len(groups) > 1:  # one figure for the paper's models of every type, not one per type
                     where += f" (the paper gives one figure for its {' and '.join(groups)} models)"
                 rows = None if pred is None else pred[pred["group"] == group]
+                members = None if units is None or pred is None else np.asarray(units)[(pred["group"] == group)
+                                                                                       .to_numpy()]
             else:
                 continue  # a group this run did not score
             value, name = f"{'≈' if row.approximate else ''}{row.value:.3f}", row.metric.replace("_", "-")
@@ -786,12 +789,17 @@ def published_comparison(published: pd.DataFrame, task: str, metrics: dict,
             detail = f"{difference:+.3f}"
             if rows is not None and len(rows):
                 margin = score_margin(row.metric, rows["target"].to_numpy(), rows["predicted"].to_numpy())
+                if members is not None:  # images of one subject (or copies) err together: never narrower
+                    margin = max(margin, score_margin(row.metric, rows["target"].to_numpy(),
+                                                      rows["predicted"].to_numpy(), groups=members))
                 # The published figure has noise of its own: on a test set of similar size, the difference is
                 # about sqrt(2) times as noisy as this run's score alone.
                 both = math.sqrt(2) * margin
                 verdict = ("within the noise" if abs(difference) <= both else
                            f"{'above' if difference > 0 else 'below'} it by more than the noise")
-                detail += (f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}, "
+                detail += (f"; its {len(rows)} images show one subject, so the noise cannot be measured"
+                           if math.isinf(margin) else
+                           f"; two standard errors of this run's score on its {len(rows)} images: ±{margin:.3f}, "
                            f"of the difference about ±{both:.3f}: {verdict}"
                            if margin > 0 else f"; every resample of its {len(rows)} images scores the same, so the "
                            f"bootstrap cannot measure its noise")

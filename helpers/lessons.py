@@ -250,7 +250,8 @@ def image_stats(dataset: ImageDataset, n: int | None = None) -> pd.DataFrame:
         rows.append({"height": image.shape[0], "width": image.shape[1],
                      "channels": 1 if image.ndim == 2 else image.shape[2], "dtype": str(image.dtype),
                      "largest_value": image.max().item() if image.size else 0})
-        rows[-1]["within_12_bits"] = rows[-1]["dtype"] == "uint16" and rows[-1]["largest_value"] <= TWELVE_BIT_MAX
+        # an all-black image is another problem (twelve_bit_note names it when every 16-bit image is black)
+        rows[-1]["within_12_bits"] = rows[-1]["dtype"] == "uint16" and 0 < rows[-1]["largest_value"] <= TWELVE_BIT_MAX
     if bad:
         raise ImageReadError(f"{len(bad)} of {len(files)} image(s) cannot be read: {list(bad.values())[:20]}; "
                              f"replace or delete them (or drop their rows from the label table) and rerun")
@@ -674,8 +675,8 @@ def plot_comparison(results: pd.DataFrame, majority: float, guide_pick: str | No
     ax.axvline(probe, color="seagreen", ls=":", lw=1.5, label=f"linear probe = head ({probe:.3f})")
     low = max(0.0, min(majority, order["score"].min()) - 0.05)
     ax.set_xlim(low, min(1.0, order["score"].max() + order["se"].max() + 0.05))
-    ax.set_xlabel(f"validation {metric.replace('_', ' ')} (bars: ± 1 standard error of each score; a tie is "
-                  f"judged on 2 of the paired difference)", fontsize=9)
+    ax.set_xlabel(f"validation {metric.replace('_', ' ')} (bars: ± 1 standard error of each score;\n"
+                  f"a tie is judged on 2 standard errors of the paired difference, se_vs_best)", fontsize=9)
     ax.set_title("Strategies under one recipe and budget" + (f"; orange: the guide's pick ({guide_pick})"
                                                              if guide_pick else "") + "; grey: from scratch",
                  fontsize=10)
@@ -849,13 +850,14 @@ def accuracy_noise(targets: np.ndarray, predicted: np.ndarray, subjects: np.ndar
     ``subjects`` (each image's subject, or picture with its copies: `helpers.data.units_of`), a bootstrap over
     them whole, never below the formula. Images of one subject can be right or wrong together (copies of one
     picture always are), and then they are less evidence than as many independent images."""
-    from .metrics import score_margin
+    from .metrics import subject_margin
 
     targets, predicted = np.asarray(targets), np.asarray(predicted)
     formula = accuracy_margin(float((targets == predicted).mean()), len(targets))
     if subjects is None:
         return formula
-    return max(formula, score_margin("accuracy", targets, predicted, seed=seed, groups=subjects))
+    # The wider of exactly the two estimates `noise_note` names (not also a per-image bootstrap, a third figure)
+    return max(formula, subject_margin("accuracy", targets, predicted, subjects, seed=seed))
 
 
 def plus_minus(margin: float, unit: str = "subject") -> str:
@@ -910,15 +912,24 @@ def accuracy_by_stratum(pred: pd.DataFrame, split_table: pd.DataFrame) -> pd.Dat
 
 
 def stratum_note(table: pd.DataFrame) -> str:
-    """One sentence on the hardest finer label of `accuracy_by_stratum`'s table, with the noise of its accuracy."""
-    overall = table["right"].sum() / table["images"].sum()
+    """One sentence on the hardest finer label of `accuracy_by_stratum`'s table against the other test images: is
+    the gap beyond chance, allowing for having picked the worst of several labels (Bonferroni)?"""
+    from scipy.stats import norm
+
     worst = table.loc[table["accuracy"].idxmin()]
-    margin = accuracy_margin(worst["accuracy"], int(worst["images"]))
-    beyond = overall - worst["accuracy"] > margin
+    n_rest, right_rest = table["images"].sum() - worst["images"], table["right"].sum() - worst["right"]
+    labels = len(table)
+    # Two-sided at 5 % over the labels one could have picked; Agresti-Coull-adjusted shares, never a zero error
+    z = norm.ppf(1 - 0.05 / (2 * labels))
+    adjusted = [(right + 2) / (n + 4) for right, n in ((worst["right"], worst["images"]), (right_rest, n_rest))]
+    se = math.sqrt(sum(a * (1 - a) / (n + 4) for a, n in zip(adjusted, (worst["images"], n_rest), strict=True)))
+    rest = right_rest / n_rest if n_rest else math.nan
+    beyond = n_rest > 0 and rest - worst["accuracy"] > z * se
     return (f"The hardest finer label is {worst['stratum']} (class *{worst['class']}*): {int(worst['right'])} of "
-            f"{int(worst['images'])} right ({worst['accuracy']:.2f}, ±{margin:.2f}), against {overall:.2f} over all "
-            f"test images, " + ("further below than the noise of so few images explains." if beyond else
-                                "within the noise of so few images."))
+            f"{int(worst['images'])} right ({worst['accuracy']:.2f}), against {rest:.2f} on the other "
+            f"{int(n_rest)} test images; "
+            + (f"a gap beyond chance, even allowing for having picked the worst of {labels} labels." if beyond else
+               f"a gap within what chance gives when the worst of {labels} labels is picked."))
 
 
 # ----------------------------------------------------------------------------------------

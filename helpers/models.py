@@ -148,6 +148,7 @@ class TransferModel(nn.Module):
             if not isinstance(value, nn.Module):
                 raise TypeError(f"model.classifier must be an nn.Module, got {type(value).__name__}")
             self.groups["classifier"] = value
+            self.imagenet_classifier = False  # its 1000 ImageNet outputs are gone
             return
         super().__setattr__(name, value)
 

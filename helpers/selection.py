@@ -280,8 +280,14 @@ def summarize(runs: list[dict], guide_pick: str | None = None, metric: str = "ac
     table["cost"] = [COST_ORDER.index(s) for s in table.index]
     table = table.sort_values(["score", "cost"], ascending=[False, True], kind="stable")
     best = next(s for s in table.index if s != CONTROL)
-    subjects = (np.concatenate(list(frame[frame["strategy"] == best]["subjects"]))
-                if "subjects" in frame.columns and frame["subjects"].notna().all() else None)
+    subjects = None
+    if "subjects" in frame.columns and frame["subjects"].notna().any():
+        # A fold whose held-out images hold no copies has no units (None): each of its images is a unit of its own
+        subjects = np.concatenate([np.asarray(units, dtype=str) if units is not None else
+                                   np.array([f"fold {k}, image {i}" for i in range(len(correct))])
+                                   for k, (units, correct) in enumerate(
+                                       frame[frame["strategy"] == best][["subjects", "correct"]].itertuples(
+                                           index=False))])
     if metric == "accuracy" and subjects is None:
         correct = {s: np.concatenate(list(g["correct"])) for s, g in frame.groupby("strategy")}
         one_fold_se = {s: math.sqrt(table.loc[s, "score"] * (1 - table.loc[s, "score"]) / len(correct[s]))

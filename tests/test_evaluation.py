@@ -558,3 +558,25 @@ def test_a_temperature_is_kept_only_if_it_helps_on_validation_images_it_was_not_
     grouped = temperature_holds_up(np.repeat(logits, 2, axis=0), np.repeat(few, 2), groups=np.repeat(np.arange(4), 2))
     assert grouped["folds"] == 4 and not grouped["holds_up"]
     assert grouped["nll_fitted"] == pytest.approx(held_out["nll_fitted"], rel=0.05)  # as without the copies
+
+
+def test_published_verdicts_resample_whole_subjects_when_given():
+    # Test cells of one module right or wrong together: over modules the noise is wider, never narrower
+    rng = np.random.default_rng(0)
+    module = np.repeat(np.arange(20), 20)
+    good = rng.random(20) < 0.8  # whole modules right, or whole modules wrong
+    targets = np.zeros(400, dtype=int)
+    pred = pd.DataFrame({"target": targets, "predicted": np.where(good[module], 0, 1),
+                         "group": np.where(module < 10, "mono", "poly")})
+    metrics = {"test_accuracy": 0.8, "per_group": {g: {"accuracy": float((pred["predicted"] == 0)[pred["group"] == g]
+                                                                      .mean())} for g in ("mono", "poly")}}
+
+    def margin(lines):
+        line = next(line for line in lines if "(binary), mono cells" in line)
+        return float(line.split("images: ±")[1].split(",")[0])
+
+    per_image = margin(ev.published_comparison(ev.published_results(), "binary", metrics, pred))
+    per_module = margin(ev.published_comparison(ev.published_results(), "binary", metrics, pred, units=module))
+    assert per_module > 2 * per_image
+    one = ev.published_comparison(ev.published_results(), "binary", metrics, pred, units=np.zeros(400))
+    assert "show one subject, so the noise cannot be measured" in next(line for line in one if "mono cells" in line)

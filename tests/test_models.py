@@ -76,6 +76,10 @@ def test_assigning_model_classifier_replaces_the_group_the_forward_pass_runs():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1280 * 5 + 5
     with pytest.raises(TypeError, match="must be an nn.Module"):
         model.classifier = None
+    imagenet = create_model("efficientnet_lite0", None)
+    assert imagenet.imagenet_classifier
+    imagenet.classifier = torch.nn.Linear(1280, 3)
+    assert not imagenet.imagenet_classifier  # the 1000 ImageNet outputs are gone
 
 
 @pytest.mark.parametrize("name", [n for n in BACKBONES if BACKBONES[n].source == "torchvision"])

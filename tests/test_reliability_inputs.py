@@ -329,3 +329,20 @@ def test_a_label_table_s_problems_are_named_in_one_error(tmp_path):
         load_table(tmp_path, table.drop(index=1))
     with pytest.raises(ValueError, match=r"1 empty file\(s\) .*\['empty\.png'\]; notebook 02 then decodes"):
         load_table(tmp_path, table.drop(index=[1, 2]))
+
+
+def test_gif_and_jfif_files_in_class_folders_are_read_on_every_opencv_build(tmp_path):
+    # JPEG's other extensions are JPEGs; a GIF is decoded by Pillow (its first frame), whatever OpenCV can read
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "cat" / "a.jfif").write_bytes(_jpeg_bytes(_noise()))
+    frames = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (10, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])  # an animation
+    (tmp_path / "dog" / "b.gif").write_bytes(buffer.getvalue())
+    assert scan_class_folders(tmp_path).values.tolist() == [["cat/a.jfif", "cat"], ["dog/b.gif", "dog"]]
+    first = read_image(tmp_path / "dog" / "b.gif")
+    assert first.shape == (8, 8, 3) and (first == 10).all()
+    (tmp_path / "dog" / "c.gif").write_bytes(b"GIF89a and then nothing an image needs")
+    with pytest.raises(ImageReadError, match=r"c\.gif: not a readable image \(Pillow"):
+        read_image(tmp_path / "dog" / "c.gif")

@@ -510,6 +510,10 @@ def test_margins_over_subjects_are_wider_when_subjects_err_together():
     assert selection.difference_se("accuracy", targets, tuned, probe, groups=scattered) == pytest.approx(
         per_image, rel=0.5)
     assert accuracy_noise(targets, probe, subject) > accuracy_noise(targets, probe)  # the formula: a floor
+    # The margin is one of the two estimates the sentence names, never a third
+    from helpers.metrics import subject_margin
+    assert accuracy_noise(targets, probe, subject) == max(accuracy_noise(targets, probe),
+                                                          subject_margin("accuracy", targets, probe, subject))
     assert "of 10 subjects" in noise_note(200, 0.8, accuracy_noise(targets, probe, subject), 10)
 
 
@@ -573,6 +577,25 @@ def test_summarize_resamples_subjects_when_the_runs_carry_them():
     assert selection.ties_with_best(plain) == ["full"]  # per image, full's +0.2 is clear
     assert selection.ties_with_best(grouped) == ["full", "head"]  # over 10 subjects it is a tie: the cheaper wins
     assert selection.choose(grouped)[0] == "head"
+
+
+def test_summarize_keeps_the_units_of_folds_that_have_them():
+    # Two folds: the first holds copies (units), the second none (units_of gives None): the first still counts
+    # its copies as one answer each, the second its images one by one
+    targets, probe, tuned, subject = _clustered()
+    half = len(targets) // 2
+
+    def runs(second_units):
+        return [{"strategy": name, "fold": fold, "score": float((pred[part] == targets[part]).mean()),
+                 "correct": pred[part] == targets[part], "files": [f"{fold}/{i}.png" for i in range(half)],
+                 "targets": targets[part], "predicted": pred[part], "trainable": 1, "seconds": 1.0,
+                 "subjects": subject[part] if fold == 0 else second_units}
+                for name, pred in (("head", probe), ("full", tuned))
+                for fold, part in ((0, slice(0, half)), (1, slice(half, None)))]
+
+    mixed = selection.summarize(runs(None)).set_index("strategy")
+    plain = selection.summarize([{k: v for k, v in r.items() if k != "subjects"} for r in runs(None)])
+    assert mixed.loc["head", "se_vs_best"] > 1.5 * plain.set_index("strategy").loc["head", "se_vs_best"]
 
 
 def test_one_subject_gives_no_measurable_margin_and_few_subjects_never_less_than_per_image(run_with_two_models):
