@@ -536,6 +536,9 @@ def _missing_hint(missing: list[str], root: Path) -> str:
     return f" ({name!r} is not there, but {near[:3]} are: check the extension and case)" if near else ""
 
 
+_WARNED_LABEL_CLASHES: set[tuple[str, ...]] = set()  # (source, spellings) already warned about in this process
+
+
 def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
     """Warn when two labels differ only in case, spacing or Unicode form ('Cat' and 'cat'; 'café' with é as one
     character or as e and an accent, as macOS writes folder names): each would be its own class."""
@@ -545,9 +548,13 @@ def _warn_near_duplicate_labels(labels: pd.Series, source: str) -> None:
     # Names that print alike are shown with their escapes, or the message would list one name twice
     clashes = [sorted(names) if len({unicodedata.normalize("NFKC", n) for n in names}) == len(names)
                else sorted(ascii(n) for n in names) for names in spellings.values() if len(names) > 1]
+    # Every dataset built from the table checks it again (notebook 03 builds dozens): say each clash once
+    clashes = [names for names in clashes if (source, *names) not in _WARNED_LABEL_CLASHES]
+    _WARNED_LABEL_CLASHES.update((source, *names) for names in clashes)
     if clashes:
+        shown = "; ".join(" and ".join(names) for names in clashes[:5])
         warnings.warn(f"{source}: labels that differ only in case, spacing or Unicode form are separate classes: "
-                      f"{clashes[:5]}; spell each class one way if they are the same", stacklevel=3)
+                      f"{shown}; spell each class one way if they are the same", stacklevel=3)
 
 
 def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame | None = None,
