@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .files import atomic_open
 from .models import TransferModel, create_model
 from .transforms import Preprocessing
@@ -89,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint safely (``weights_only=True``) and check its format version."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -151,11 +151,12 @@ def kernel_config() -> dict:
 
 
 def input_error_names() -> set[str]:
-    """The names of the exceptions that mean the user's input is wrong: `InputError` and its subclasses, and a
-    missing file. A notebook's kernel raises them by name only (papermill passes on ``ename`` and ``evalue``)."""
+    """The names of the exceptions that mean the user's input is wrong: `InputError` and its subclasses (a missing
+    file the user named is a `MissingFileError`; a plain `FileNotFoundError` is a bug). A notebook's kernel raises
+    them by name only (papermill passes on ``ename`` and ``evalue``)."""
     from . import data, export, predict  # noqa: F401  (they define InputError's subclasses)
 
-    names, todo = {"FileNotFoundError"}, [InputError]
+    names, todo = set(), [InputError]
     while todo:
         error = todo.pop()
         names.add(error.__name__)
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the values too (an unknown backbone, weights that cannot load, a missing folder), before any kernel
         for combo in grid or [{}]:
             check_parameters({**parameters, **combo}, smoke)
-    except (InputError, FileNotFoundError) as err:  # WeightsUnavailableError too: weights that cannot load here
+    except InputError as err:  # MissingFileError and WeightsUnavailableError too (weights that cannot load here)
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()

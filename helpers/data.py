@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .errors import InputError, MissingColumnError
+from .errors import InputError, MissingColumnError, MissingFileError
 from .files import atomic_copy, atomic_open, write_csv
 
 # What a class folder's files must end in to be read (.jfif and .jpe are JPEG's other names). GIFs are decoded by
@@ -71,7 +71,7 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingFileError(f"image file not found: {path}")
     data = np.fromfile(path, dtype=np.uint8)  # imdecode(fromfile) also handles non-ASCII paths on Windows
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
@@ -258,7 +258,7 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
     """Table of a class-per-subfolder layout: columns ``file`` (relative path) and ``label``."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingFileError(f"image folder not found: {root}")
     subfolders = sorted(d for d in root.iterdir() if d.is_dir())
     class_dirs = [d for d in subfolders if not is_hidden_name(d.name)]
     hidden = [d.name for d in subfolders if is_hidden_name(d.name)]
@@ -576,7 +576,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingFileError(f"image folder not found: {root}")
     _check_column_names(file_col, label_col, group_col, subject_col)
     if table is None:
         for name, col in (("group_col", group_col), ("subject_col", subject_col)):
@@ -590,7 +590,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
         source = str(table) if not isinstance(table, pd.DataFrame) else "the label DataFrame"
         if not isinstance(table, pd.DataFrame):
             if not Path(table).is_file():
-                raise FileNotFoundError(f"label table not found: {table}")
+                raise MissingFileError(f"label table not found: {table}")
             table = _read_label_csv(Path(table))
         frame = table
         for col in (file_col, label_col, group_col, subject_col):
@@ -635,7 +635,7 @@ def _check_files(out: pd.DataFrame, root: Path, source: str, check_empty: bool, 
                          f"with ..): {outside[:10]}; set data_root to a folder that holds every image, or "
                          f"pass allow_outside_root=True")
     if missing:
-        raise FileNotFoundError(f"{source}: {missing_note}" + (f"; also {empty_note}" if empty else ""))
+        raise MissingFileError(f"{source}: {missing_note}" + (f"; also {empty_note}" if empty else ""))
     aliases = _same_file_twice(out["file"], paths)
     if aliases:
         raise InputError(f"{source}: {len(aliases)} file(s) listed more than once under different spellings "
@@ -1155,7 +1155,7 @@ def load_splits(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
     folder = Path(folder)
     missing = [n for n in ("train", "val", "test") if not (folder / f"{n}.csv").is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder}: split file(s) {missing} missing; "
+        raise MissingFileError(f"{folder}: split file(s) {missing} missing; "
                                 f"run notebooks/02_prepare_dataset.ipynb first")
     splits = {}
     for name in ("train", "val", "test"):

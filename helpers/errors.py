@@ -21,3 +21,8 @@ class MissingColumnError(InputError, KeyError):
 
     def __str__(self) -> str:  # KeyError's own str() would wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A file or folder the user named is not there (a `FileNotFoundError` too). The command-line tools print it as
+    one line; a plain `FileNotFoundError` from anywhere else is a bug and keeps its traceback."""

@@ -38,7 +38,7 @@ import torch.export.passes as passes
 from torch import nn
 from torchvision.transforms import v2
 
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .files import atomic_open
 from .transforms import Preprocessing, eval_transform
 
@@ -224,7 +224,7 @@ def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"exported model not found: {path}")
+        raise MissingFileError(f"exported model not found: {path}")
     if not is_exported(path):
         raise InputError(f"{path} is not a model exported by helpers.export.export_model "
                          f"(no {META_FILE} inside); a training checkpoint loads with "

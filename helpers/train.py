@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing,
                            params.run / "best.pt", meta={"task": params.task, "phase": 1}, score=candidate,
                            metric=budget["metric"])
-    except (InputError, FileNotFoundError) as err:  # anything else is a bug: it keeps its traceback
+    except InputError as err:  # MissingFileError too; anything else is a bug: it keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -30,7 +30,7 @@ import torch
 from .data import (ELPV_TASKS, identical_files, load_splits, load_table, make_splits, make_tiny_elpv,
                    minimum_split_size, natural_key, overlapping_files, prepare_elpv, shared_subjects)
 from . import files
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .freezing import STRATEGIES
 from .metrics import class_weighting
 from .models import TIMM_PREFIX, available_backbones, check_weights_available, offline_backbones
@@ -290,13 +290,13 @@ def _data_source(p: dict, smoke: bool, materialize: bool = True) -> dict:
         if not data_root.is_absolute():
             data_root = (workbook_root() / data_root).resolve()
         if not data_root.is_dir():
-            raise FileNotFoundError(f"data_root {p['data_root']!r} is not a folder (looked at {data_root})")
+            raise MissingFileError(f"data_root {p['data_root']!r} is not a folder (looked at {data_root})")
         labels_csv = None
         if p["labels_csv"] is not None:
             labels_csv = Path(p["labels_csv"]).expanduser()
             labels_csv = labels_csv if labels_csv.is_absolute() else data_root / labels_csv
             if not labels_csv.is_file():
-                raise FileNotFoundError(f"labels_csv not found: {labels_csv}")
+                raise MissingFileError(f"labels_csv not found: {labels_csv}")
         file_col, label_col, group_col, subject_col = p["file_col"], p["label_col"], p["group_col"], p["subject_col"]
         if subject_col is not None and labels_csv is None:
             raise InputError(f"subject_col {subject_col!r} needs a label table (labels_csv) with that column: "
@@ -639,7 +639,7 @@ def require(path: str | os.PathLike, notebook: str) -> Path:
     """``path`` if it exists, else an error saying which notebook writes it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run notebooks/{notebook}.ipynb first, with the same run_name "
+        raise MissingFileError(f"{path} not found: run notebooks/{notebook}.ipynb first, with the same run_name "
                                 f"and parameters (from the command line: python -m helpers.course --name "
                                 f"{path.parent} --notebooks {notebook[:2]} ..., with the same -p values)")
     return path

@@ -43,10 +43,12 @@ def test_the_smallest_image_size_the_transforms_take_is_accepted():
 
 
 def test_own_data_paths_are_checked(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data_root '.*no_such_folder' is not a folder"):
+    from helpers.errors import MissingFileError  # an InputError: one line from the command-line tools
+
+    with pytest.raises(MissingFileError, match=r"data_root '.*no_such_folder' is not a folder"):
         workbook.resolve_params({"data_root": str(tmp_path / "no_such_folder")}, smoke=True)
     (tmp_path / "images").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"labels_csv not found: .*labels\.csv"):
+    with pytest.raises(MissingFileError, match=r"labels_csv not found: .*labels\.csv"):
         workbook.resolve_params({"data_root": str(tmp_path / "images"), "labels_csv": "labels.csv"}, smoke=True)
     with pytest.raises(ValueError, match=r"unknown task '4class'; choose one of \['custom'\]"):
         workbook.resolve_params({"data_root": str(tmp_path / "images"), "task": "4class"}, smoke=True)
@@ -124,6 +126,15 @@ def test_train_names_a_missing_label_column_in_one_line(tmp_path, capsys):
     assert not err.startswith('error: "')  # the message itself, not a KeyError's quoted repr
 
 
+def test_train_names_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    from helpers.train import main as train_main
+
+    status = train_main(["--run-name", str(tmp_path / "run"), "--data-root", str(tmp_path / "nowhere"),
+                         "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: data_root ") and "nowhere" in err and "Traceback" not in err
+
+
 def test_a_missing_column_is_an_input_error_and_a_key_error_without_quotes():
     err = MissingColumnError("labels.csv has no column 'label'")
     assert isinstance(err, InputError) and isinstance(err, KeyError)  # `except KeyError` in users' code still works
@@ -176,7 +187,8 @@ def test_bad_data_found_inside_a_notebook_is_one_line_of_error_naming_the_execut
     assert line.startswith("error: 01_analyze_approach stopped: ") and "listed more than once: ['0.png']" in line
     assert f"{tmp_path / 'run' / '01_analyze_approach.ipynb'})" in line and "Traceback" not in err
     assert helpers.course.input_error_names() >= {"InputError", "ImageReadError", "MissingColumnError",
-                                                  "WeightsUnavailableError", "PredictError", "FileNotFoundError"}
+                                                  "WeightsUnavailableError", "PredictError", "MissingFileError"}
+    assert "FileNotFoundError" not in helpers.course.input_error_names()  # a plain one is a bug: its traceback stays
 
 
 def test_a_damaged_json_file_of_the_run_names_itself_and_the_notebook_that_writes_it(tmp_path):
