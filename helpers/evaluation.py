@@ -82,9 +82,9 @@ def _check_dataset(dataset) -> None:
 
 @torch.inference_mode()
 def _logits(model: nn.Module, dataset, batch_size: int, device: torch.device, tta: str | None,
-            num_workers: int | None) -> np.ndarray:
+            num_workers: int | None, amp: bool = False) -> np.ndarray:
     """Logits per image in dataset order; with ``tta`` the log of the flip-averaged softmax."""
-    dtype = amp_dtype(device)
+    dtype = amp_dtype(device) if amp else None
     out = []
     for x, _ in make_loader(dataset, batch_size, False, device, num_workers=num_workers):
         x = to_device(x, device)
@@ -120,7 +120,7 @@ def _table(logits: np.ndarray, frame: pd.DataFrame, classes: list[str]) -> pd.Da
 
 
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: str | torch.device | None = None,
-            tta: str | None = None, num_workers: int | None = None) -> pd.DataFrame:
+            tta: str | None = None, num_workers: int | None = None, amp: bool = False) -> pd.DataFrame:
     """One row per image of ``dataset`` (an `ImageDataset`), in dataset order.
 
     Columns: file, group, true, pred (class names), target, predicted (indices),
@@ -129,6 +129,10 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: st
     cat), ``"hvflip"`` also the upside-down one (only for images with no 'up', such as solar
     cells; `helpers.transforms.TTA_FLIPS` maps an augmentation recipe to its mode). ``logit_``
     then holds the log of the averaged probabilities. The row index is the image's position.
+
+    The forward pass runs in fp32, as the export and `helpers.predict` run the model, so the scores describe the
+    model that ships: on a GPU, bf16 features through a probe's folded weights (large where a feature barely
+    varies) flip some answers. ``amp=True`` runs it in the device's mixed precision instead, faster.
     """
     if tta not in TTA_MODES:
         raise ValueError(f"unknown tta {tta!r}; choose one of {list(TTA_MODES)}")
@@ -142,7 +146,7 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: st
         raise ValueError("the dataset is empty")
     device = pick_device(device)
     model.eval().to(device)
-    logits = _logits(model, dataset, batch_size, device, tta, num_workers)
+    logits = _logits(model, dataset, batch_size, device, tta, num_workers, amp)
     return _table(logits, dataset.frame, classes)
 
 

@@ -44,6 +44,19 @@ def table(targets, predicted, probs, classes, groups=None):
 # predict
 
 
+def test_predict_scores_in_fp32_as_the_export_runs_unless_asked_for_mixed_precision(model, tiny_sets, monkeypatch):
+    # On a GPU the device's mixed precision (bf16) would flip answers of a probe with large folded weights, so the
+    # reported scores would not be those of the fp32 model that ships. A CPU stands in: bf16 autocast works there.
+    _, val = tiny_sets
+    plain = ev.predict(model, val, batch_size=4, num_workers=0)
+    monkeypatch.setattr(ev, "amp_dtype", lambda device: torch.bfloat16)
+    default = ev.predict(model, val, batch_size=4, num_workers=0)
+    mixed = ev.predict(model, val, batch_size=4, num_workers=0, amp=True)
+    logits = ["logit_functional", "logit_defective"]
+    np.testing.assert_array_equal(default[logits].to_numpy(), plain[logits].to_numpy())
+    assert np.abs(mixed[logits].to_numpy() - plain[logits].to_numpy()).max() > 1e-4  # amp=True did run in bf16
+
+
 def test_predict_columns_order_and_probabilities(model, tiny_sets):
     _, val = tiny_sets
     pred = ev.predict(model, val, batch_size=4, num_workers=0)
