@@ -2,7 +2,8 @@
 
 Write to a temporary file in the same folder, flush it to disk, then rename it over the target.
 ``os.replace`` is atomic on POSIX and Windows, so a crash, a full disk or a SIGKILL at any moment
-leaves either the old file or the new one, never half a file.
+leaves either the old file or the new one, never half a file. On POSIX the folder is flushed too, so that
+after a power loss the rename itself is on disk.
 """
 
 from __future__ import annotations
@@ -32,9 +33,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (the rename) to disk. Windows cannot open a folder for this; NTFS journals
+    renames itself."""
+    if os.name == "nt":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

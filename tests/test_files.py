@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ def test_atomic_copy_replaces_the_target_after_an_fsync_and_leaves_no_temporary_
     (tmp_path / "src.pt").write_bytes(data)
     (tmp_path / "final.pt").write_bytes(b"the old model")
     synced = []
-    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)))
     assert atomic_copy(tmp_path / "src.pt", tmp_path / "final.pt") == tmp_path / "final.pt"
-    assert (tmp_path / "final.pt").read_bytes() == data and synced
+    # the file's bytes first, then (POSIX) its folder, which holds the rename
+    assert (tmp_path / "final.pt").read_bytes() == data and synced == [False] + [True] * (os.name != "nt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.pt", "src.pt"]
     atomic_copy(tmp_path / "src.pt", tmp_path / "new" / "copy.pt")  # a missing folder is made
     assert (tmp_path / "new" / "copy.pt").read_bytes() == data
