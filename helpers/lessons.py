@@ -739,12 +739,15 @@ def training_step_speed(backbone: str, device: str | torch.device, image_size: i
 
 
 def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: int | None = None,
-                    constant: float | None = None, noise: float | None = None) -> str:
-    """What a `fit` history says, in one paragraph of Markdown: the best epoch (the checkpoint `fit` keeps),
-    whether validation was still improving or had turned down, early stopping, the train-validation gap at the
-    last epoch, and where the time went. ``constant``: the validation score of always answering the most frequent
-    class (the same metric); the best epoch within ``noise`` of it (two standard errors; 0.02 when not given)
-    has learned little."""
+                    constant: float | None = None, noise: float | None = None, kept: str = "best") -> str:
+    """What a `fit` history says, in one paragraph of Markdown: the best epoch, whether validation was still
+    improving or had turned down, early stopping, the train-validation gap at the last epoch, and where the time
+    went. ``kept``: the epoch whose model is used, ``"best"`` (the checkpoint `fit` restores) or ``"last"``
+    (``restore_best=False``, as notebook 04's floor judges it). ``constant``: the validation score of always
+    answering the most frequent class (the same metric); the kept epoch within ``noise`` of it (two standard
+    errors; 0.02 when not given) has learned little."""
+    if kept not in ("best", "last"):
+        raise ValueError(f"kept must be 'best' or 'last', got {kept!r}")
     column = f"val_{metric}" if f"val_{metric}" in history.columns else "val_accuracy"
     name = column[4:].replace("_", " ")
     best, last = history.loc[history[column].idxmax()], history.iloc[-1]
@@ -754,15 +757,18 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     attrs = history.attrs
     text = (f"Best validation {name} {best[column]:.3f} at epoch {int(best['epoch'])} of {len(history)}"
             + (f" (stopped early: no improvement for {patience} epochs)" if attrs.get("stopped_early") else "")
-            + (f"; it fell to {last[column]:.3f} by the last epoch, and the best checkpoint keeps epoch "
-               f"{int(best['epoch'])}." if declined else
+            + ((f"; it fell to {last[column]:.3f} by the last epoch, and the best checkpoint keeps epoch "
+                f"{int(best['epoch'])}." if kept == "best" else
+                f"; it fell to {last[column]:.3f} by the last epoch, whose model is the one judged: the best epoch "
+                f"was picked by these same validation images, so its score would flatter it.") if declined else
                ", and the last epoch scored as high: validation had not turned down yet"
                + (", but the training images are already all but memorized, so more epochs are unlikely to help much."
                   if memorized else ", so more epochs may help.")
                if len(history) > 1 and not attrs.get("stopped_early") else "."))
     if constant is not None:
-        above, noise = best[column] - constant, 0.02 if noise is None else noise
-        text += (f" Always answering the most frequent class scores {constant:.3f} here: the best epoch is "
+        shown = best if kept == "best" else last
+        above, noise = shown[column] - constant, 0.02 if noise is None else noise
+        text += (f" Always answering the most frequent class scores {constant:.3f} here: the {kept} epoch is "
                  f"{abs(above):.3f} {'above' if above >= 0 else 'below'} that"
                  + (f", within the noise (±{noise:.3f}), so the model has learned little so far." if abs(above) <= noise
                     else f", by more than the noise (±{noise:.3f}): worse than a constant answer." if above < 0
@@ -770,7 +776,9 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     text += (f" At the last epoch the training accuracy is {last['train_accuracy']:.3f} and the validation "
              f"accuracy {last['val_accuracy']:.3f}: a gap of {gap:+.3f}")
     if gap > 0.05:
-        text += (", a sign of overfitting that the best checkpoint guards against." if declined else
+        text += ((", a sign of overfitting that the best checkpoint guards against." if kept == "best" else
+                  ", a sign of overfitting" + ("; early stopping ended it." if attrs.get("stopped_early") else "."))
+                 if declined else
                  ": the model has learned its training images far better than the task, even though validation has "
                  "not turned down (yet)." if memorized else
                  ": the model fits its training images better, but with validation not yet turning down this is "

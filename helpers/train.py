@@ -9,8 +9,9 @@ Takes the notebooks' parameters (``--run-name``, ``--data-root``, ``--labels-csv
 ``--strategy``, ``--image-size``, ``--epochs``, ``--batch-size``, ``--lr``, ``--seed`` ...; see
 `helpers.workbook.PARAMETERS`), fills the unset ones as notebook 04 does, and trains as it does:
 phase 1 (the linear probe, ``probe.pt``), phase 2 (`fit`: ``best.pt``, ``last.pt``, ``history.csv``,
-``fit.json``; only for a strategy that trains more than a classifier), and the floor (``final.pt``,
-``final.json``: the fine-tuned model only if it beats the probe on validation by more than the noise)
+``fit.json``; only for a strategy that trains more than a classifier; then ``candidate.pt``, the model after
+its last epoch), and the floor (``final.pt``, ``final.json``: the candidate only if it beats the probe on
+validation by more than the noise)
 in ``runs/<run-name>/``; notebook 05 evaluates ``final.pt``. Without ``--backbone`` / ``--strategy`` it
 reads notebook 01's / 03's choice from the run folder (so on a new run name, give both);
 without notebook 02's split there, it makes the same split first, and where 02 did not settle the
@@ -131,14 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if trains_beyond_classifier(model):
                 history = fit(model, sets["train"], sets["val"], sync_batchnorm=args.sync_batchnorm,
                               num_workers=args.num_workers, progress=not args.no_progress, **settings)
-                candidate, epochs = float(history[f"val_{budget['metric']}"].max()), len(history)
-                if ctx.is_main:
+                epochs = len(history)
+                if ctx.is_main:  # the model after its last epoch (restore_best=False): what the floor judges
+                    candidate = workbook.save_candidate(params, model, list(sets["train"].classes), sets["val"],
+                                                        budget["metric"], history)
                     print(history.to_string(index=False))
             elif ctx.is_main:  # truncate with only its new classifier: phase 1 was all of it
-                candidate = score_of(model, sets["val"], params.device, budget["metric"])
-                save_model(model, list(sets["train"].classes), sets["val"].transform.preprocessing,
-                           params.run / "best.pt", meta={"task": params.task, "phase": 1}, score=candidate,
-                           metric=budget["metric"])
+                candidate = workbook.save_candidate(params, model, list(sets["train"].classes), sets["val"],
+                                                    budget["metric"],
+                                                    score=score_of(model, sets["val"], params.device, budget["metric"]))
     except InputError as err:  # MissingFileError too; anything else is a bug: it keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

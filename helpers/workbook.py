@@ -96,11 +96,12 @@ NOTEBOOK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "01_analyze_approach": ("decision.json",),
     "02_prepare_dataset": ("train.csv", "val.csv", "test.csv", "dataset.json", "mirror_check.csv"),
     "03_choose_freezing": ("strategy.json",),
-    "04_fine_tune": ("probe.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt", "final.json",
-                     "last.interrupted.pt"),
+    "04_fine_tune": ("probe.pt", "candidate.pt", "best.pt", "last.pt", "history.csv", "fit.json", "final.pt",
+                     "final.json", "last.interrupted.pt"),
     "05_evaluate": ("metrics.json", "test_predictions.csv", "model.pt2", "predictions.csv", "predict_demo"),
 }
 STALE_CHECKPOINT = "last.interrupted.pt"  # an interrupted phase 2's last.pt, set aside by `choose_final`
+CANDIDATE = "candidate.pt"  # the strategy's model as the floor judges it: after phase 2's last epoch
 # Written into every run folder the workbook creates or takes over: only such folders are written to.
 RUN_MARKER = ".workbook_run.json"
 _WORKBOOK_FILES = {name for outputs in NOTEBOOK_OUTPUTS.values() for name in outputs} | {
@@ -784,9 +785,28 @@ def load_split_tables(params: Params) -> dict[str, pd.DataFrame]:
     return load_splits(params.run)
 
 
+def save_candidate(params: Params, model: TransferModel, classes: list[str], val: ImageDataset, metric: str,
+                   history: pd.DataFrame | None = None, score: float | None = None) -> Path:
+    """Write ``candidate.pt``: the strategy's model as it stands, the one the floor judges and may keep.
+
+    After phase 2 that is the model after its **last** epoch (`fit(..., restore_best=False)`), not ``best.pt``:
+    the best of several epochs, picked on the validation images the floor then compares it on, would be flattered
+    by the pick. An equally good model would then replace the probe several times as often as the floor's two
+    standard errors allow (`benchmarks/floor_check.py --selection`). ``score``: its validation score when known
+    (truncate's classifier); else the last epoch's, from ``history``."""
+    from .checkpoint import save_model
+
+    if score is None:
+        score = float(history[f"val_{metric}"].iloc[-1]) if history is not None and len(history) else None
+    meta = {"task": params.task, "phase": 2 if history is not None else 1,
+            **({"epochs": len(history)} if history is not None else {})}
+    return save_model(model, classes, val.transform.preprocessing, params.run / CANDIDATE, meta=meta, score=score,
+                      metric=metric)
+
+
 def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned: bool,
                       device: str | torch.device | None = None) -> dict:
-    """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``best.pt`` on the same
+    """Score ``probe.pt`` and, when phase 2 (or a truncated head) produced one, ``candidate.pt`` on the same
     validation images, with the noise of the difference (`selection.floor_scores`): what `choose_final` decides on."""
     from .checkpoint import model_from_checkpoint
     from .data import unit_name, units_of
@@ -798,7 +818,7 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
         return predict(model, val, device=device)
 
     probe = predictions("probe.pt")
-    tuned = predictions("best.pt")["predicted"].to_numpy() if fine_tuned else None
+    tuned = predictions(CANDIDATE)["predicted"].to_numpy() if fine_tuned else None
     # Subjects, or pictures stored more than once, are resampled whole: their images are not independent evidence.
     scores = floor_scores(metric, probe["target"].to_numpy(), probe["predicted"].to_numpy(), tuned, units_of(val))
     return {**scores, "unit": unit_name(val)}
@@ -806,7 +826,7 @@ def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned
 
 def choose_final(params: Params, scores: dict, metric: str, train_seconds: float, epochs: int = 0,
                  strategy: str | None = None) -> dict:
-    """Write ``final.pt``: the strategy's model (``best.pt``) if it beats the linear probe (``probe.pt``) on
+    """Write ``final.pt``: the strategy's model (``candidate.pt``) if it beats the linear probe (``probe.pt``) on
     validation by more than the noise, else the probe (the baseline: a tie goes to it); and
     ``final.json`` saying which, why and at what cost.
 
@@ -828,7 +848,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
     if shown == "∞":  # one validation subject: nothing to resample
         images += f", all of one {unit}, so the noise cannot be measured and no difference counts as real"
     use_candidate = tuned is not None and tuned - probe > noise
-    source = params.run / ("best.pt" if use_candidate else "probe.pt")
+    source = params.run / (CANDIDATE if use_candidate else "probe.pt")
     atomic_copy(source, params.run / "final.pt")  # fsynced before the rename, under a per-process temporary name
     name = metric.replace("_", " ")
     if tuned is None:
@@ -1011,4 +1031,5 @@ def fine_tune_settings(params: Params, budget: dict) -> dict:
             "layer_decay": 0.8, "warmup_epochs": 0.5, "patience": budget["patience"], "cache": budget["cache"],
             "cache_views": budget["cache_views"], "freeze_batchnorm": budget["freeze_batchnorm"],
             "class_weights": class_weighting(budget["metric"]), "meta": {"task": params.task, "phase": 2},
+            "restore_best": False,  # the floor judges the last epoch: see `save_candidate`
             "resume": interrupted_training(params.run)}

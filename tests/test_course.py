@@ -334,7 +334,7 @@ def test_course_end_to_end_on_class_folders(class_folder_course):
     if final["model"] == "probe":
         assert metrics["test_accuracy"] == metrics["baseline_probe"]
     else:
-        assert final["val_fine_tuned"] - final["val_probe"] > final["noise"] and (run / "best.pt").is_file()
+        assert final["val_fine_tuned"] - final["val_probe"] > final["noise"] and (run / "candidate.pt").is_file()
     assert 0.0 <= metrics["baseline_majority"] <= 1.0
 
 

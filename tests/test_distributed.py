@@ -90,7 +90,7 @@ def test_only_rank_0_writes(runs):
     assert [w for w in writes if w["rank"] != 0] == []
     written = {w["path"] for w in writes if w["event"] == "os.rename"}
     assert {"ddp/last.pt", "ddp/best.pt", "ddp/history.csv", "ddp/fit.json", "cli/dataset.json", "cli/train.csv",
-            "cli/probe.pt", "cli/last.pt", "cli/fit.json", "cli/final.pt", "cli/final.json",
+            "cli/probe.pt", "cli/last.pt", "cli/candidate.pt", "cli/fit.json", "cli/final.pt", "cli/final.json",
             "killed/last.pt"} <= written
 
 
@@ -101,6 +101,11 @@ def test_command_line_trains_each_process_on_its_cached_share(runs):
     assert summary["train_images"] == len(pd.read_csv(base / "cli" / "train.csv"))
     assert summary["config"]["batch_size"] == 8 and summary["config"]["lr"] == pytest.approx(1e-3 * 2 ** 0.5)
     assert len(pd.read_csv(base / "cli" / "history.csv")) == 1
+    # The floor judges the model after its last epoch (restore_best=False), written as candidate.pt
+    candidate, last = load_checkpoint(base / "cli" / "candidate.pt"), load_checkpoint(base / "cli" / "last.pt")
+    assert candidate["meta"]["epochs"] == last["epoch"] == 1 and candidate["score"] == last["score"]
+    for name, weight in last["model"].items():
+        torch.testing.assert_close(candidate["model"][name], weight, rtol=0, atol=0, msg=name)
 
 
 def test_killed_mid_epoch_resumes_under_torchrun_to_the_same_weights(runs):

@@ -83,6 +83,12 @@ def test_history_summary_reports_the_best_epoch_and_the_gap_from_the_history():
     assert "fell to 0.700 by the last epoch, and the best checkpoint keeps epoch 2" in text
     history.attrs.update(stopped_early=True)
     assert "no improvement for 2 epochs" in lessons.history_summary(history, patience=2)
+    # Notebook 04 keeps the last epoch (restore_best=False): the text must not promise the best checkpoint
+    last = lessons.history_summary(history, patience=2, constant=0.65, kept="last")
+    assert "fell to 0.700 by the last epoch, whose model is the one judged" in last and "best checkpoint" not in last
+    assert "the last epoch is 0.050 above that" in last and "overfitting; early stopping ended it." in last
+    with pytest.raises(ValueError, match="kept must be 'best' or 'last'"):
+        lessons.history_summary(history, kept="first")
 
 
 def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_constant_answer():

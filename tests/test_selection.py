@@ -246,6 +246,9 @@ def run_with_two_models(tmp_path):
     save_model(model, ["functional", "defective"], prep, params.run / "probe.pt", meta={"phase": 1})
     with torch.no_grad():
         model.classifier[1].weight.add_(1.0)
+    save_model(model, ["functional", "defective"], prep, params.run / "candidate.pt", meta={"phase": 2})
+    with torch.no_grad():  # fit's best epoch, picked on validation: never what the floor keeps
+        model.classifier[1].weight.add_(1.0)
     save_model(model, ["functional", "defective"], prep, params.run / "best.pt", meta={"phase": 2})
     return params
 
@@ -276,7 +279,7 @@ def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe_beyo
     info = workbook.choose_final(params, scores, "accuracy", train_seconds=15.0, epochs=3)
     assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == 3
     assert info["split"] == workbook.split_fingerprint(params.run)
-    source = "best.pt" if kept == "fine-tuned" else "probe.pt"
+    source = "candidate.pt" if kept == "fine-tuned" else "probe.pt"
     assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
     assert json.loads((params.run / "final.json").read_text())["model"] == kept
     assert load_checkpoint(params.run / "final.pt")["meta"]["phase"] == (2 if kept == "fine-tuned" else 1)
@@ -393,6 +396,24 @@ def test_validation_scores_rescore_both_checkpoints_on_the_same_images(run_with_
 def test_notebook_05_needs_notebook_04_to_have_chosen(tmp_path):
     with pytest.raises(FileNotFoundError, match="run notebooks/04_fine_tune.ipynb first"):
         workbook.finished_final(tmp_path)
+
+
+def test_the_floor_judges_phase_two_after_its_last_epoch_not_its_best(run_with_two_models):
+    # The best epoch was picked on the validation images the floor compares on, which flatters it
+    # (benchmarks/floor_check.py --selection); notebook 04 and helpers.train train with these settings.
+    params = run_with_two_models
+    budget = workbook.training_budget(params, "last_n", "efficientnet_lite0")
+    assert workbook.fine_tune_settings(params, budget)["restore_best"] is False
+    from helpers.checkpoint import checkpoint_preprocessing
+    from helpers.transforms import eval_transform
+
+    model, ckpt = model_from_checkpoint(params.run / "candidate.pt")
+    transform = eval_transform(checkpoint_preprocessing(ckpt))
+    val = workbook.load_datasets(params, transform, transform)["val"]
+    history = pd.DataFrame({"epoch": [1, 2, 3], "val_accuracy": [0.70, 0.90, 0.80]})
+    path = workbook.save_candidate(params, model, ["functional", "defective"], val, "accuracy", history)
+    saved = load_checkpoint(path)
+    assert path.name == "candidate.pt" and saved["score"] == 0.80 and saved["meta"]["epochs"] == 3
 
 
 @pytest.mark.parametrize("task, weights", [("binary", None), ("4class", "balanced")])
