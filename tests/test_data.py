@@ -38,6 +38,9 @@ def test_square_pad_keeps_aspect_ratio():
     padded = SquarePad()(torch.ones(3, 10, 4))
     assert padded.shape == (3, 10, 10)
     assert padded[:, :, :3].sum() == 0 and padded[:, :, 3:7].min() == 1 and padded[:, :, 7:].sum() == 0
+    wide = SquarePad()(torch.ones(3, 4, 10))  # padded above and below, evenly
+    assert wide.shape == (3, 10, 10)
+    assert wide[:, :3].sum() == 0 and wide[:, 3:7].min() == 1 and wide[:, 7:].sum() == 0
 
 
 def test_presets_follow_the_backbone():

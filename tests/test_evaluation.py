@@ -180,6 +180,10 @@ def test_compute_metrics_names_missing_columns():
 def test_ece_hand_example():
     probs = np.array([[0.8, 0.2], [0.8, 0.2]])
     assert ev.expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.3)  # 50 % right at 0.8
+    # Two bins of four: 0.75 sits in (0.5, 0.75] with another 0.75 (one right: gap 0.25), 0.8 alone in (0.75, 1]
+    # (right: gap 0.2). Weighted by their sizes: 2/3 x 0.25 + 1/3 x 0.2 = 7/30.
+    probs = np.array([[0.75, 0.25], [0.75, 0.25], [0.8, 0.2]])
+    assert ev.expected_calibration_error(probs, np.array([0, 1, 0]), n_bins=4) == pytest.approx(7 / 30, abs=1e-12)
 
 
 def test_ece_calibrated_vs_overconfident():

@@ -57,6 +57,17 @@ def test_cached_and_uncached_training_give_the_same_history(tiny_sets):
                                atol=1e-4, rtol=1e-3)
 
 
+def test_gradual_unfreezing_caches_only_the_groups_that_stay_frozen_to_the_end(tiny_sets):
+    from helpers.cache import plan
+
+    train, _ = tiny_sets
+    model = fresh_model("head")  # 10 groups, 9 frozen
+    assert plan(model, train, "auto", 1, {}) == (9, 1)
+    # Unfreezing the last 2 groups at epoch 1 and the last 4 at epoch 2: the first 6 stay frozen throughout
+    assert plan(model, train, "auto", 1, {1: 2, 2: 4}) == (6, 1) == plan(model, train, "auto", 1, {2: 4, 1: 2})
+    assert plan(model, train, False, 1, {}) == (0, 0)
+
+
 def test_random_augmentation_is_not_cached_unless_asked(tiny_root, tiny_splits, tiny_sets):
     _, val = tiny_sets
     augmented = ImageDataset(tiny_root, tiny_splits["train"], classes=val.classes,
@@ -66,6 +77,35 @@ def test_random_augmentation_is_not_cached_unless_asked(tiny_root, tiny_splits, 
     with pytest.warns(CachedViewsWarning, match="2 augmented view"):
         history = fit(model, augmented, val, epochs=2, cache=True, cache_views=2, progress=False, num_workers=0)
     assert history.attrs["cached"] and history.attrs["cache_views"] == 2
+
+
+def test_early_stopping_ends_after_patience_epochs_without_improvement(tiny_sets, monkeypatch):
+    from helpers import training
+
+    train, val = tiny_sets
+    scores = iter([0.5, 0.6, 0.6, 0.55, 0.9, 0.9, 0.9, 0.9])  # epoch 5 would improve: it must never run
+    monkeypatch.setattr(training, "_epoch", lambda epoch, *args, **kwargs: {
+        "epoch": epoch, "lr": 0.0, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
+        "val_accuracy": next(scores), "seconds": 0.0})
+    history = fit(fresh_model("head"), train, val, epochs=8, patience=2, cache=False, progress=False, num_workers=0)
+    assert list(history["epoch"]) == [1, 2, 3, 4] and history.attrs["stopped_early"]
+    assert history.attrs["best_epoch"] == 2  # a tie (0.6 again) is not an improvement
+
+
+def test_resume_re_applies_the_unfreezing_of_every_finished_epoch(tiny_sets, tmp_path):
+    from helpers.freezing import trainable_groups
+
+    train, val = tiny_sets
+    settings = dict(epochs=3, lr=2e-3, batch_size=16, seed=7, progress=False, num_workers=0, cache=False,
+                    unfreeze_schedule={2: 4})  # head + classifier, then also stage6 and stage7 from epoch 2
+    full_model = fresh_model(n=1)
+    fit(full_model, train, val, out_dir=tmp_path / "full", **settings)
+    _train_epochs_then_stop(fresh_model(n=1), train, val, tmp_path / "split", stop_after=2, **settings)
+    resumed_model = fresh_model(n=1)
+    fit(resumed_model, train, val, out_dir=tmp_path / "split", resume=True, **settings)
+    assert trainable_groups(resumed_model) == trainable_groups(full_model)
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
