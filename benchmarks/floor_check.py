@@ -13,10 +13,11 @@ accuracy (or the run's selection metric) of both.
 
     python benchmarks/floor_check.py --selection
 
-simulates the rule where nothing is better than the probe: a fine-tuned model exactly as accurate as the probe,
-judged either at its last epoch (what notebook 04 does) or at its best validation epoch (``best.pt``), on the
-same validation images. The share of runs in which it replaces the probe is the rule's false-alarm rate; two
-standard errors promise about 2.5 %. Seconds, no data needed.
+simulates the rule: a fine-tuned model exactly as accurate as the probe (then the share of runs in which it
+replaces the probe is the rule's false-alarm rate; two standard errors promise about 2.5 %), 2 points worse (a
+replacement that costs accuracy), or 3 points better (then that share is the rule's power), judged either at its
+last epoch (what notebook 04 does) or at its best validation epoch (``best.pt``), on the same validation images;
+with and without early stopping. About two minutes, no data needed.
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ def _answers(rng: np.random.Generator, chance: np.ndarray, targets: np.ndarray) 
     return np.where(rng.random(len(targets)) < chance, targets, 1 - targets)
 
 
-def false_alarms(images: int = 296, accuracy: float = 0.85, epochs: int = 10, carry: float = 0.7,
-                 trials: int = 2000, seed: int = 0) -> dict[str, float]:
-    """How often the floor replaces the probe with a model exactly as accurate, judged at its last epoch and at
-    its best validation epoch. Each image gets its own chance of being answered right (a Beta draw around
-    ``accuracy``), shared by the probe and every epoch, so the models agree on the easy images as real ones do;
-    each epoch keeps a share ``carry`` of the previous epoch's answers (epochs drift, they are not redrawn)."""
+def replacement_rates(images: int = 296, accuracy: float = 0.85, epochs: int = 10, carry: float = 0.7,
+                      patience: int | None = None, gain: float = 0.0, trials: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """How often the floor replaces the probe with a fine-tuned model whose answers are right ``gain`` more often
+    (0: exactly as accurate, so every replacement is a false alarm), judged at its last epoch and at its best
+    validation epoch. Each image gets its own chance of being answered right (a Beta draw around ``accuracy``),
+    shared by the probe and every epoch, so the models agree on the easy images as real ones do; each epoch keeps
+    a share ``carry`` of the previous epoch's answers (epochs drift, they are not redrawn); with ``patience``,
+    training stops after that many epochs without a new best, as `fit` does."""
     from helpers.selection import floor_scores
 
     rng = np.random.default_rng(seed)
@@ -62,11 +66,14 @@ def false_alarms(images: int = 296, accuracy: float = 0.85, epochs: int = 10, ca
     for _ in range(trials):
         targets = rng.integers(0, 2, images)
         chance = rng.beta(4 * accuracy, 4 * (1 - accuracy), images)  # mean `accuracy`, hard and easy images
-
-        probe, epoch_answers = _answers(rng, chance, targets), [_answers(rng, chance, targets)]
-        for _ in range(epochs - 1):
+        tuned_chance = np.clip(chance + gain, 0.0, 1.0)
+        probe, epoch_answers = _answers(rng, chance, targets), [_answers(rng, tuned_chance, targets)]
+        best_score, bad_epochs = (epoch_answers[0] == targets).mean(), 0
+        while len(epoch_answers) < epochs and (patience is None or bad_epochs < patience):
             epoch_answers.append(np.where(rng.random(images) < carry, epoch_answers[-1],
-                                          _answers(rng, chance, targets)))
+                                          _answers(rng, tuned_chance, targets)))
+            current = (epoch_answers[-1] == targets).mean()
+            best_score, bad_epochs = (current, 0) if current > best_score else (best_score, bad_epochs + 1)
         best = max(epoch_answers, key=lambda a: (a == targets).mean())  # what best.pt would hold
         for name, candidate in (("last epoch", epoch_answers[-1]), ("best epoch", best)):
             scores = floor_scores("accuracy", targets, probe, candidate)
@@ -77,17 +84,21 @@ def false_alarms(images: int = 296, accuracy: float = 0.85, epochs: int = 10, ca
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="*", metavar="RUN_DIR")
-    parser.add_argument("--selection", action="store_true", help="simulate the rule's false alarms (no runs needed)")
+    parser.add_argument("--selection", action="store_true",
+                        help="simulate the rule's false alarms and power (no runs needed)")
     args = parser.parse_args(argv)
+    if not args.runs and not args.selection:
+        parser.error("give run folders (RUN_DIR ...), or --selection for the simulation")
     if args.selection:
-        print("| validation images | epochs | carried over | replaced, judged at the last epoch | "
-              "replaced, judged at the best epoch |")
-        print("|---|---|---|---|---|")
+        print("| validation images | epochs | carried over | early stopping | fine-tuned better by | replaced, judged "
+              "at the last epoch | replaced, judged at the best epoch |")
+        print("|---|---|---|---|---|---|---|")
         for images in (100, 296, 1000):
-            for epochs, carry in ((5, 0.7), (10, 0.7), (10, 0.9)):
-                rates = false_alarms(images, epochs=epochs, carry=carry)
-                print(f"| {images} | {epochs} | {carry} | {rates['last epoch']:.1%} | {rates['best epoch']:.1%} |",
-                      flush=True)
+            for epochs, carry, patience in ((10, 0.7, None), (10, 0.9, None), (15, 0.7, 4)):
+                for gain in (-0.02, 0.0, 0.03):
+                    rates = replacement_rates(images, epochs=epochs, carry=carry, patience=patience, gain=gain)
+                    print(f"| {images} | {epochs} | {carry} | {patience or 'no'} | {gain:+.2f} | "
+                          f"{rates['last epoch']:.1%} | {rates['best epoch']:.1%} |", flush=True)
     if not args.runs:
         return
     print("| run | strategy | metric | val probe | val strategy | noise | kept | test probe | test strategy |")

@@ -52,10 +52,11 @@ def describe_model(model: TransferModel, classes: list[str], preprocessing: Prep
 
 
 def save_model(model: TransferModel, classes: list[str], preprocessing: Preprocessing, path: str | os.PathLike,
-               meta: dict | None = None, score: float | None = None, metric: str | None = None) -> Path:
-    """Save ``model`` as a checkpoint in the format `fit` writes (epoch 0: not trained by `fit`), e.g. the
-    linear probe of phase 1, so that it loads, exports and predicts like any other."""
-    payload = {**describe_model(model, classes, preprocessing), "meta": dict(meta or {}), "epoch": 0,
+               meta: dict | None = None, score: float | None = None, metric: str | None = None,
+               epoch: int = 0) -> Path:
+    """Save ``model`` as a checkpoint in the format `fit` writes, e.g. the linear probe of phase 1 (``epoch`` 0:
+    not trained by `fit`), so that it loads, exports and predicts like any other."""
+    payload = {**describe_model(model, classes, preprocessing), "meta": dict(meta or {}), "epoch": int(epoch),
                "score": score, "metric": metric, "model": model.state_dict()}
     return atomic_save(payload, path)
 

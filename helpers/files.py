@@ -8,6 +8,7 @@ after a power loss the rename itself is on disk.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -39,16 +40,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             tmp.unlink()
 
 
+# What a file system answers when it cannot open or flush a folder (some network and FUSE mounts, such as a
+# mounted cloud drive): the rename has happened and is as durable as that file system makes it.
+_UNSYNCABLE_FOLDER = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR}
+
+
 def _sync_folder(folder: Path) -> None:
     """Flush ``folder``'s entries (the rename) to disk. Windows cannot open a folder for this; NTFS journals
     renames itself."""
     if os.name == "nt":
         return
-    descriptor = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError as err:
+        if err.errno not in _UNSYNCABLE_FOLDER:  # anything else (EIO: the disk failed) is an error
+            raise
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -801,7 +801,7 @@ def save_candidate(params: Params, model: TransferModel, classes: list[str], val
     meta = {"task": params.task, "phase": 2 if history is not None else 1,
             **({"epochs": len(history)} if history is not None else {})}
     return save_model(model, classes, val.transform.preprocessing, params.run / CANDIDATE, meta=meta, score=score,
-                      metric=metric)
+                      metric=metric, epoch=len(history) if history is not None else 0)
 
 
 def validation_scores(params: Params, val: ImageDataset, metric: str, fine_tuned: bool,

@@ -40,3 +40,23 @@ def test_a_failed_atomic_copy_leaves_the_old_target_and_no_temporary_file(tmp_pa
         atomic_copy(tmp_path / "src.pt", tmp_path / "final.pt")
     assert (tmp_path / "final.pt").read_bytes() == b"the old model"
     assert sorted(os.listdir(tmp_path)) == ["final.pt", "src.pt"]
+
+
+def test_a_folder_the_file_system_cannot_flush_does_not_undo_a_finished_write(tmp_path, monkeypatch):
+    import errno
+
+    def refuse_folders(fd):  # what some network and FUSE mounts answer for a folder
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(files.os, "fsync", refuse_folders)
+    files.write_text(tmp_path / "a.txt", "written")
+    assert (tmp_path / "a.txt").read_text() == "written"
+
+    def failing_disk(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "fsync", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.write_text(tmp_path / "b.txt", "maybe lost")
