@@ -506,11 +506,14 @@ def plot_roc_pr(pred: pd.DataFrame, classes: Sequence[str]) -> Figure:
     return fig
 
 
-def plot_learning_curves(history: pd.DataFrame) -> Figure:
+def plot_learning_curves(history: pd.DataFrame, kept: str = "best") -> Figure:
     """Loss and accuracy (plus the selection metric, if any) per epoch, train vs validation.
 
-    The best validation epoch is marked: that is the checkpoint `fit` keeps.
+    The best validation epoch is marked (grey, dotted): the checkpoint `fit` keeps. With ``kept="last"``
+    (``restore_best=False``, as notebook 04's floor judges phase 2) the last epoch is marked too (black, dashed).
     """
+    if kept not in ("best", "last"):
+        raise ValueError(f"kept must be 'best' or 'last', got {kept!r}")
     needed = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
     missing = [c for c in needed if c not in history.columns]
     if missing:
@@ -528,10 +531,15 @@ def plot_learning_curves(history: pd.DataFrame) -> Figure:
         acc_ax.plot(history["epoch"], history[col], "s--", label=col.replace("_", " "))
     chosen = extra[0] if extra else "val_accuracy"
     best = history.loc[history[chosen].idxmax()]
+    last = int(history["epoch"].iloc[-1])
     for ax in (loss_ax, acc_ax):
         ax.axvline(best["epoch"], color="grey", ls=":", lw=1)
+        if kept == "last":
+            ax.axvline(last, color="black", ls="--", lw=1)
         ax.legend(fontsize=8)
-    acc_ax.set(xlabel="epoch", ylabel="score", title=f"scores (best {chosen} at epoch {int(best['epoch'])})")
+    title = f"scores (best {chosen} at epoch {int(best['epoch'])}"
+    acc_ax.set(xlabel="epoch", ylabel="score", title=title + (f"; judged: epoch {last}, the last)" if kept == "last"
+                                                              else ")"))
     fig.tight_layout()
     return fig
 

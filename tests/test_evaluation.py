@@ -397,6 +397,10 @@ def test_plots_return_figures():
     assert all(isinstance(f, Figure) for f in figures)
     assert "0.67" in figures[2].axes[1].get_title()  # the class that could not be drawn is named
     assert "epoch 2" in figures[3].axes[1].get_title()  # best val_macro_f1
+    judged_last = ev.plot_learning_curves(history, kept="last")  # notebook 04's phase 2: the last epoch is judged
+    assert judged_last.axes[1].get_title() == "scores (best val_macro_f1 at epoch 2; judged: epoch 3, the last)"
+    assert [line.get_xdata()[0] for line in judged_last.axes[0].lines[-2:]] == [2, 3]
+    figures.append(judged_last)
     for f in figures:
         plt.close(f)
     with pytest.raises(KeyError, match="val_loss"):
