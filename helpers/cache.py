@@ -127,8 +127,8 @@ def check_memory(needed: int, views: int, images: int, image_size: int, processe
 def build(model: TransferModel, train_set: Dataset, val_set: Dataset, prefix: int, views: int, *, seed: int,
           batch_size: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
           num_workers: int | None, progress: bool, processes: int = 1) -> FeatureCache:
-    """Compute the cache: ``views`` passes over ``train_set`` (view v seeded from ``seed`` and v),
-    one over ``val_set``. Checks the memory it needs first (for ``processes`` such caches)."""
+    """Compute the cache: ``views`` passes over ``train_set`` (view v seeded from ``seed`` and v, under ``dtype``
+    autocast), one over ``val_set`` (in fp32). Checks the memory it needs first (for ``processes`` such caches)."""
     sample = train_set[0][0]
     needed = bytes_per_image(model, sample, prefix) * (views * len(train_set) + len(val_set))
     check_memory(needed, views, len(train_set), sample.shape[-1], processes)
@@ -136,6 +136,7 @@ def build(model: TransferModel, train_set: Dataset, val_set: Dataset, prefix: in
     train_views = [extract_features(model, train_set, prefix, device, 2 * batch_size, num_workers,
                                     f"caching train view {v + 1}/{views}", progress, seed * 1000 + 777 + v,
                                     dtype, channels_last) for v in range(views)]
+    # Validation is scored in fp32 (`training._validate`), so its cached prefix outputs are computed in fp32 too.
     val = extract_features(model, val_set, prefix, device, 2 * batch_size, num_workers, "caching val", progress,
-                           seed, dtype, channels_last)
+                           seed, None, channels_last)
     return FeatureCache(prefix, train_views, val, time.perf_counter() - started)

@@ -75,7 +75,7 @@ class TrainConfig:
     metric: str = "accuracy"  # what selects the best epoch
     patience: int | None = None  # stop after this many epochs without improvement
     seed: int = 0
-    amp: bool = True  # mixed precision on CUDA (bf16, or fp16 with a GradScaler)
+    amp: bool = True  # mixed precision for training steps on CUDA (bf16, or fp16 with a GradScaler); validation is fp32
     channels_last: bool = True
     cache: str | bool = "auto"
     cache_views: int = 1
@@ -385,16 +385,20 @@ def _resume(state: dict, run: _Run, config: TrainConfig, model: TransferModel, p
 
 
 def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoader, config: TrainConfig,
-              device: torch.device, dtype: torch.dtype | None, ctx: distributed.Distributed) -> dict:
+              device: torch.device, ctx: distributed.Distributed) -> dict:
     """Validation scores of the weights we keep (the average, if any) and, beside them, the raw ones.
-    Under torchrun each process evaluates its share and the scores are computed from all of them."""
+    Under torchrun each process evaluates its share and the scores are computed from all of them.
+
+    Always in fp32, whatever precision the training steps use: the floor, the metrics, the export and
+    `helpers.predict` all score in fp32, and a bf16 forward flips a few answers, so a best epoch picked (or a
+    score quoted) under autocast could disagree with the same model's score everywhere else."""
     row = {}
     start = getattr(net, "start", 0)  # net is the model, or its groups after the cached prefix
     candidates = [("val", parts["ema"].module.tail(start) if parts["ema"] is not None else net)]
     if parts["ema"] is not None:
         candidates.append(("raw_val", net))
     for prefix, candidate in candidates:
-        result = ctx.gather(evaluate(candidate, loader, parts["criterion"], device, dtype=dtype,
+        result = ctx.gather(evaluate(candidate, loader, parts["criterion"], device, dtype=None,
                                      channels_last=config.channels_last))
         if not math.isfinite(result["loss"]):  # e.g. weights blown up by the last step: never save them
             raise NonFiniteLossError(f"validation loss became {result['loss']}")
@@ -561,7 +565,7 @@ def _epoch(epoch: int, model: TransferModel, net: nn.Module, loader: DataLoader,
         trained = ctx.pool(trained)
         ctx.sync_buffers(model, *([parts["ema"].module] if parts["ema"] is not None else []))
         row = {"epoch": epoch, "lr": lr, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
-               **_validate(model, ctx.unwrap(net), parts, val_loader, config, device, dtype, ctx)}
+               **_validate(model, ctx.unwrap(net), parts, val_loader, config, device, ctx)}
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err} in epoch {epoch}; lower the learning rate (now {config.lr}) or set "
                                  f"max_grad_norm. The last good checkpoint is unchanged"

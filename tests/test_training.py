@@ -92,6 +92,31 @@ def test_early_stopping_ends_after_patience_epochs_without_improvement(tiny_sets
     assert history.attrs["best_epoch"] == 2  # a tie (0.6 again) is not an improvement
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_steps_use_mixed_precision_but_validation_is_fp32(tiny_sets, monkeypatch, cache):
+    # bf16 flips a few answers; the floor, metrics and export score in fp32, so the epoch fit keeps and the score it
+    # quotes must come from fp32 too. CPU bf16 autocast stands in for a GPU's.
+    from helpers import cache as feature_cache, training
+
+    train, val = tiny_sets
+    seen = {"train": [], "evaluate": [], "cache": []}
+    real_train, real_evaluate = training.train_one_epoch, training.evaluate
+    real_extract = feature_cache.extract_features
+    monkeypatch.setattr(training, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(training, "train_one_epoch", lambda *a, dtype=None, **k: (
+        seen["train"].append(dtype), real_train(*a, dtype=dtype, **k))[1])
+    monkeypatch.setattr(training, "evaluate", lambda *a, dtype=None, **k: (
+        seen["evaluate"].append(dtype), real_evaluate(*a, dtype=dtype, **k))[1])
+    monkeypatch.setattr(feature_cache, "extract_features", lambda model, dataset, *a: (
+        seen["cache"].append((dataset is val, a[-2])), real_extract(model, dataset, *a))[1])
+    history = fit(fresh_model("head"), train, val, epochs=2, ema_decay=0.9, cache=cache, progress=False,
+                  num_workers=0)
+    assert history.attrs["amp"] == "bfloat16" and seen["train"] == [torch.bfloat16] * 2
+    assert seen["evaluate"] == [None] * 4  # the averaged weights and the raw ones, each epoch
+    # The cached training view is computed under the training precision, the cached validation set in fp32.
+    assert seen["cache"] == ([(False, torch.bfloat16), (True, None)] if cache else [])
+
+
 def test_resume_re_applies_the_unfreezing_of_every_finished_epoch(tiny_sets, tmp_path):
     from helpers.freezing import trainable_groups
 
