@@ -158,7 +158,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
-                num_workers: int | None = None, sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+                num_workers: int | None = None, sampler: torch.utils.data.Sampler | None = None,
+                drop_last: bool = False) -> DataLoader:
     """A DataLoader whose order and worker randomness follow ``seed``: the same seed gives the same
     batches, and the same augmentations for the same number of workers (each worker's random stream
     follows the seed; with none, the process's global one does, which `seed_everything` sets). Another
@@ -168,7 +169,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, device: torch.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       generator=generator, worker_init_fn=_worker_init if workers else None,
-                      drop_last=False, persistent_workers=False)
+                      drop_last=drop_last, persistent_workers=False)
 
 
 def with_progress(batches: Iterable, desc: str, enabled: bool) -> Iterator:

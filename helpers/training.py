@@ -498,17 +498,22 @@ def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Tra
     if config.sync_batchnorm:
         ctx.sync_batchnorm(net, device)
 
+    # A last batch of one image would make a training-mode BatchNorm fail (1x1 maps) or learn from one image.
+    drop_last = len(train_share) % config.batch_size == 1 and len(train_share) > config.batch_size
+
     def train_loader(epoch: int) -> DataLoader:  # reshuffled from (seed, epoch): the same after a resume
         seed = config.seed * 1000 + epoch
         if cached:
             return make_loader(TensorDataset(*cached.train_view(epoch)), config.batch_size, True, device, seed=seed,
-                               num_workers=0)
+                               num_workers=0, drop_last=drop_last)
         return make_loader(train_set, config.batch_size, True, device, seed=ctx.seed(seed),
-                           num_workers=config.num_workers, sampler=ctx.sampler(train_set, config.seed * 1000, epoch))
+                           num_workers=config.num_workers, sampler=ctx.sampler(train_set, config.seed * 1000, epoch),
+                           drop_last=drop_last)
 
     val_loader = make_loader(TensorDataset(*cached.val) if cached else val_share, 2 * config.batch_size, False,
                              device, num_workers=0 if cached else config.num_workers)
-    steps_per_epoch = math.ceil(len(train_share) / config.batch_size)
+    steps_per_epoch = (len(train_share) // config.batch_size if drop_last
+                       else math.ceil(len(train_share) / config.batch_size))
     optimizer = make_optimizer(model, config)
     parts = {"criterion": make_criterion(config, model, train_set, device), "optimizer": optimizer,
              "scheduler": make_scheduler(optimizer, config, steps_per_epoch),

@@ -117,6 +117,35 @@ def test_training_steps_use_mixed_precision_but_validation_is_fp32(tiny_sets, mo
     assert seen["cache"] == ([(False, torch.bfloat16), (True, None)] if cache else [])
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_last_batch_of_one_image_is_dropped_so_trainable_batchnorm_can_train(tiny_root, tiny_splits, monkeypatch,
+                                                                              cache):
+    # At 32 px the backbone ends in 1x1 maps: a training-mode BatchNorm refuses a batch of one image there
+    # ("Expected more than 1 value per channel"), and at any size it would learn its statistics from one image.
+    from helpers import training
+    from helpers.data import ELPV_TASKS, ImageDataset
+    from helpers.transforms import eval_transform
+
+    transform = eval_transform(BACKBONES["efficientnet_lite0"], image_size=32, crop_pct=1.0)
+    classes = ELPV_TASKS["binary"][1]
+    train, val = (ImageDataset(tiny_root, tiny_splits[k], group_col="group", classes=classes, transform=transform)
+                  for k in ("train", "val"))
+    batches = []
+    real = training.train_one_epoch
+    monkeypatch.setattr(training, "train_one_epoch", lambda net, loader, *a, **k: (
+        batches.append([len(y) for _, y in loader]), real(net, loader, *a, **k))[1])
+    size = len(train) - 1  # the last batch would hold one image
+    history = fit(fresh_model("last_n", n=2), train, val, epochs=2, batch_size=size, cache=cache, progress=False,
+                  num_workers=0)
+    assert len(history) == 2 and batches == [[size], [size]]
+    full = []  # a batch size that divides nothing off: nothing is dropped
+    monkeypatch.setattr(training, "train_one_epoch", lambda net, loader, *a, **k: (
+        full.append(sum(len(y) for _, y in loader)), real(net, loader, *a, **k))[1])
+    fit(fresh_model("last_n", n=2), train, val, epochs=1, batch_size=len(train) - 2, cache=cache, progress=False,
+        num_workers=0)
+    assert full == [len(train)]
+
+
 def test_resume_re_applies_the_unfreezing_of_every_finished_epoch(tiny_sets, tmp_path):
     from helpers.freezing import trainable_groups
 
