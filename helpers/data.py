@@ -288,6 +288,7 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
         if not images:
             raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
         rows += [(p.relative_to(root).as_posix(), class_dir.name) for p in images]
+    check_utf8_names([file for file, _ in rows], f"class folders of {root}")
     if ignored:
         warnings.warn(f"{root}: ignored {len(ignored)} file(s) whose extension is not one read as an image "
                       f"({' '.join(IMAGE_EXTENSIONS)}): {[str(p.relative_to(root)) for p in ignored[:10]]}"
@@ -318,6 +319,22 @@ def _files_below(folder: Path) -> tuple[list[Path], list[Path]]:
             elif path.is_symlink() and not path.exists():
                 dangling.append(path)
     return sorted(files), sorted(dangling)
+
+
+def check_utf8_names(names: Sequence[str], where: str) -> None:
+    """Refuse file or folder names that are not valid UTF-8 (the bytes of an old Windows or Mac archive unzipped
+    on Linux: Python holds them as lone surrogates), naming them: they read fine, but every table, split file and
+    CSV the workbook writes would fail on them later, after the work is done."""
+    bad = []
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(name)
+    if bad:
+        shown = ", ".join(ascii(name) for name in bad[:5])
+        raise InputError(f"{where}: {len(bad)} name(s) are not valid UTF-8, e.g. {shown}; rename them (for Latin-1 "
+                         f"names: convmv -f latin1 -t utf8 -r --notest <folder>)")
 
 
 def natural_key(name: str) -> tuple:
@@ -615,6 +632,7 @@ def load_table(root: str | os.PathLike, table: str | os.PathLike | pd.DataFrame 
     if subject_col:
         out["subject"] = frame[subject_col].astype(str).str.strip().to_numpy()
 
+    check_utf8_names(list(out["file"]), source)
     _check_files(out, root, source, check_empty, allow_outside_root)
     return out
 

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, ImageReadError, is_hidden_name, read_image
+from .data import IMAGE_EXTENSIONS, ImageReadError, check_utf8_names, is_hidden_name, read_image
 from .errors import InputError
 from .export import ProbabilityModel, export_transform, is_exported, load_exported
 from .files import write_csv
@@ -46,6 +46,7 @@ def list_images(folder: Path, recursive: bool = False, all_files: bool = False) 
     files = folder.rglob("*") if recursive else folder.iterdir()
     images = sorted(p for p in files if p.is_file() and (all_files or p.suffix.lower() in IMAGE_EXTENSIONS)
                     and not any(is_hidden_name(part) for part in p.relative_to(folder).parts))
+    check_utf8_names([p.relative_to(folder).as_posix() for p in images], str(folder))
     if not images:
         nested = not recursive and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
         hint = " (there are images in subfolders: add --recursive)" if nested else ""

@@ -1,5 +1,6 @@
 """helpers.export and the `python -m helpers.predict` command, on real tiny ELPV images."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,12 @@ def test_predict_cli_input_errors(head_export, folder, tmp_path, capsys):
     junk.write_bytes(b"not a model")
     assert main([str(junk), str(folder), "--out", out]) == 2
     assert "neither an exported model" in capsys.readouterr().err
+    # A Latin-1 name unzipped on Linux is not UTF-8: refused before labelling, not after, when the CSV is written.
+    latin1 = os.fsencode(folder) + b"/caf\xe9.png"
+    shutil.copy(next(folder.glob("*.png")), latin1)
+    assert main([str(path), str(folder), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "caf\\udce9.png" in err and not os.path.exists(out)
 
 
 def test_predict_module_runs_as_a_command(head_export, folder, tmp_path):

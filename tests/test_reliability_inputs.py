@@ -4,6 +4,7 @@ Test images are generated here with OpenCV and Pillow, so each expected pixel va
 """
 
 import io
+import os
 import warnings
 
 import cv2
@@ -350,3 +351,20 @@ def test_gif_and_jfif_files_in_class_folders_are_read_on_every_opencv_build(tmp_
     (tmp_path / "dog" / "c.gif").write_bytes(b"GIF89a and then nothing an image needs")
     with pytest.raises(ImageReadError, match=r"c\.gif: not a readable image \(Pillow"):
         read_image(tmp_path / "dog" / "c.gif")
+
+
+def test_names_that_are_not_utf8_are_refused_by_name_before_anything_is_written(tmp_path):
+    # Bytes of an old archive's Latin-1 name: Python holds them as a lone surrogate, which reads fine but cannot be
+    # written into a split file or CSV. Both ways in (class folders, a label table) name the file.
+    from helpers.errors import InputError
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "ok.png").write_bytes(_png_bytes(_noise()))
+    with open(os.fsencode(tmp_path) + b"/a/caf\xe9.png", "wb") as handle:
+        handle.write(_png_bytes(_noise(1)))
+    with pytest.raises(InputError, match=r"not valid UTF-8.*caf\\udce9\.png.*convmv"):
+        scan_class_folders(tmp_path)
+    table = pd.DataFrame({"file": ["a/ok.png", "b/ok.png", os.fsdecode(b"a/caf\xe9.png")], "label": ["a", "b", "a"]})
+    with pytest.raises(InputError, match="not valid UTF-8"):
+        load_table(tmp_path, table)
