@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +65,18 @@ class Budget:
     max_train: int | None = None  # subsample the training part of each fold to at most this many images
     patience: int | None = None  # early stopping
     freeze_batchnorm: bool = True  # keep BatchNorm statistics, as phase 2 does (see helpers.training.TrainConfig)
+
+
+# The from-scratch control trains with what training from random weights needs, on the same images, size, epochs
+# and batches: a pretrained network's small rate, layer decay and kept BatchNorm statistics protect features
+# that a random network does not have, and would leave it barely trained (a strawman, not a control).
+SCRATCH_LR_FACTOR = 10
+
+
+def control_budget(budget: Budget) -> Budget:
+    """``budget`` as the from-scratch control uses it: 10x the learning rate, no layer decay, BatchNorm
+    statistics learned from the data."""
+    return replace(budget, lr=budget.lr * SCRATCH_LR_FACTOR, layer_decay=1.0, freeze_batchnorm=False)
 
 
 def strategy_options(strategy: str, model: TransferModel | None = None) -> dict:
@@ -210,7 +222,8 @@ def evaluate_candidate(strategy: str, backbone: str, fit_part: pd.DataFrame, sco
     if trains_beyond_classifier(model):
         # Scored as it is after its last epoch: keeping its best epoch on the images it is then scored on
         # would flatter the strategies that train for epochs over the ones fitted once (head, truncate).
-        phase_two(model, augmented, val, budget, seed, device, progress=False, metric=metric, restore_best=False)
+        phase_two(model, augmented, val, control_budget(budget) if strategy == CONTROL else budget, seed, device,
+                  progress=False, metric=metric, restore_best=False)
     pred = predict(model, val, device=device)
     return {"strategy": strategy, "score": score(metric, pred["target"].to_numpy(), pred["predicted"].to_numpy()),
             "correct": (pred["target"] == pred["predicted"]).to_numpy(), "files": pred["file"].tolist(),
