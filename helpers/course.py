@@ -32,9 +32,10 @@ from .files import write_text
 from .workbook import (NOTEBOOKS, TEXT_PARAMETERS, check_parameters, existing_outputs, is_smoke, run_folder, run_path,
                        workbook_root)
 
-SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "test_balanced_accuracy",
-                "test_macro_f1", "test_roc_auc", "ece", "ece_after_temperature", "ece_by_chance", "tta_accuracy",
-                "augment", "backbone", "strategy", "image_size", "epochs", "train_seconds")
+SUMMARY_KEYS = ("test_accuracy", "baseline_probe", "baseline_majority", "final_model", "candidate_strategy",
+                "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "ece", "ece_after_temperature",
+                "ece_by_chance", "tta_accuracy", "augment", "backbone", "strategy", "image_size", "epochs",
+                "train_seconds")
 
 
 def parse_value(text: str, key: str | None = None) -> object:

@@ -19,6 +19,8 @@ Notebook 05 writes ``metrics.json`` (made by `summarize_run`, written by `helper
   pretrained strategy under notebook 03's budget (on validation, or cross-validated on train + validation
   when that split is small), in ``selection_metric`` (accuracy, or
   macro-F1 for ELPV's four classes; all three None when not run); ``final_model``: "fine-tuned" or "probe";
+  ``candidate_strategy``: the strategy notebook 04 trained and the floor judged against the probe (None when
+  not recorded), so a run that kept the probe still says what it tried;
 - ``per_group``: {group: {accuracy, balanced_accuracy, macro_f1, roc_auc, n}} (ELPV: mono/poly);
 - ``per_class``: {class: {precision, recall, f1, support}};
 - ``ece``, ``ece_after_temperature``: top-label expected calibration error (15 bins) before and
@@ -57,9 +59,9 @@ TTA_MODES = {None: [], "hflip": [(-1,)], "hvflip": [(-1,), (-2,)]}  # extra view
 METRICS_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "baseline_majority",
                 "baseline_majority_macro_f1", "baseline_probe", "baseline_probe_balanced_accuracy",
                 "baseline_probe_macro_f1", "baseline_scratch_val", "pretrained_val_same_budget", "selection_metric",
-                "final_model", "per_group", "per_class", "ece", "ece_after_temperature", "ece_by_chance",
-                "temperature", "tta_accuracy", "tta", "augment", "backbone", "strategy", "image_size", "epochs",
-                "train_seconds", "task", "classes", "n_test")
+                "final_model", "candidate_strategy", "per_group", "per_class", "ece", "ece_after_temperature",
+                "ece_by_chance", "temperature", "tta_accuracy", "tta", "augment", "backbone", "strategy", "image_size",
+                "epochs", "train_seconds", "task", "classes", "n_test")
 
 
 # ----------------------------------------------------------------------------------------
@@ -832,11 +834,11 @@ def _fit_epochs(fit_summary: dict) -> int:
 def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_summary: dict, ece: float,
                   ece_after: float, temperature: float, tta_pred: pd.DataFrame | None = None,
                   tta: str | None = None, baselines: dict | None = None, final: str | None = None,
-                  augment: str | None = None) -> dict:
+                  augment: str | None = None, candidate: str | None = None) -> dict:
     """The ``metrics.json`` of notebook 05 (keys listed in this module's docstring).
 
     ``ckpt`` is the loaded best checkpoint, ``fit_summary`` the run's ``fit.json`` (or
-    ``{**history.attrs, "epochs": len(history)}``).
+    ``{**history.attrs, "epochs": len(history)}``); ``candidate`` the strategy the floor judged (``final.json``).
     """
     classes = list(classes)
     if "train_seconds" not in fit_summary:
@@ -866,6 +868,7 @@ def summarize_run(pred: pd.DataFrame, classes: Sequence[str], ckpt: dict, fit_su
         "pretrained_val_same_budget": scratch.get("pretrained_score"),
         "selection_metric": scratch.get("metric"),
         "final_model": final,
+        "candidate_strategy": candidate,
         "per_group": m["per_group"],
         "per_class": m["per_class"],
         "ece": float(ece),

@@ -876,7 +876,8 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
         os.replace(params.run / "last.pt", params.run / STALE_CHECKPOINT)
         explanation += (f" (An earlier run's interrupted phase 2 left `last.pt`; it is kept as "
                         f"`{STALE_CHECKPOINT}`.)")
-    info = {"model": "fine-tuned" if use_candidate else "probe", "augment": params.augment, "metric": metric,
+    info = {"model": "fine-tuned" if use_candidate else "probe", "candidate": strategy,
+            "augment": params.augment, "metric": metric,
             "val_probe": probe, "val_fine_tuned": tuned, "n_val": scores["n"],
             "noise": None if shown == "∞" else noise,  # JSON has no infinity: null, and the explanation says why
             "explanation": explanation, "epochs": int(epochs), "train_seconds": round(train_seconds, 2),

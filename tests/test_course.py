@@ -331,6 +331,8 @@ def test_course_end_to_end_on_class_folders(class_folder_course):
     # The floor: the final model is the probe, or beat the probe on validation.
     final = json.loads((run / "final.json").read_text())
     assert metrics["final_model"] == final["model"]
+    strategy = json.loads((run / "strategy.json").read_text())["strategy"]
+    assert metrics["candidate_strategy"] == final["candidate"] == strategy  # what 04 tried, even if the probe is kept
     if final["model"] == "probe":
         assert metrics["test_accuracy"] == metrics["baseline_probe"]
     else:

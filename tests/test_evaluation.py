@@ -430,7 +430,8 @@ def test_summarize_run_and_write_json(tmp_path):
                  "probe": {"accuracy": 0.75, "balanced_accuracy": 0.7, "macro_f1": 0.72},
                  "scratch": {"score": 0.4, "pretrained_score": 0.6, "metric": "macro_f1"}}
     with_baselines = ev.summarize_run(pred, BINARY, ckpt, fit_summary, ece=0.1, ece_after=0.05, temperature=1.5,
-                                      baselines=baselines, final="probe")
+                                      baselines=baselines, final="probe", candidate="last_n")
+    assert summary["candidate_strategy"] is None and with_baselines["candidate_strategy"] == "last_n"
     assert with_baselines["baseline_majority_macro_f1"] == 0.33 and with_baselines["baseline_probe_macro_f1"] == 0.72
     assert with_baselines["baseline_scratch_val"] == 0.4 and with_baselines["selection_metric"] == "macro_f1"
     assert with_baselines["tta"] is None and with_baselines["tta_accuracy"] is None

@@ -287,8 +287,9 @@ def test_the_final_model_is_the_fine_tuned_one_only_when_it_beats_the_probe_beyo
         run_with_two_models, candidate, probe, noise, kept):
     params = run_with_two_models
     scores = {"probe": probe, "fine_tuned": candidate, "noise": noise, "n": 100}
-    info = workbook.choose_final(params, scores, "accuracy", train_seconds=15.0, epochs=3)
+    info = workbook.choose_final(params, scores, "accuracy", train_seconds=15.0, epochs=3, strategy="last_n")
     assert info["model"] == kept and info["train_seconds"] == 15.0 and info["epochs"] == 3
+    assert info["candidate"] == "last_n" and "`last_n` model" in info["explanation"]  # named even when not kept
     assert info["split"] == workbook.split_fingerprint(params.run)
     source = "candidate.pt" if kept == "fine-tuned" else "probe.pt"
     assert (params.run / "final.pt").read_bytes() == (params.run / source).read_bytes()
@@ -486,6 +487,27 @@ def test_a_fine_tuned_candidate_is_scored_after_its_last_epoch_not_its_best(tiny
     ((kwargs, history),) = calls
     assert kwargs["restore_best"] is False and len(history) == 3  # its whole budget, no early stop
     assert result["score"] == pytest.approx(history["val_accuracy"].iloc[-1])  # the weights after epoch 3
+
+
+def test_the_scratch_control_trains_as_random_weights_need_on_the_same_budget(tiny_root, tiny_splits, monkeypatch):
+    """A pretrained network's small rate, layer decay and frozen BatchNorm statistics would leave a random network
+    barely trained: the control gets 10x the rate, no decay and learned statistics, and nothing else changes."""
+    import helpers.training as training
+
+    train, val = tiny_splits["train"], tiny_splits["val"]
+    classes = sorted(train["label"].unique())
+    calls = []
+    monkeypatch.setattr(training, "fit", lambda model, *args, **kwargs: (calls.append(kwargs), None)[1])
+    monkeypatch.setattr(selection, "_shared_phase_one", lambda *args: (None, False))
+    budget = selection.Budget(image_size=32, epochs=2, batch_size=8, lr=1e-4)
+    for strategy in ("last_n", selection.CONTROL):
+        selection.evaluate_candidate(strategy, "efficientnet_lite0", train, val, classes, tiny_root, budget, None, 0,
+                                     "cpu")
+    pretrained, control = calls
+    assert (pretrained["lr"], pretrained["layer_decay"], pretrained["freeze_batchnorm"]) == (1e-4, 0.8, True)
+    assert (control["lr"], control["layer_decay"], control["freeze_batchnorm"]) == (pytest.approx(1e-3), 1.0, False)
+    same = ("epochs", "batch_size", "label_smoothing", "cache", "cache_views", "seed", "restore_best")
+    assert {k: pretrained[k] for k in same} == {k: control[k] for k in same}
 
 
 def test_a_candidate_that_reuses_the_folds_probe_is_charged_its_time(tiny_root, tiny_splits):
