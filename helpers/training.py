@@ -384,6 +384,21 @@ def _resume(state: dict, run: _Run, config: TrainConfig, model: TransferModel, p
     run.start_epoch = state["epoch"] + 1
 
 
+# last.pt's entries that only resume needs; the rest, with the kept weights, is what best.pt holds.
+_RESUME_ONLY = ("ema", "config", "optimizer", "scheduler", "scaler", "history", "best_score", "bad_epochs",
+                "world_size")
+
+
+def _repair_best(out: Path, state: dict) -> None:
+    """Rewrite ``best.pt`` from ``last.pt``'s ``state`` when the last finished epoch improved but the run was
+    killed before ``best.pt`` was written (`_save` writes ``last.pt`` first)."""
+    best = out / "best.pt"
+    if state["bad_epochs"] != 0 or (best.is_file() and load_checkpoint(best)["epoch"] == state["epoch"]):
+        return
+    payload = {k: v for k, v in state.items() if k not in _RESUME_ONLY}
+    atomic_save({**payload, "model": state.get("ema", state["model"])}, best)  # the weights that were validated
+
+
 def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoader, config: TrainConfig,
               device: torch.device, ctx: distributed.Distributed) -> dict:
     """Validation scores of the weights we keep (the average, if any) and, beside them, the raw ones.
@@ -411,18 +426,22 @@ def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoa
 
 def _save(out: Path, run: _Run, epoch: int, improved: bool, identity: dict, meta: dict, config: TrainConfig,
           model: TransferModel, parts: dict, summary: dict) -> None:
-    """``best.pt`` when the epoch improved, ``last.pt`` (everything resume needs), history and fit.json."""
+    """``last.pt`` (everything resume needs), then ``best.pt`` when the epoch improved, history and fit.json.
+
+    In that order: a run killed between the two leaves a ``last.pt`` that knows its epoch improved and holds its
+    weights, so resume can rewrite the missing ``best.pt`` (`_repair_best`). The other order would leave a
+    ``best.pt`` of an epoch that resume runs again, which on a GPU (not bit-reproducible) can score differently."""
     kept = parts["ema"].module if parts["ema"] is not None else model
     payload = {**identity, "meta": meta, "epoch": epoch, "score": run.history[-1][f"val_{config.metric}"],
                "metric": config.metric, "model": kept.state_dict()}
-    if improved:
-        atomic_save(payload, out / "best.pt")
     atomic_save({**payload, "model": model.state_dict(),
                  **({"ema": parts["ema"].module.state_dict()} if parts["ema"] is not None else {}),
                  "config": asdict(config), "optimizer": parts["optimizer"].state_dict(),
                  "scheduler": parts["scheduler"].state_dict(), "scaler": parts["scaler"].state_dict(),
                  "history": run.history, "best_score": run.best_score, "bad_epochs": run.bad_epochs,
                  **({"world_size": summary["processes"]} if "processes" in summary else {})}, out / "last.pt")
+    if improved:
+        atomic_save(payload, out / "best.pt")
     write_csv(pd.DataFrame(run.history), out / "history.csv")
     write_json(out / "fit.json", {**summary, "best_score": run.best_score, "config": asdict(config)})
 
@@ -522,6 +541,8 @@ def _fit(model: TransferModel, train_set: Dataset, val_set: Dataset, config: Tra
     run = _Run()
     if state is not None:
         _resume(state, run, config, model, parts, steps_per_epoch)
+        if ctx.is_main:
+            _repair_best(out, state)
     wrapped = ctx.wrap(net, device)  # after resume, which may have unfrozen groups
     summary = {"device": str(device), "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
                "channels_last": config.channels_last, "cached": cached is not None,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -237,6 +239,36 @@ def _train_epochs_then_stop(model, train, val, out_dir, stop_after, **settings):
     finally:
         training._save = original
     assert load_checkpoint(out_dir / "last.pt")["epoch"] == stop_after
+
+
+def test_a_kill_between_last_and_best_is_repaired_on_resume(tiny_sets, tmp_path, monkeypatch):
+    # last.pt is written first: killed before best.pt, the resumed run rewrites best.pt from last.pt, whether or
+    # not a later epoch improves (on a GPU the re-run would not be bit-identical, so nothing else could repair it).
+    from helpers import training
+
+    train, val = tiny_sets
+    scores = {1: 0.5, 2: 0.6, 3: 0.55}  # epoch 2 improves, epoch 3 does not
+    monkeypatch.setattr(training, "_epoch", lambda epoch, *args, **kwargs: {
+        "epoch": epoch, "lr": 0.0, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
+        "val_accuracy": scores[epoch], "seconds": 0.0})
+    real_save = training.atomic_save
+
+    def killed_before_best_of_epoch_2(payload, path):
+        if Path(path).name == "best.pt" and payload["epoch"] == 2:
+            raise _Stop
+        real_save(payload, path)
+
+    monkeypatch.setattr(training, "atomic_save", killed_before_best_of_epoch_2)
+    settings = dict(epochs=3, cache=False, progress=False, num_workers=0)
+    with pytest.raises(_Stop):
+        fit(fresh_model("head"), train, val, out_dir=tmp_path, **settings)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    monkeypatch.setattr(training, "atomic_save", real_save)
+    history = fit(fresh_model("head"), train, val, out_dir=tmp_path, resume=True, **settings)
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert (best["epoch"], best["score"]) == (2, 0.6) and history.attrs["best_epoch"] == 2 and last["epoch"] == 3
+    for name, weights in last["model"].items():  # the head never trained here: the same weights
+        torch.testing.assert_close(best["model"][name], weights, msg=name)
 
 
 def test_checkpoints_rebuild_the_model(tiny_sets, tmp_path):
