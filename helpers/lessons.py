@@ -752,6 +752,8 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     name = column[4:].replace("_", " ")
     best, last = history.loc[history[column].idxmax()], history.iloc[-1]
     declined = last[column] < best[column]  # validation turned down after its best epoch
+    # A fall smaller than the noise of one validation score is too little evidence to call overfitting.
+    fell_beyond_noise = declined and (noise is None or best[column] - last[column] > noise)
     gap = last["train_accuracy"] - last["val_accuracy"]
     memorized = last["train_accuracy"] >= 0.99 and gap > 0.2  # every training image right, validation far behind
     attrs = history.attrs
@@ -778,6 +780,9 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     if gap > 0.05:
         text += ((", a sign of overfitting that the best checkpoint guards against." if kept == "best" else
                   ", a sign of overfitting" + ("; early stopping ended it." if attrs.get("stopped_early") else "."))
+                 if fell_beyond_noise else
+                 f", and validation fell after its best epoch, but by {best[column] - last[column]:.3f}, within the "
+                 f"noise of one validation score (±{noise:.3f}): too little evidence to call it overfitting."
                  if declined else
                  ": the model has learned its training images far better than the task, even though validation has "
                  "not turned down (yet)." if memorized else

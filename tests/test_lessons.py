@@ -89,6 +89,10 @@ def test_history_summary_reports_the_best_epoch_and_the_gap_from_the_history():
     assert "the last epoch is 0.050 above that" in last and "overfitting; early stopping ended it." in last
     with pytest.raises(ValueError, match="kept must be 'best' or 'last'"):
         lessons.history_summary(history, kept="first")
+    # A fall of 0.100 is overfitting only if it is more than the noise of one validation score.
+    assert "sign of overfitting" in lessons.history_summary(history, noise=0.08)
+    wide = lessons.history_summary(history, noise=0.15)
+    assert "sign of overfitting" not in wide and "by 0.100, within the noise of one validation score (±0.150)" in wide
 
 
 def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_constant_answer():
