@@ -4,7 +4,7 @@ Phase 1 is the probe (logistic regression on the frozen backbone's pooled featur
 the classifier). Phase 2 fine-tunes the last ``n`` groups on cached outputs of the frozen prefix
 (augmented views for training, plain ones for validation and test), computed once per ``n`` and
 shared by every learning rate and BatchNorm setting, so the recipes differ only in what they set.
-Per recipe: validation accuracy per epoch, and test accuracy at the best validation epoch.
+Per recipe: validation accuracy per epoch, and test accuracy at the best validation epoch and at the last.
 
     python benchmarks/recipes.py                          # ELPV binary, seed 0, the defaults below
     python benchmarks/recipes.py --groups 2 3 --lrs 2e-4 5e-4 --views 2 --epochs 8
@@ -137,7 +137,9 @@ def main() -> None:
         test = cache.extract_features(model, sets["test"], prefix, CPU, 64, None, "test", False)
         cached = {"prefix": prefix, "views": built.train_views, "val": built.val, "test": test}
         cache_seconds = round(time.perf_counter() - started, 1)
+        pretrained = copy.deepcopy(model.state_dict())  # every phase-1 choice starts from the untouched groups
         for phase1 in args.phase1:
+            model.load_state_dict(pretrained)
             if phase1 == "augmented":
                 install_probe(model, augmented_probe(model, cached, args.seed))
                 print(json.dumps({"recipe": "phase 1 only", "phase1": phase1, "n": n,

@@ -24,7 +24,8 @@ idling W - 1 GPUs (and, on a large set, running into the collective timeout of t
 its cached features are split like the training ones, and the scores are exact: the shares do not
 overlap and are not padded. With a frozen prefix, each process caches the features of a fixed
 share of the training images (`Distributed.shard`) and shuffles within it every epoch; only
-without the cache do W processes reproduce one process's batches exactly.
+without the cache do W processes reproduce one process's batches exactly, and only when no process's share
+leaves a last batch of one image, which `fit` drops (a training-mode BatchNorm cannot use it).
 """
 
 from __future__ import annotations

@@ -745,7 +745,10 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
     went. ``kept``: the epoch whose model is used, ``"best"`` (the checkpoint `fit` restores) or ``"last"``
     (``restore_best=False``, as notebook 04's floor judges it). ``constant``: the validation score of always
     answering the most frequent class (the same metric); the kept epoch within ``noise`` of it (two standard
-    errors; 0.02 when not given) has learned little."""
+    errors; 0.02 when not given) has learned little. ``noise`` also decides whether a fall of validation after
+    its best epoch is evidence of overfitting (more than ``noise``) or not; without it, any fall counts. Two
+    epochs scored on the same images differ less by chance than one score does, so this errs on the cautious
+    side."""
     if kept not in ("best", "last"):
         raise ValueError(f"kept must be 'best' or 'last', got {kept!r}")
     column = f"val_{metric}" if f"val_{metric}" in history.columns else "val_accuracy"

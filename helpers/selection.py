@@ -1,12 +1,13 @@
-"""Choosing what to fine-tune, honestly: every strategy under one recipe and one budget, with its noise.
+"""Choosing what to fine-tune, honestly: every pretrained strategy under one recipe and one budget, with its noise.
 
 The recipe is the two-phase one every anchor course teaches (Keras's guide, fastai's ``fine_tune``,
 Deitsch et al. 2019 on ELPV): phase 1 trains the new classifier on the frozen backbone, here to
 convergence with a convex solver (`helpers.probe`); phase 2 unfreezes the strategy's groups and
 trains them with a lower learning rate for earlier layers. ``head`` is phase 1 alone (the linear
 probe); ``truncate`` is phase 1 on the pooled features of a later stage ("keep the early layers,
-put a new head on them"); ``scratch`` is the control: the whole network from random weights, with
-the same budget, to show what the pretrained start is worth.
+put a new head on them"); ``scratch`` is the control: the whole network from random weights, on the
+same images, size and epochs, with the rate and BatchNorm that random weights need (`control_budget`), to
+show what the pretrained start is worth.
 
 Scores come with their noise. With a validation split of at least ``MIN_HOLDOUT`` images we
 score on it (paired standard errors of the differences); with fewer, k-fold cross-validation on

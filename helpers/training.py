@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -390,13 +391,22 @@ _RESUME_ONLY = ("ema", "config", "optimizer", "scheduler", "scaler", "history", 
 
 
 def _repair_best(out: Path, state: dict) -> None:
-    """Rewrite ``best.pt`` from ``last.pt``'s ``state`` when the last finished epoch improved but the run was
-    killed before ``best.pt`` was written (`_save` writes ``last.pt`` first)."""
+    """Rewrite ``best.pt`` from ``last.pt``'s ``state`` when the last finished epoch improved but ``best.pt`` is
+    not that epoch's: the run was killed before writing it (`_save` writes ``last.pt`` first), or it is damaged.
+    A ``best.pt`` of a later epoch than ``last.pt``'s, which only the old write order could leave, is named."""
     best = out / "best.pt"
-    if state["bad_epochs"] != 0 or (best.is_file() and load_checkpoint(best)["epoch"] == state["epoch"]):
-        return
-    payload = {k: v for k, v in state.items() if k not in _RESUME_ONLY}
-    atomic_save({**payload, "model": state.get("ema", state["model"])}, best)  # the weights that were validated
+    try:
+        best_epoch = load_checkpoint(best)["epoch"] if best.is_file() else None
+    except InputError:  # damaged (cut off by a full disk, say): rewritten below when last.pt holds its weights
+        best_epoch = None
+    if state["bad_epochs"] == 0 and best_epoch != state["epoch"]:
+        payload = {k: v for k, v in state.items() if k not in _RESUME_ONLY}
+        atomic_save({**payload, "model": state.get("ema", state["model"])}, best)  # the weights validated
+    elif best_epoch is not None and best_epoch > state["epoch"]:
+        warnings.warn(f"{best} holds epoch {best_epoch}, later than {out / 'last.pt'} (epoch {state['epoch']}): "
+                      f"an older version was stopped between writing the two. Resume repeats that epoch; if it "
+                      f"does not improve this time, the weights returned as the best are the stopped run's",
+                      stacklevel=3)
 
 
 def _validate(model: TransferModel, net: nn.Module, parts: dict, loader: DataLoader, config: TrainConfig,

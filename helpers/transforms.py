@@ -120,9 +120,10 @@ def _as_preprocessing(source: Preprocessing | BackboneSpec | TransferModel, imag
 class SquarePad(torch.nn.Module):
     """Pad an image tensor (..., H, W) with zeros to a centred square (the article's SquarePad).
 
-    Resizing a non-square image straight to a square distorts it; padding first keeps the
-    aspect ratio. The centre crop after the resize loses nothing only with ``crop_pct=1.0``; with
-    a smaller one (ImageNet's 0.875) it trims ``(1 - crop_pct) / 2`` of the square from each edge,
+    ``Resize`` with one number already keeps the aspect ratio, but the centre crop after it would then cut
+    off the ends of the long side; padding first keeps the whole image in the square. The crop loses
+    nothing only with ``crop_pct=1.0``; with a smaller one (ImageNet's 0.875) it trims
+    ``(1 - crop_pct) / 2`` of the square from each edge,
     which cuts into the image along its long side (the padding absorbs it along the short side).
     """
 

@@ -259,9 +259,14 @@ def test_predict_cli_input_errors(head_export, folder, tmp_path, capsys):
     junk.write_bytes(b"not a model")
     assert main([str(junk), str(folder), "--out", out]) == 2
     assert "neither an exported model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux file systems store names that are not UTF-8")
+def test_predict_cli_refuses_names_that_are_not_utf8(head_export, folder, tmp_path, capsys):
     # A Latin-1 name unzipped on Linux is not UTF-8: refused before labelling, not after, when the CSV is written.
-    latin1 = os.fsencode(folder) + b"/caf\xe9.png"
-    shutil.copy(next(folder.glob("*.png")), latin1)
+    _, path = head_export
+    out = str(tmp_path / "p.csv")
+    shutil.copy(next(folder.glob("*.png")), os.fsencode(folder) + b"/caf\xe9.png")
     assert main([str(path), str(folder), "--out", out]) == 2
     err = capsys.readouterr().err
     assert "not valid UTF-8" in err and "caf\\udce9.png" in err and not os.path.exists(out)

@@ -132,20 +132,22 @@ def test_a_last_batch_of_one_image_is_dropped_so_trainable_batchnorm_can_train(t
     classes = ELPV_TASKS["binary"][1]
     train, val = (ImageDataset(tiny_root, tiny_splits[k], group_col="group", classes=classes, transform=transform)
                   for k in ("train", "val"))
-    batches = []
-    real = training.train_one_epoch
+    batches, steps = [], []
+    real, real_schedule = training.train_one_epoch, training.make_scheduler
     monkeypatch.setattr(training, "train_one_epoch", lambda net, loader, *a, **k: (
         batches.append([len(y) for _, y in loader]), real(net, loader, *a, **k))[1])
+    monkeypatch.setattr(training, "make_scheduler", lambda optimizer, config, per_epoch: (
+        steps.append(per_epoch), real_schedule(optimizer, config, per_epoch))[1])  # the schedule's steps per epoch
     size = len(train) - 1  # the last batch would hold one image
     history = fit(fresh_model("last_n", n=2), train, val, epochs=2, batch_size=size, cache=cache, progress=False,
                   num_workers=0)
-    assert len(history) == 2 and batches == [[size], [size]]
-    full = []  # a batch size that divides nothing off: nothing is dropped
+    assert len(history) == 2 and batches == [[size], [size]] and steps == [1]
+    full = []  # a batch size that leaves a last batch of two: nothing is dropped
     monkeypatch.setattr(training, "train_one_epoch", lambda net, loader, *a, **k: (
         full.append(sum(len(y) for _, y in loader)), real(net, loader, *a, **k))[1])
     fit(fresh_model("last_n", n=2), train, val, epochs=1, batch_size=len(train) - 2, cache=cache, progress=False,
         num_workers=0)
-    assert full == [len(train)]
+    assert full == [len(train)] and steps == [1, 2]
 
 
 def test_resume_re_applies_the_unfreezing_of_every_finished_epoch(tiny_sets, tmp_path):
@@ -241,16 +243,25 @@ def _train_epochs_then_stop(model, train, val, out_dir, stop_after, **settings):
     assert load_checkpoint(out_dir / "last.pt")["epoch"] == stop_after
 
 
-def test_a_kill_between_last_and_best_is_repaired_on_resume(tiny_sets, tmp_path, monkeypatch):
-    # last.pt is written first: killed before best.pt, the resumed run rewrites best.pt from last.pt, whether or
-    # not a later epoch improves (on a GPU the re-run would not be bit-identical, so nothing else could repair it).
+@pytest.mark.parametrize("left", ["stale", "damaged"])
+def test_a_kill_between_last_and_best_is_repaired_on_resume(tiny_sets, tmp_path, monkeypatch, left):
+    # last.pt is written first: killed before best.pt (or with best.pt cut off), the resumed run rewrites best.pt
+    # from last.pt's averaged weights, whether or not a later epoch improves (on a GPU the re-run would not be
+    # bit-identical, so nothing else could repair it).
     from helpers import training
 
     train, val = tiny_sets
     scores = {1: 0.5, 2: 0.6, 3: 0.55}  # epoch 2 improves, epoch 3 does not
-    monkeypatch.setattr(training, "_epoch", lambda epoch, *args, **kwargs: {
-        "epoch": epoch, "lr": 0.0, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
-        "val_accuracy": scores[epoch], "seconds": 0.0})
+
+    def fake_epoch(epoch, model, net, loader, val_loader, parts, *args, **kwargs):
+        with torch.no_grad():  # the raw weights and their average move apart, so a mix-up between them shows
+            for raw, average in zip(model.parameters(), parts["ema"].module.parameters(), strict=True):
+                raw.add_(0.1 * epoch)
+                average.add_(0.01 * epoch)
+        return {"epoch": epoch, "lr": 0.0, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
+                "val_accuracy": scores[epoch], "seconds": 0.0}
+
+    monkeypatch.setattr(training, "_epoch", fake_epoch)
     real_save = training.atomic_save
 
     def killed_before_best_of_epoch_2(payload, path):
@@ -259,16 +270,21 @@ def test_a_kill_between_last_and_best_is_repaired_on_resume(tiny_sets, tmp_path,
         real_save(payload, path)
 
     monkeypatch.setattr(training, "atomic_save", killed_before_best_of_epoch_2)
-    settings = dict(epochs=3, cache=False, progress=False, num_workers=0)
+    settings = dict(epochs=3, ema_decay=0.9, cache=False, progress=False, num_workers=0)
     with pytest.raises(_Stop):
         fit(fresh_model("head"), train, val, out_dir=tmp_path, **settings)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    if left == "damaged":
+        (tmp_path / "best.pt").write_bytes(b"cut off")
+    stopped = load_checkpoint(tmp_path / "last.pt")
     monkeypatch.setattr(training, "atomic_save", real_save)
     history = fit(fresh_model("head"), train, val, out_dir=tmp_path, resume=True, **settings)
-    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
-    assert (best["epoch"], best["score"]) == (2, 0.6) and history.attrs["best_epoch"] == 2 and last["epoch"] == 3
-    for name, weights in last["model"].items():  # the head never trained here: the same weights
-        torch.testing.assert_close(best["model"][name], weights, msg=name)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert (best["epoch"], best["score"]) == (2, 0.6) and history.attrs["best_epoch"] == 2
+    for name, weights in best["model"].items():  # the averaged weights that epoch 2 validated, not the raw ones
+        torch.testing.assert_close(weights, stopped["ema"][name], msg=name)
+    assert any(not torch.equal(stopped["ema"][k], stopped["model"][k]) for k in stopped["model"]
+               if stopped["model"][k].is_floating_point())
 
 
 def test_checkpoints_rebuild_the_model(tiny_sets, tmp_path):
