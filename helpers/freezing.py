@@ -286,11 +286,11 @@ def recommend(n_train: int, n_classes: int, similarity: float | str) -> tuple[st
                "try last_n next if the budget allows.")
     elif small:
         strategy = "truncate"
-        why = ("the last stages hold the most ImageNet-specific features, which fit this data poorly, and "
-               "there are too few images to retrain them: keep the earlier layers (edges, textures, simple "
-               "parts), cut the network after the stage at two thirds of its depth and fit a new head there; "
-               "notebook 03 tests this against 'initial' (the article's 'fine-tune the initial layers' read "
-               "literally) and the other strategies.")
+        why = ("the last stages hold the most ImageNet-specific features, which the guide expects to fit this "
+               "data poorly, and there are too few images to retrain them: keep the earlier layers (edges, "
+               "textures, simple parts), cut the network after the stage at two thirds of its depth and fit a new "
+               "head there. That is a hypothesis: notebook 03 tests it against 'initial' (the article's 'fine-tune "
+               "the initial layers' read literally) and the other strategies.")
     elif similar:
         strategy = "last_n"
         why = ("with plenty of similar data, the late layers can be adapted safely: fine-tune the last "
