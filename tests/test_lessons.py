@@ -257,16 +257,37 @@ def test_an_unwritten_exercise_runs_the_reference_but_a_forgotten_return_is_an_e
 
     table = pd.DataFrame({"label": ["a", "a", "b"]})
 
-    def stub(t):
+    def stub(t, classes):
         raise NotImplementedError
 
-    assert solutions.check("majority_baseline", stub, table, expected=2 / 3) == pytest.approx(2 / 3)
+    # Always "a": accuracy 2/3; its precision is 2/3 and its recall 1, so F1 0.8, and "b" is never predicted (F1 0):
+    # macro-F1 0.4.
+    same = lambda answer: np.allclose(answer, (2 / 3, 0.4))  # noqa: E731
+    assert solutions.check("majority_baseline", stub, table, ["a", "b"], verify=same) == pytest.approx((2 / 3, 0.4))
     assert "not attempted yet" in capsys.readouterr().out
     with pytest.raises(AssertionError, match=r"exercise majority_baseline: your function returned None: does it "
                                              r"end with `return \.\.\.`\?"):
-        solutions.check("majority_baseline", lambda t: None, table, expected=2 / 3)
-    assert solutions.check("majority_baseline", lambda t: 2 / 3, table, expected=2 / 3) == pytest.approx(2 / 3)
+        solutions.check("majority_baseline", lambda t, c: None, table, ["a", "b"], verify=same)
+    assert solutions.check("majority_baseline", lambda t, c: (2 / 3, 0.4), table, ["a", "b"], verify=same)
     assert "your answer checks out" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="is not right"):  # the accuracy twice: macro-F1 is not the accuracy
+        solutions.check("majority_baseline", lambda t, c: (2 / 3, 2 / 3), table, ["a", "b"], verify=same)
+
+
+def test_the_majority_baseline_solution_is_scikit_learns_on_a_constant_answer():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from helpers import solutions
+
+    rng = np.random.default_rng(0)
+    classes = ["a", "b", "c", "d", "e"]
+    for _ in range(20):  # imbalanced tables, some classes absent from them
+        labels = rng.choice(classes[:4], size=int(rng.integers(5, 60)), p=[0.55, 0.25, 0.15, 0.05])
+        table = pd.DataFrame({"label": labels})
+        constant = [table["label"].value_counts().index[0]] * len(labels)
+        expected = (accuracy_score(labels, constant),
+                    f1_score(labels, constant, labels=classes, average="macro", zero_division=0))
+        assert solutions.majority_baseline(table, classes) == pytest.approx(expected)
 
 
 def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():
@@ -275,7 +296,7 @@ def test_an_answer_of_the_wrong_kind_is_named_with_the_exercise_and_the_hint():
     table = pd.DataFrame({"label": ["a", "a", "b"]})
     with pytest.raises(AssertionError, match=r"exercise majority_baseline: your answer is a str \('a'\), where the "
                                              r"check needs something like 0\.66.*Count the labels"):
-        solutions.check("majority_baseline", lambda t: t["label"].value_counts().idxmax(), table,
+        solutions.check("majority_baseline", lambda t, c: t["label"].value_counts().idxmax(), table, ["a", "b"],
                         expected=2 / 3, hint="Count the labels.")
     with pytest.raises(AssertionError, match=r"your answer is a list .*where the check needs another kind of value"):
         solutions.check("with_rotation", lambda t, d: [1, 2], None, 15, verify=lambda t: t.transforms[-3] is None)
