@@ -286,7 +286,10 @@ def scan_class_folders(root: str | os.PathLike) -> pd.DataFrame:
         images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
         ignored += [p for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
         if not images:
-            raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})")
+            others = [p.relative_to(class_dir).as_posix() for p in files][:5]
+            raise InputError(f"class folder {class_dir} has no images (extensions {list(IMAGE_EXTENSIONS)})"
+                             + (f", only {others}" if others else "") + ": add its images, or move the folder "
+                             f"out of {root} if it is not a class")
         rows += [(p.relative_to(root).as_posix(), class_dir.name) for p in images]
     check_utf8_names([file for file, _ in rows], f"class folders of {root}")
     if ignored:
@@ -787,7 +790,7 @@ class ImageDataset(Dataset):
         """The untransformed image as a uint8 tensor (3, H, W)."""
         try:
             image = read_image(self.root / self.frame["file"].iat[index])
-        except ImageReadError:
+        except ImageReadError as err:
             # Name every unreadable image at once, not one per rerun: decoding them all costs what one epoch's
             # reading does, and only on this path. Not under torchrun: the other processes would wait in a
             # collective call for as long, and could time out before the message arrives.
@@ -795,7 +798,8 @@ class ImageDataset(Dataset):
                 raise
             bad = self._unreadable(self.files)
             if len(bad) <= 1:
-                raise
+                raise ImageReadError(f"{err}; the only unreadable one of these {len(self)} images: replace or "
+                                     f"delete it (or drop its row from the label table) and rerun") from None
             raise ImageReadError(f"{len(bad)} of {len(self)} image(s) cannot be read: {list(bad.values())[:20]}; "
                                  f"replace or delete them (or drop their rows from the label table) and "
                                  f"rerun") from None

@@ -770,6 +770,12 @@ def history_summary(history: pd.DataFrame, metric: str = "accuracy", patience: i
                + (", but the training images are already all but memorized, so more epochs are unlikely to help much."
                   if memorized else ", so more epochs may help.")
                if len(history) > 1 and not attrs.get("stopped_early") else "."))
+    if not declined and len(history) > 1 and "val_loss" in history.columns:
+        lowest = history.loc[history["val_loss"].idxmin()]
+        if last["val_loss"] > 1.1 * lowest["val_loss"]:  # by more than a tenth: not a wobble
+            text += (f" The validation loss, though, rose from its lowest, {lowest['val_loss']:.3f} at epoch "
+                     f"{int(lowest['epoch'])}, to {last['val_loss']:.3f}: the model grows more confident in its "
+                     f"mistakes before its {name} shows it.")
     if constant is not None:
         shown = best if kept == "best" else last
         above, noise = shown[column] - constant, 0.02 if noise is None else noise
@@ -945,6 +951,24 @@ def stratum_note(table: pd.DataFrame) -> str:
             f"{int(n_rest)} test images; "
             + (f"a gap beyond chance, even allowing for having picked the worst of {labels} labels." if beyond else
                f"a gap within what chance gives when the worst of {labels} labels is picked."))
+
+
+def common_mistakes(pred: pd.DataFrame, shown: int = 5) -> str:
+    """One sentence: how many of ``pred``'s images are wrong, and the most common (true, predicted) pair, or the
+    pairs that tie for it (at most ``shown`` of them named). ``pred`` has the columns ``true`` and ``pred``."""
+    wrong = pred[pred["true"] != pred["pred"]]
+    if not len(wrong):
+        return f"0 of {len(pred)} test images are wrong."
+    common = wrong.groupby(["true", "pred"]).size().sort_values(ascending=False, kind="stable")
+    count = int(common.iloc[0])
+    top = common[common == count]  # several pairs can share the top count
+    pairs = ", ".join(f"*{true}* predicted as *{predicted}*" for true, predicted in top.index[:shown])
+    images = f"{count} image{'s' if count != 1 else ''}"
+    if len(top) == 1:
+        return (f"{len(wrong)} of {len(pred)} test images are wrong; the most common mistake is {pairs} ({images}, "
+                f"{count / len(wrong):.0%} of the mistakes).")
+    return (f"{len(wrong)} of {len(pred)} test images are wrong; {len(top)} mistakes tie as the most common, "
+            f"{images} each: {pairs}" + (", ..." if len(top) > shown else "") + ".")
 
 
 # ----------------------------------------------------------------------------------------

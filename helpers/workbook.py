@@ -865,6 +865,7 @@ def choose_final(params: Params, scores: dict, metric: str, train_seconds: float
                        f"has to show that it beats the baseline to replace it.")
     else:
         verdict = ("below it by more than the noise" if probe - tuned > noise else
+                   "exactly the same score, a tie, and a tie goes to the baseline" if tuned == probe else
                    "a tie within the noise, and a tie goes to the baseline")
         explanation = (f"{candidate} reached validation {name} {tuned:.3f}, not above the linear "
                        f"probe's {probe:.3f} ({tuned - probe:+.3f}; two standard errors of the difference on these "

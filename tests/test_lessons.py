@@ -103,7 +103,11 @@ def test_history_summary_tells_a_rising_curve_from_overfitting_and_flags_a_const
     text = lessons.history_summary(history)
     assert "0.700 at epoch 3 of 3" in text and "had not turned down yet, so more epochs may help" in text
     assert "a gap of +0.100" in text and "not overfitting yet" in text and "sign of overfitting" not in text
-    assert "learned little" not in text
+    assert "learned little" not in text and "validation loss, though" not in text
+    # The accuracy still at its best, but the loss rising by more than a tenth: said, since the curve hides it.
+    rising = history.assign(val_loss=[1.1, 0.9, 1.2])
+    assert ("The validation loss, though, rose from its lowest, 0.900 at epoch 2, to 1.200"
+            in lessons.history_summary(rising))
     assert ("Always answering the most frequent class scores 0.690 here: the best epoch is 0.010 above that, "
             "within the noise (±0.020), so the model has learned little") in lessons.history_summary(history,
                                                                                             constant=0.69)
@@ -433,3 +437,20 @@ def test_accuracy_by_stratum_splits_merged_labels_and_names_the_hardest():
     assert lessons.accuracy_by_stratum(pred, split.assign(stratum=true)) is None
     with pytest.raises(ValueError, match="not in the split table, e.g. 'cell39.png'"):
         lessons.accuracy_by_stratum(pred, split.assign(stratum=stratum).iloc[:-1])
+
+
+def test_common_mistakes_names_the_top_pair_or_the_tie_in_words():
+    def pred(pairs):
+        return pd.DataFrame(pairs, columns=["true", "pred"])
+
+    assert lessons.common_mistakes(pred([("a", "a"), ("b", "b")])) == "0 of 2 test images are wrong."
+    one = lessons.common_mistakes(pred([("a", "b"), ("a", "b"), ("b", "a"), ("a", "a")]))
+    assert one == ("3 of 4 test images are wrong; the most common mistake is *a* predicted as *b* (2 images, 67% of "
+                   "the mistakes).")
+    # Two different mistakes of one image each: a tie (this once crashed on numpy's bool times a string).
+    tie = lessons.common_mistakes(pred([("a", "b"), ("b", "c"), ("c", "c")]))
+    assert tie == ("2 of 3 test images are wrong; 2 mistakes tie as the most common, 1 image each: *a* predicted as "
+                   "*b*, *b* predicted as *c*.")
+    many = lessons.common_mistakes(pred([(str(i), "x") for i in range(7)]), shown=5)
+    assert many.endswith(", ...") is False and "7 mistakes tie" in many and many.count("predicted as") == 5
+    assert many.endswith("*4* predicted as *x*, ....")

@@ -184,7 +184,8 @@ def test_class_folder_without_images_is_named(tmp_path):
     (tmp_path / "cat" / "1.png").write_bytes(_png_bytes(_noise()))
     (tmp_path / "dog").mkdir()
     (tmp_path / "dog" / "readme.txt").write_text("photos to come")
-    with pytest.raises(ValueError, match=r"class folder .*dog has no images"):
+    with pytest.raises(ValueError, match=r"class folder .*dog has no images .*, only \['readme\.txt'\]: add its "
+                                         r"images, or move the folder out of"):
         ImageDataset(tmp_path)
     # Non-image files next to images are reported, not silently dropped.
     (tmp_path / "dog" / "1.jpg").write_bytes(_jpeg_bytes(_noise()))

@@ -311,6 +311,11 @@ def test_notebook_02_names_every_unreadable_image_at_once(tmp_path):
     with pytest.raises(ImageReadError, match=r"2 of 8 image\(s\) cannot be read: .*cut\.png.*truncated PNG.*"
                                              r"notes\.jpg"):
         image_stats(dataset)
+    (tmp_path / "dog" / "notes.jpg").unlink()  # one left: its own reason, and what to do about it
+    remaining = ImageDataset(tmp_path)
+    with pytest.raises(ImageReadError, match=r"cut\.png: truncated PNG.*the only unreadable one of these 7 images: "
+                                             r"replace or delete it"):
+        remaining[remaining.files.index("cat/cut.png")]
     stats = image_stats(ImageDataset(tmp_path, pd.DataFrame({"file": ["cat/a.png", "dog/b.png"],
                                                             "label": ["cat", "dog"]})))
     largest = max(int(cv2.imread(str(tmp_path / f)).max()) for f in ("cat/a.png", "dog/b.png"))
